@@ -1,0 +1,3 @@
+//! Acknowledgement: the contiguous offset watermark, dead letters, and the delivery ledger.
+
+pub mod watermark;

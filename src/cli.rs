@@ -1,0 +1,31 @@
+//! The command line: `run`, `validate`, `demo`, `emulate`, `dlq replay`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "meterflow", version, about = "Kafka usage events → billable metered usage")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service.
+    Run {
+        #[arg(long, short, env = "METERFLOW_CONFIG")]
+        config: PathBuf,
+    },
+    /// Check a config file and exit non-zero with one line per problem.
+    Validate {
+        #[arg(long, short, env = "METERFLOW_CONFIG")]
+        config: PathBuf,
+        /// Also check that the brokers and the provider answer.
+        #[arg(long)]
+        connect: bool,
+    },
+    /// Run a provider emulator.
+    Emulate(crate::emulator::EmulateArgs),
+}

@@ -1,0 +1,406 @@
+//! The TOML configuration: its shape, `${ENV}` interpolation, and validation that reports every
+//! problem at once, each naming the key, the bad value and what would be accepted.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+use serde::Deserialize;
+
+mod secret;
+pub use secret::Secret;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    #[serde(default)]
+    pub input: InputMapping,
+    #[serde(default)]
+    pub batch: BatchConfig,
+    pub sink: SinkConfig,
+    #[serde(default)]
+    pub rate_limit: RateLimitConfig,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// metric name → billwerk ComponentId.
+    #[serde(default)]
+    pub components: BTreeMap<String, String>,
+    #[serde(default)]
+    pub pricing: PricingConfig,
+    #[serde(default)]
+    pub overrides: Vec<OverrideRule>,
+    #[serde(default)]
+    pub ledger: LedgerConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Comma-separated bootstrap servers.
+    pub brokers: String,
+    pub group_id: String,
+    pub topics: Vec<String>,
+    pub dead_letter_topic: String,
+    #[serde(default = "defaults::session_timeout", with = "humantime_serde")]
+    pub session_timeout: Duration,
+    /// How long a revoke or shutdown waits for in-flight work; must be below `session_timeout`.
+    #[serde(default = "defaults::drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Commit stored offsets this often (librdkafka `auto.commit.interval.ms`).
+    #[serde(default = "defaults::commit_interval", with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// Pass-through librdkafka properties (TLS, SASL, fetch tuning). Values may use `${ENV}`.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+/// JSON Pointers (RFC 6901) from the product's event to meterflow's canonical fields.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InputMapping {
+    pub id: String,
+    pub contract_id: String,
+    pub contract_external_id: String,
+    pub metric: String,
+    pub quantity: String,
+    pub timestamp: String,
+    pub attributes: String,
+    pub price_per_unit: String,
+}
+
+impl Default for InputMapping {
+    fn default() -> Self {
+        InputMapping {
+            id: "/id".into(),
+            contract_id: "/contract_id".into(),
+            contract_external_id: "/contract_external_id".into(),
+            metric: "/metric".into(),
+            quantity: "/quantity".into(),
+            timestamp: "/timestamp".into(),
+            attributes: "/attributes".into(),
+            price_per_unit: "/price_per_unit".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// Flush a batch at this many events.
+    pub max_events: usize,
+    /// ... or when its oldest event has waited this long.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// Memory budget: events read but not yet settled. At the budget, partitions are paused.
+    pub max_in_flight: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_events: 500,
+            max_wait: Duration::from_millis(100),
+            max_in_flight: 20_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkKind {
+    Billwerk,
+    Billingrails,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    pub kind: SinkKind,
+    /// e.g. `https://sandbox.billwerk.com` or `https://api.billingrails.com/v1`.
+    pub base_url: String,
+    /// billwerk OAuth client id.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// billwerk OAuth client secret.
+    #[serde(default)]
+    pub client_secret: Option<Secret>,
+    /// billwerk accounts with an entity hierarchy: sent as `X-SELECTED-LEGAL-ENTITY-ID`.
+    #[serde(default)]
+    pub legal_entity_id: Option<String>,
+    /// Billingrails API key.
+    #[serde(default)]
+    pub api_key: Option<Secret>,
+    /// Requests in flight at once.
+    #[serde(default = "defaults::concurrency")]
+    pub concurrency: usize,
+    #[serde(default = "defaults::request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Entries in the external-id → contract-id cache.
+    #[serde(default = "defaults::contract_cache_size")]
+    pub contract_cache_size: usize,
+    /// Billingrails paths (relative to base_url) and batch size.
+    #[serde(default)]
+    pub billingrails: BillingrailsConfig,
+    /// billwerk pre-aggregation (opt-in).
+    #[serde(default)]
+    pub aggregate: AggregateConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BillingrailsConfig {
+    pub ingest_path: String,
+    pub batch_path: String,
+    /// At most 100 (the API's limit).
+    pub batch_size: usize,
+    /// Property carrying the customer (the meter's account mapping).
+    pub account_property: String,
+    /// `event_name` template; `{metric}` by default.
+    pub event_name: String,
+    /// Carry price/description overrides as these properties when set.
+    pub price_property: Option<String>,
+    pub description_property: Option<String>,
+}
+
+impl Default for BillingrailsConfig {
+    fn default() -> Self {
+        BillingrailsConfig {
+            ingest_path: "/events/ingest".into(),
+            batch_path: "/events/batch".into(),
+            batch_size: 100,
+            account_property: "billingrails_account_id".into(),
+            event_name: "{metric}".into(),
+            price_property: None,
+            description_property: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregateConfig {
+    pub enabled: bool,
+    /// `hour` or `day`: DueDate is truncated to this bucket.
+    pub bucket: String,
+}
+
+impl Default for AggregateConfig {
+    fn default() -> Self {
+        AggregateConfig {
+            enabled: false,
+            bucket: "hour".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// The provider's window (billwerk does not document it).
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Requests per window when the provider sends no `X-RateLimit-Limit`; None: start
+    /// conservatively (`initial_rate` per second) and back off on 429.
+    pub limit: Option<u32>,
+    /// Fraction of the budget left unused, 0.0 ..< 0.5.
+    pub headroom: f64,
+    /// Requests per second before the first answer tells the real limit.
+    pub initial_rate: u32,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        RateLimitConfig {
+            window: Duration::from_secs(60),
+            limit: None,
+            headroom: 0.01,
+            initial_rate: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    #[serde(with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PricingConfig {
+    /// Honour a `price_per_unit` inside events. Off by default: a compromised producer must not
+    /// be able to set prices.
+    pub allow_event_price: bool,
+    pub event_price_min: Option<Decimal>,
+    pub event_price_max: Option<Decimal>,
+}
+
+/// `[[overrides]]`: first match wins.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverrideRule {
+    /// Matches this metric; absent matches any.
+    #[serde(default)]
+    pub metric: Option<String>,
+    /// Every listed attribute must equal the given value.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    #[serde(default)]
+    pub price_per_unit: Option<Decimal>,
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Template over event fields: `{id}`, `{metric}`, `{quantity}`, `{timestamp}`,
+    /// `{contract}`, `{attributes.KEY}`.
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerConfig {
+    /// `sqlite://PATH` (default) or `postgres://...` for several replicas; `none` disables it.
+    pub url: String,
+    /// How long delivered entries are kept.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig {
+            url: "sqlite://meterflow-ledger.db".into(),
+            retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Listen address for /metrics, /healthz, /readyz; empty disables the admin server.
+    pub listen: String,
+    /// Emit `meterflow_contract_delivered_quantity` per contract (bounded cardinality).
+    pub per_contract_metrics: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:9090".into(),
+            per_contract_metrics: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// `tracing` filter, e.g. `info` or `meterflow=debug,rdkafka=warn`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+mod defaults {
+    use std::time::Duration;
+    pub fn session_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn drain_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn commit_interval() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn concurrency() -> usize {
+        32
+    }
+    pub fn request_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn contract_cache_size() -> usize {
+        10_000
+    }
+}
+
+/// One thing wrong with a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// Dotted key, e.g. `kafka.drain_timeout` or `overrides[2].description`.
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{}", .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<ConfigProblem>),
+}
+
+impl Config {
+    /// Reads, interpolates `${ENV}`, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml_str(&text)
+    }
+
+    /// Interpolates `${ENV}`, parses and validates config text.
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        let _ = text;
+        todo!("config: interpolation, parse, validate")
+    }
+
+    /// Every problem at once; empty when the config can run.
+    pub fn validate(&self) -> Vec<ConfigProblem> {
+        todo!("config: validation")
+    }
+}

@@ -1,0 +1,14 @@
+use clap::Parser;
+
+use meterflow::cli::{Cli, Command};
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new()?;
+    match cli.command {
+        Command::Emulate(args) => runtime.block_on(meterflow::emulator::run(args)),
+        Command::Run { .. } | Command::Validate { .. } => {
+            anyhow::bail!("not yet implemented")
+        }
+    }
+}
