@@ -5,10 +5,15 @@
 //! retry) → [`ack`] (watermark, dead letters, ledger). [`pipeline`] wires them together.
 
 pub mod ack;
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod decode;
 pub mod deliver;
 pub mod emulator;
 pub mod event;
+pub mod pipeline;
 pub mod pricing;
+pub mod service;
+pub mod source;
+pub mod telemetry;

@@ -1,14 +1,28 @@
+use std::process::ExitCode;
+
 use clap::Parser;
 
 use meterflow::cli::{Cli, Command};
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Runtime::new()?;
-    match cli.command {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = match cli.command {
         Command::Emulate(args) => runtime.block_on(meterflow::emulator::run(args)),
-        Command::Run { .. } | Command::Validate { .. } => {
-            anyhow::bail!("not yet implemented")
+        Command::Run { config } => runtime.block_on(meterflow::service::run(&config)),
+        Command::Validate { .. } => Err(anyhow::anyhow!("not yet implemented")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
         }
     }
 }

@@ -1,3 +1,4 @@
 //! Acknowledgement: the contiguous offset watermark, dead letters, and the delivery ledger.
 
+pub mod deadletter;
 pub mod watermark;

@@ -109,17 +109,21 @@ impl Watermarks {
         }
     }
 
-    /// Settles an offset; returns the new committable position when it moved.
+    /// Settles an offset. `None` when it was not pending under that generation (a late
+    /// settlement for a revoked partition, or a second settlement); otherwise the new committable
+    /// position when it moved.
     pub fn settle(
         &mut self,
         topic: &str,
         partition: i32,
         generation: u64,
         offset: i64,
-    ) -> Option<i64> {
+    ) -> Option<Option<i64>> {
         let w = self.current(topic, partition, generation)?;
-        w.settle(offset);
-        w.advance()
+        if !w.settle(offset) {
+            return None;
+        }
+        Some(w.advance())
     }
 
     pub fn get(&self, topic: &str, partition: i32) -> Option<&ContiguousWatermark> {
@@ -178,9 +182,18 @@ mod tests {
         ws.revoke("t", 0);
         ws.assign("t", 0, 2);
         assert!(ws.track("t", 0, 2, 0));
-        assert_eq!(ws.settle("t", 0, 1, 0), None, "old generation must not settle");
+        assert_eq!(
+            ws.settle("t", 0, 1, 0),
+            None,
+            "old generation must not settle"
+        );
         assert_eq!(ws.pending_in("t", 0), 1);
-        assert_eq!(ws.settle("t", 0, 2, 0), Some(1));
+        assert_eq!(ws.settle("t", 0, 2, 0), Some(Some(1)));
+        assert_eq!(
+            ws.settle("t", 0, 2, 0),
+            None,
+            "a second settlement is not counted"
+        );
     }
 
     proptest! {

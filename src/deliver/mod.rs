@@ -119,3 +119,8 @@ pub trait Sink: Send + Sync + 'static {
         sent_since: chrono::DateTime<chrono::Utc>,
     ) -> BoxFuture<'a, Result<Reconciled, String>>;
 }
+
+pub mod billwerk;
+pub mod ratelimit;
+pub mod retry;
+pub mod runner;

@@ -1,0 +1,558 @@
+//! The billwerk sink: one usage record per request, `POST /api/v1/contracts/{id}/usage`, the
+//! delivery key stamped into `Memo`. billwerk has no idempotency: after an unknown outcome the
+//! runner asks [`BillwerkSink::reconcile`] to look for the key before anything is re-sent.
+
+mod auth;
+mod contracts;
+pub mod payload;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use reqwest::StatusCode;
+use serde::Deserialize;
+
+pub(crate) use auth::without_url;
+pub use auth::{TokenError, TokenSource};
+use contracts::ContractCache;
+
+use crate::config::SinkConfig;
+use crate::deliver::ratelimit::RateLimiter;
+use crate::deliver::{Attempt, Delivery, RateSignals, Reconciled, RetryCause, Sink};
+use crate::event::{CustomerRef, RejectReason, Rejection};
+
+/// How far before the first send a reconciliation looks: billwerk filters on its own creation
+/// time, and its clock and ours differ.
+const RECONCILE_CLOCK_MARGIN: chrono::Duration = chrono::Duration::minutes(10);
+/// billwerk's page size limit for listing usage.
+const LIST_PAGE: usize = 500;
+
+pub struct BillwerkSink {
+    client: reqwest::Client,
+    api: String,
+    legal_entity_id: Option<String>,
+    tokens: TokenSource,
+    contracts: ContractCache,
+    limiter: Arc<RateLimiter>,
+}
+
+/// How a contract reference resolved.
+enum Contract {
+    Id(String),
+    Unknown(Rejection),
+}
+
+impl BillwerkSink {
+    pub fn new(config: &SinkConfig, limiter: Arc<RateLimiter>) -> anyhow::Result<Self> {
+        let client = http_client(config)?;
+        let client_id = config
+            .client_id
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("sink.client_id is required for billwerk"))?;
+        let client_secret = config
+            .client_secret
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("sink.client_secret is required for billwerk"))?;
+        let base = config.base_url.trim_end_matches('/').to_string();
+        Ok(BillwerkSink {
+            tokens: TokenSource::new(
+                client.clone(),
+                &base,
+                client_id,
+                client_secret,
+                config.legal_entity_id.clone(),
+            ),
+            client,
+            api: format!("{base}/api/v1"),
+            legal_entity_id: config.legal_entity_id.clone(),
+            contracts: ContractCache::new(config.contract_cache_size),
+            limiter,
+        })
+    }
+
+    /// A request with the bearer token and legal-entity header. On 401 the token is renewed
+    /// once and the request sent again; a second 401 is the caller's to back off from.
+    async fn call(
+        &self,
+        endpoint: &'static str,
+        build: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, CallError> {
+        let mut renewed = false;
+        loop {
+            let token = self.tokens.token().await.map_err(CallError::Token)?;
+            let mut request = build(&self.client, &self.api).bearer_auth(&token);
+            if let Some(id) = &self.legal_entity_id {
+                request = request.header("X-SELECTED-LEGAL-ENTITY-ID", id);
+            }
+            let started = Instant::now();
+            let result = request.send().await;
+            record_request(endpoint, &result, started.elapsed());
+            let response = result.map_err(CallError::Transport)?;
+            if response.status() == StatusCode::UNAUTHORIZED && !renewed {
+                self.tokens.invalidate(&token).await;
+                renewed = true;
+                continue;
+            }
+            return Ok(response);
+        }
+    }
+
+    async fn resolve(&self, customer: &CustomerRef) -> Result<Contract, (Attempt, RateSignals)> {
+        let external_id = match customer {
+            CustomerRef::ContractId(id) => return Ok(Contract::Id(id.clone())),
+            CustomerRef::ExternalId(e) => e,
+        };
+        if let Some(id) = self.contracts.get(external_id) {
+            return Ok(Contract::Id(id));
+        }
+        self.limiter.until_ready().await;
+        let response = self
+            .call("contracts", |c, api| {
+                c.get(format!("{api}/contracts"))
+                    .query(&[("externalId", external_id.as_str())])
+            })
+            .await;
+        let response = match response {
+            Ok(r) => r,
+            Err(e) => return Err((e.into_attempt(), RateSignals::default())),
+        };
+        let signals = rate_signals(response.headers());
+        let status = response.status();
+        if !status.is_success() {
+            let throttled = status == StatusCode::TOO_MANY_REQUESTS;
+            self.limiter.observe(&signals, throttled);
+            let body = response.text().await.unwrap_or_default();
+            return Err((classify_failure(status, &body), RateSignals::default()));
+        }
+        self.limiter.observe(&signals, false);
+        #[derive(Deserialize)]
+        struct ContractView {
+            #[serde(alias = "id", alias = "ID")]
+            #[serde(rename = "Id")]
+            id: String,
+        }
+        let found: Vec<ContractView> = match response.json().await {
+            Ok(v) => v,
+            Err(e) => {
+                return Err((
+                    Attempt::Retry {
+                        cause: RetryCause::ServerError,
+                        outcome_unknown: false,
+                        detail: format!("unreadable contract lookup answer: {}", without_url(&e)),
+                    },
+                    RateSignals::default(),
+                ))
+            }
+        };
+        match found.as_slice() {
+            [one] => {
+                self.contracts.insert(external_id.clone(), one.id.clone());
+                Ok(Contract::Id(one.id.clone()))
+            }
+            [] => Ok(Contract::Unknown(Rejection::new(
+                RejectReason::UnknownContract,
+                format!("no billwerk contract has ExternalId {external_id:?}"),
+            ))),
+            many => Ok(Contract::Unknown(Rejection::new(
+                RejectReason::UnknownContract,
+                format!(
+                    "{} billwerk contracts have ExternalId {external_id:?}; cannot choose",
+                    many.len()
+                ),
+            ))),
+        }
+    }
+
+    async fn send_inner(&self, delivery: &Delivery) -> (Attempt, RateSignals) {
+        let Some(first) = delivery.items.first() else {
+            return (
+                Attempt::Accepted {
+                    receipt: String::new(),
+                },
+                RateSignals::default(),
+            );
+        };
+        let contract = match self.resolve(&first.usage.customer).await {
+            Ok(Contract::Id(id)) => id,
+            Ok(Contract::Unknown(rejection)) => {
+                return (
+                    reject_all(delivery, rejection, String::new()),
+                    RateSignals::default(),
+                )
+            }
+            Err(failure) => return failure,
+        };
+        let body = payload::usage_body(delivery);
+        let response = self
+            .call("usage", |c, api| {
+                c.post(format!("{api}/contracts/{contract}/usage"))
+                    .json(&body)
+            })
+            .await;
+        let response = match response {
+            Ok(r) => r,
+            Err(e) => return (e.into_attempt(), RateSignals::default()),
+        };
+        let signals = rate_signals(response.headers());
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        if status.is_success() {
+            #[derive(Deserialize)]
+            struct Created {
+                #[serde(rename = "Id", alias = "id")]
+                id: Option<String>,
+            }
+            let receipt = serde_json::from_str::<Created>(&text)
+                .ok()
+                .and_then(|c| c.id)
+                .unwrap_or_default();
+            return (Attempt::Accepted { receipt }, signals);
+        }
+        let attempt = match classify_failure(status, &text) {
+            Attempt::Rejected { items, .. } if items.is_empty() => {
+                let reason = if status == StatusCode::NOT_FOUND {
+                    RejectReason::UnknownContract
+                } else {
+                    RejectReason::ProviderRejected
+                };
+                let message = error_message(&text);
+                reject_all(
+                    delivery,
+                    Rejection::new(reason, format!("billwerk answered {status}: {message}")),
+                    format!("{} {}", status.as_u16(), truncate(&text, 2000)),
+                )
+            }
+            other => other,
+        };
+        (attempt, signals)
+    }
+
+    async fn reconcile_inner(
+        &self,
+        delivery: &Delivery,
+        sent_since: DateTime<Utc>,
+    ) -> Result<Reconciled, String> {
+        let Some(first) = delivery.items.first() else {
+            return Ok(Reconciled::NotFound);
+        };
+        let contract = match self.resolve(&first.usage.customer).await {
+            Ok(Contract::Id(id)) => id,
+            Ok(Contract::Unknown(_)) => return Ok(Reconciled::NotFound),
+            Err((attempt, _)) => return Err(format!("contract lookup failed: {attempt:?}")),
+        };
+        let from_date = payload::billwerk_timestamp(sent_since - RECONCILE_CLOCK_MARGIN);
+        let key = delivery.key.as_str();
+        let mut cursor: Option<String> = None;
+        loop {
+            self.limiter.until_ready().await;
+            let cursor_now = cursor.clone();
+            let response = self
+                .call("usage_list", |c, api| {
+                    let mut q: Vec<(&str, String)> = vec![
+                        ("take", LIST_PAGE.to_string()),
+                        ("fromDateTime", from_date.clone()),
+                    ];
+                    if let Some(from) = &cursor_now {
+                        q.push(("from", from.clone()));
+                    }
+                    c.get(format!("{api}/contracts/{contract}/usage")).query(&q)
+                })
+                .await
+                .map_err(|e| format!("{:?}", e.into_attempt()))?;
+            let signals = rate_signals(response.headers());
+            let status = response.status();
+            self.limiter
+                .observe(&signals, status == StatusCode::TOO_MANY_REQUESTS);
+            if !status.is_success() {
+                return Err(format!("listing usage answered {status}"));
+            }
+            let page: Vec<serde_json::Value> = response
+                .json()
+                .await
+                .map_err(|e| format!("unreadable usage list: {}", without_url(&e)))?;
+            for record in &page {
+                let memo = field(record, "Memo");
+                if memo.is_some_and(|m| m.contains(key)) {
+                    let id = field(record, "Id").unwrap_or_default().to_string();
+                    return Ok(Reconciled::Found { receipt: id });
+                }
+            }
+            if page.len() < LIST_PAGE {
+                return Ok(Reconciled::NotFound);
+            }
+            cursor = page.last().and_then(|r| field(r, "Id")).map(str::to_string);
+            if cursor.is_none() {
+                return Ok(Reconciled::NotFound);
+            }
+        }
+    }
+}
+
+impl Sink for BillwerkSink {
+    fn name(&self) -> &'static str {
+        "billwerk"
+    }
+
+    fn send<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, (Attempt, RateSignals)> {
+        Box::pin(self.send_inner(delivery))
+    }
+
+    fn reconcile<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+        sent_since: DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<Reconciled, String>> {
+        Box::pin(self.reconcile_inner(delivery, sent_since))
+    }
+}
+
+/// Why a call produced no answer to classify.
+#[derive(Debug)]
+enum CallError {
+    Token(TokenError),
+    Transport(reqwest::Error),
+}
+
+impl CallError {
+    fn into_attempt(self) -> Attempt {
+        match self {
+            CallError::Token(TokenError::Refused { status }) => Attempt::Retry {
+                cause: RetryCause::Unauthorized,
+                outcome_unknown: false,
+                detail: format!("token request refused (HTTP {status}): check sink.client_id / sink.client_secret"),
+            },
+            CallError::Token(TokenError::Unavailable(detail)) => Attempt::Retry {
+                cause: RetryCause::Connection,
+                outcome_unknown: false,
+                detail,
+            },
+            CallError::Transport(e) => transport_failure(&e),
+        }
+    }
+}
+
+/// A request that got no HTTP answer. Only a failed connect proves nothing was sent; anything
+/// later (timeout, reset) may have been recorded.
+pub(crate) fn transport_failure(e: &reqwest::Error) -> Attempt {
+    let detail = without_url(e);
+    if e.is_connect() {
+        Attempt::Retry {
+            cause: RetryCause::Connection,
+            outcome_unknown: false,
+            detail,
+        }
+    } else if e.is_timeout() {
+        Attempt::Retry {
+            cause: RetryCause::Timeout,
+            outcome_unknown: true,
+            detail,
+        }
+    } else {
+        Attempt::Retry {
+            cause: RetryCause::Connection,
+            outcome_unknown: true,
+            detail,
+        }
+    }
+}
+
+/// A non-2xx answer. Permanent refusals come back as `Rejected` with no items named (the caller
+/// names them); everything that may succeed later as `Retry`.
+pub(crate) fn classify_failure(status: StatusCode, body: &str) -> Attempt {
+    let detail = format!("HTTP {status}: {}", truncate(body, 300));
+    match status.as_u16() {
+        429 => Attempt::Retry {
+            cause: RetryCause::Throttled,
+            outcome_unknown: false,
+            detail,
+        },
+        401 | 403 => Attempt::Retry {
+            cause: RetryCause::Unauthorized,
+            outcome_unknown: false,
+            detail,
+        },
+        408 => Attempt::Retry {
+            cause: RetryCause::Timeout,
+            outcome_unknown: true,
+            detail,
+        },
+        409 => Attempt::Retry {
+            cause: RetryCause::Conflict,
+            outcome_unknown: true,
+            detail,
+        },
+        // A 5xx may come after the record was written: look before re-sending.
+        500..=599 => Attempt::Retry {
+            cause: RetryCause::ServerError,
+            outcome_unknown: true,
+            detail,
+        },
+        _ => Attempt::Rejected {
+            items: Vec::new(),
+            provider_answer: format!("{} {}", status.as_u16(), truncate(body, 2000)),
+        },
+    }
+}
+
+fn reject_all(delivery: &Delivery, rejection: Rejection, provider_answer: String) -> Attempt {
+    Attempt::Rejected {
+        items: (0..delivery.items.len())
+            .map(|i| (i, rejection.clone()))
+            .collect(),
+        provider_answer,
+    }
+}
+
+/// Reads `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset` (seconds) and
+/// `Retry-After` (seconds or an HTTP date).
+pub(crate) fn rate_signals(headers: &reqwest::header::HeaderMap) -> RateSignals {
+    let number = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .filter(|n| n.is_finite() && *n >= 0.0)
+    };
+    let retry_after = headers
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| {
+            s.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|n| n.is_finite() && *n >= 0.0)
+                .map(Duration::from_secs_f64)
+                .or_else(|| {
+                    DateTime::parse_from_rfc2822(s.trim()).ok().map(|at| {
+                        (at.with_timezone(&Utc) - Utc::now())
+                            .to_std()
+                            .unwrap_or_default()
+                    })
+                })
+        });
+    let reset_after = number("x-ratelimit-reset").map(|n| {
+        // Some servers send an epoch timestamp instead of seconds-until.
+        if n > 1_000_000_000.0 {
+            Duration::from_secs_f64((n - Utc::now().timestamp() as f64).max(0.0))
+        } else {
+            Duration::from_secs_f64(n)
+        }
+    });
+    RateSignals {
+        limit: number("x-ratelimit-limit").map(|n| n as u32),
+        remaining: number("x-ratelimit-remaining").map(|n| n as u32),
+        reset_after,
+        retry_after,
+    }
+}
+
+fn record_request(
+    endpoint: &'static str,
+    result: &Result<reqwest::Response, reqwest::Error>,
+    elapsed: Duration,
+) {
+    let class = match result {
+        Ok(r) => match r.status().as_u16() {
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        },
+        Err(_) => "error",
+    };
+    metrics::counter!("meterflow_requests_total", "sink" => "billwerk", "endpoint" => endpoint, "status_class" => class)
+        .increment(1);
+    metrics::histogram!("meterflow_request_duration_seconds", "sink" => "billwerk", "endpoint" => endpoint)
+        .record(elapsed.as_secs_f64());
+}
+
+/// A pooled keep-alive client with the configured timeout.
+pub(crate) fn http_client(config: &SinkConfig) -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .timeout(config.request_timeout)
+        .connect_timeout(config.request_timeout.min(Duration::from_secs(5)))
+        .pool_max_idle_per_host(config.concurrency.max(1))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .tcp_nodelay(true)
+        .user_agent(concat!("meterflow/", env!("CARGO_PKG_VERSION")))
+        .build()?)
+}
+
+/// billwerk's error body shape is undocumented: take `Message` when present, else the raw text.
+fn error_message(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| field(&v, "Message").map(str::to_string))
+        .unwrap_or_else(|| truncate(body, 300).to_string())
+}
+
+/// A string field by case-insensitive name.
+fn field<'v>(value: &'v serde_json::Value, name: &str) -> Option<&'v str> {
+    value
+        .as_object()?
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .and_then(|(_, v)| v.as_str())
+}
+
+pub(crate) fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{HeaderMap, HeaderValue};
+
+    #[test]
+    fn reads_rate_limit_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("X-RateLimit-Limit", HeaderValue::from_static("10000"));
+        h.insert("X-RateLimit-Remaining", HeaderValue::from_static("9954"));
+        h.insert("Retry-After", HeaderValue::from_static("2"));
+        h.insert("X-RateLimit-Reset", HeaderValue::from_static("30"));
+        let s = rate_signals(&h);
+        assert_eq!(s.limit, Some(10000));
+        assert_eq!(s.remaining, Some(9954));
+        assert_eq!(s.retry_after, Some(Duration::from_secs(2)));
+        assert_eq!(s.reset_after, Some(Duration::from_secs(30)));
+        assert_eq!(rate_signals(&HeaderMap::new()), RateSignals::default());
+    }
+
+    #[test]
+    fn classifies_answers_by_what_to_do() {
+        let retry = |s: u16| match classify_failure(StatusCode::from_u16(s).unwrap(), "") {
+            Attempt::Retry {
+                cause,
+                outcome_unknown,
+                ..
+            } => Some((cause, outcome_unknown)),
+            _ => None,
+        };
+        assert_eq!(retry(429), Some((RetryCause::Throttled, false)));
+        assert_eq!(retry(500), Some((RetryCause::ServerError, true)));
+        assert_eq!(retry(503), Some((RetryCause::ServerError, true)));
+        assert_eq!(retry(401), Some((RetryCause::Unauthorized, false)));
+        for permanent in [400, 404, 422] {
+            assert_eq!(retry(permanent), None, "{permanent} must dead-letter");
+        }
+    }
+
+    #[test]
+    fn error_message_prefers_message_key() {
+        assert_eq!(
+            error_message(r#"{"Message":"ComponentId is unknown"}"#),
+            "ComponentId is unknown"
+        );
+        assert_eq!(error_message("plain"), "plain");
+    }
+}

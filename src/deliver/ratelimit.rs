@@ -1,0 +1,582 @@
+//! Pacing by the provider's own numbers.
+//!
+//! - [`PaceModel`] (pure): from `X-RateLimit-Limit` / `-Remaining` (and a reset header when a
+//!   server sends one) and the configured window, the pace that spreads the remaining budget over
+//!   the time left in the window, less a headroom. Several replicas sharing one budget each see
+//!   the shared `Remaining`, so each slows as the others spend: no coordination needed.
+//! - [`QuotaGate`]: one sink-wide "closed until T" gate. A 429 closes it for every sender until the
+//!   server's time (Retry-After, reset header, or the window's end).
+//! - [`RateLimiter`]: a `governor` GCRA limiter in front of every request (first attempts and
+//!   retries alike). governor cannot change a quota in place and a limiter rebuilt from old state
+//!   misbehaves, so a new pace swaps in a whole new limiter (arc-swap) that starts with its burst
+//!   already spent.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use governor::clock::Clock;
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::Quota;
+use tokio::sync::watch;
+
+use crate::config::RateLimitConfig;
+use crate::deliver::RateSignals;
+
+/// What the model tells the sender.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pace {
+    /// Requests per second.
+    Rate(f64),
+    /// The window's budget (less headroom) is spent: wait for the window to end.
+    WaitUntil(Instant),
+}
+
+/// The pure pacing model. Every method takes `now`; nothing here reads a clock.
+#[derive(Debug, Clone)]
+pub struct PaceModel {
+    window: Duration,
+    headroom: f64,
+    configured_limit: Option<u32>,
+    /// The server's limit, once seen.
+    limit: Option<u32>,
+    /// Lowest remaining seen in the current window (answers arrive out of order).
+    remaining: Option<u32>,
+    /// When the current window ends, if known or estimated.
+    window_end: Option<Instant>,
+    /// Whether the server sends rate-limit headers at all.
+    headers_seen: bool,
+    /// Rate used when no headers and no configured limit: starts low, halves on 429, creeps up.
+    probe_rate: f64,
+    successes_since_throttle: u32,
+}
+
+impl PaceModel {
+    pub fn new(config: &RateLimitConfig) -> Self {
+        PaceModel {
+            window: config.window.max(Duration::from_millis(1)),
+            headroom: config.headroom.clamp(0.0, 0.5),
+            configured_limit: config.limit,
+            limit: None,
+            remaining: None,
+            window_end: None,
+            headers_seen: false,
+            probe_rate: f64::from(config.initial_rate.max(1)),
+            successes_since_throttle: 0,
+        }
+    }
+
+    pub fn limit(&self) -> Option<u32> {
+        self.limit.or(self.configured_limit)
+    }
+
+    pub fn remaining(&self) -> Option<u32> {
+        self.remaining
+    }
+
+    pub fn window_end(&self) -> Option<Instant> {
+        self.window_end
+    }
+
+    /// Takes in the rate-limit signals of one answer.
+    pub fn observe(&mut self, signals: &RateSignals, throttled: bool, now: Instant) {
+        if let Some(reset_after) = signals.reset_after {
+            self.window_end = Some(now + reset_after);
+        }
+        match (signals.limit, signals.remaining) {
+            (Some(limit), Some(remaining)) => {
+                self.headers_seen = true;
+                if self.limit != Some(limit) {
+                    tracing::info!(limit, previous = ?self.limit, "provider rate limit changed");
+                }
+                self.limit = Some(limit);
+                let jump = (limit / 10).max(2);
+                let window_rolled = match self.remaining {
+                    // A fresh window shows as Remaining jumping up; small increases are only
+                    // answers arriving out of order.
+                    Some(previous) => remaining > previous.saturating_add(jump),
+                    None => false,
+                };
+                let window_passed = self.window_end.is_some_and(|end| now >= end);
+                if window_rolled && signals.reset_after.is_none() {
+                    self.window_end = Some(now + self.window);
+                }
+                if window_rolled || window_passed || self.remaining.is_none() {
+                    self.remaining = Some(remaining);
+                } else {
+                    self.remaining = Some(remaining.min(self.remaining.unwrap_or(remaining)));
+                }
+                if self.window_end.is_none() {
+                    // Where the window stands is unknown: assume a whole window is left (the
+                    // slow side); the first reset we see fixes it.
+                    self.window_end = Some(now + self.window);
+                }
+            }
+            _ => {
+                if throttled {
+                    self.probe_rate = (self.probe_rate / 2.0).max(0.1);
+                    self.successes_since_throttle = 0;
+                } else {
+                    self.successes_since_throttle += 1;
+                    // Additive increase, about once per second of sending at the current rate.
+                    if f64::from(self.successes_since_throttle) >= self.probe_rate.max(1.0) {
+                        self.probe_rate *= 1.05;
+                        self.successes_since_throttle = 0;
+                    }
+                }
+            }
+        }
+        if throttled {
+            self.remaining = Some(0);
+        }
+    }
+
+    /// The pace to send at now.
+    pub fn pace(&self, now: Instant) -> Pace {
+        let per_window =
+            |limit: u32| f64::from(limit) * (1.0 - self.headroom) / self.window.as_secs_f64();
+        if !self.headers_seen {
+            return Pace::Rate(match self.configured_limit {
+                Some(limit) => per_window(limit),
+                None => self.probe_rate,
+            });
+        }
+        let limit = self.limit.unwrap_or(0);
+        let remaining = self.remaining.unwrap_or(limit);
+        let window_end = self.window_end.unwrap_or(now + self.window);
+        if window_end <= now {
+            // The window ended without an answer telling us about the next one: it is fresh.
+            return Pace::Rate(per_window(limit).max(0.1));
+        }
+        let reserve = (f64::from(limit) * self.headroom).ceil();
+        let spendable = f64::from(remaining) - reserve;
+        if spendable < 1.0 {
+            return Pace::WaitUntil(window_end);
+        }
+        let time_left = (window_end - now).as_secs_f64().max(0.001);
+        // Catching up after an idle spell is allowed (fixed windows), but not without bound.
+        let ceiling = per_window(limit) * 4.0;
+        Pace::Rate((spendable / time_left).min(ceiling).max(0.1))
+    }
+
+    /// How long a 429 closes the gate when the server names no time.
+    pub fn pause_after_throttle(&self, signals: &RateSignals, now: Instant) -> Duration {
+        if let Some(d) = signals.retry_after.or(signals.reset_after) {
+            return d;
+        }
+        match self.window_end {
+            Some(end) if end > now => end - now,
+            // No idea where the window stands: a tenth of it, at least 100 ms.
+            _ => (self.window / 10).max(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// The sink-wide gate a 429 closes. Opening is observable (Kafka partitions pause meanwhile).
+#[derive(Debug)]
+pub struct QuotaGate {
+    closed_until: watch::Sender<Option<tokio::time::Instant>>,
+    /// When the current closure began, for `meterflow_throttled_seconds_total`.
+    closed_since: Mutex<Option<tokio::time::Instant>>,
+}
+
+impl Default for QuotaGate {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl QuotaGate {
+    pub fn new() -> Self {
+        QuotaGate {
+            closed_until: watch::channel(None).0,
+            closed_since: Mutex::new(None),
+        }
+    }
+
+    /// Closes the gate until `until` (never shortens an existing closure). Returns true when
+    /// this call closed an open gate.
+    pub fn close_until(&self, until: tokio::time::Instant) -> bool {
+        let mut newly_closed = false;
+        self.closed_until
+            .send_if_modified(|current| match *current {
+                Some(t) if t >= until => false,
+                Some(_) => {
+                    *current = Some(until);
+                    true
+                }
+                None => {
+                    newly_closed = true;
+                    *current = Some(until);
+                    true
+                }
+            });
+        if newly_closed {
+            *self.closed_since.lock().unwrap() = Some(tokio::time::Instant::now());
+        }
+        newly_closed
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed_until
+            .borrow()
+            .is_some_and(|t| t > tokio::time::Instant::now())
+    }
+
+    /// Waits until the gate is open. True for the one caller that found the closure expired
+    /// and opened it.
+    pub async fn wait_open(&self) -> bool {
+        let mut opened_it = false;
+        loop {
+            let until = *self.closed_until.borrow();
+            match until {
+                Some(t) if t > tokio::time::Instant::now() => tokio::time::sleep_until(t).await,
+                Some(_) => {
+                    // Expired: open it (once) and let everyone through to the pacer.
+                    let opened = self.closed_until.send_if_modified(|c| {
+                        if c.is_some_and(|t| t <= tokio::time::Instant::now()) {
+                            *c = None;
+                            true
+                        } else {
+                            false
+                        }
+                    });
+                    if opened {
+                        opened_it = true;
+                        if let Some(since) = self.closed_since.lock().unwrap().take() {
+                            metrics::gauge!("meterflow_throttled_seconds_total")
+                                .increment(since.elapsed().as_secs_f64());
+                        }
+                    }
+                }
+                None => return opened_it,
+            }
+        }
+    }
+
+    /// Changes of the gate: `Some(t)` closed until t, `None` open.
+    pub fn subscribe(&self) -> watch::Receiver<Option<tokio::time::Instant>> {
+        self.closed_until.subscribe()
+    }
+}
+
+/// governor's clock, read from tokio so paused-time tests drive it.
+#[derive(Debug, Clone, Default)]
+pub struct TokioClock;
+
+impl Clock for TokioClock {
+    type Instant = Instant;
+    fn now(&self) -> Instant {
+        tokio::time::Instant::now().into_std()
+    }
+}
+
+type Gcra = governor::RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Instant>>;
+
+struct Paced {
+    rate: f64,
+    limiter: Gcra,
+}
+
+/// The limiter every request to the provider passes through.
+pub struct RateLimiter {
+    model: Mutex<PaceModel>,
+    paced: ArcSwap<Paced>,
+    gate: QuotaGate,
+}
+
+impl RateLimiter {
+    pub fn new(config: &RateLimitConfig) -> Self {
+        let model = PaceModel::new(config);
+        let rate = match model.pace(Instant::now()) {
+            Pace::Rate(r) => r,
+            Pace::WaitUntil(_) => 1.0,
+        };
+        let limiter = RateLimiter {
+            model: Mutex::new(model),
+            paced: ArcSwap::from_pointee(paced(rate)),
+            gate: QuotaGate::new(),
+        };
+        limiter.publish();
+        limiter
+    }
+
+    pub fn gate(&self) -> &QuotaGate {
+        &self.gate
+    }
+
+    /// Current pace in requests per second.
+    pub fn rate(&self) -> f64 {
+        self.paced.load().rate
+    }
+
+    /// Waits for the gate and then for this request's slot in the pace.
+    pub async fn until_ready(&self) {
+        loop {
+            if self.gate.wait_open().await {
+                // Reopening: a fresh limiter with its burst spent, so the senders that waited
+                // leave one by one at the pace, not as a herd.
+                let rate = self.paced.load().rate;
+                self.paced.store(Arc::new(paced(rate)));
+            }
+            let paced = self.paced.load_full();
+            match paced.limiter.check() {
+                Ok(()) => return,
+                Err(not_until) => {
+                    let wait = not_until.wait_time_from(TokioClock.now());
+                    tokio::time::sleep(wait).await;
+                    // Loop: the pace (or the gate) may have changed while we slept.
+                }
+            }
+        }
+    }
+
+    /// Feeds one answer's signals into the model; swaps the limiter when the pace moved, closes
+    /// the gate on 429 or when the window's budget is spent.
+    pub fn observe(&self, signals: &RateSignals, throttled: bool) {
+        let now_tokio = tokio::time::Instant::now();
+        let now = now_tokio.into_std();
+        let (pace, pause) = {
+            let mut model = self.model.lock().unwrap();
+            model.observe(signals, throttled, now);
+            let pause = throttled.then(|| model.pause_after_throttle(signals, now));
+            (model.pace(now), pause)
+        };
+        if let Some(pause) = pause {
+            metrics::counter!("meterflow_throttled_responses_total").increment(1);
+            if self.gate.close_until(now_tokio + pause) {
+                tracing::warn!(
+                    pause_ms = pause.as_millis() as u64,
+                    "provider answered 429: all senders pause"
+                );
+            }
+        }
+        match pace {
+            Pace::Rate(rate) => {
+                let current = self.paced.load().rate;
+                if (rate - current).abs() > current * 0.05 {
+                    self.paced.store(Arc::new(paced(rate)));
+                }
+            }
+            Pace::WaitUntil(end) => {
+                let until = now_tokio + end.saturating_duration_since(now);
+                self.gate.close_until(until);
+            }
+        }
+        self.publish();
+    }
+
+    fn publish(&self) {
+        let model = self.model.lock().unwrap();
+        if let Some(limit) = model.limit() {
+            metrics::gauge!("meterflow_quota_limit").set(f64::from(limit));
+        }
+        if let Some(remaining) = model.remaining() {
+            metrics::gauge!("meterflow_quota_remaining").set(f64::from(remaining));
+        }
+        metrics::gauge!("meterflow_pace_requests_per_second").set(self.paced.load().rate);
+    }
+}
+
+/// A fresh limiter for `rate` per second whose small burst (20 ms worth, to absorb timer
+/// granularity) is already spent, so a swap never lets a burst through.
+fn paced(rate: f64) -> Paced {
+    let rate = rate.max(0.01);
+    let period = Duration::from_secs_f64(1.0 / rate);
+    let burst = ((rate * 0.02).ceil() as u32).max(1);
+    let quota = Quota::with_period(period)
+        .expect("period is positive")
+        .allow_burst(NonZeroU32::new(burst).expect("burst ≥ 1"));
+    let limiter = governor::RateLimiter::direct_with_clock(quota, TokioClock);
+    for _ in 0..burst {
+        let _ = limiter.check();
+    }
+    Paced { rate, limiter }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(window_s: u64, headroom: f64, limit: Option<u32>) -> RateLimitConfig {
+        RateLimitConfig {
+            window: Duration::from_secs(window_s),
+            limit,
+            headroom,
+            initial_rate: 10,
+        }
+    }
+
+    fn headers(limit: u32, remaining: u32) -> RateSignals {
+        RateSignals {
+            limit: Some(limit),
+            remaining: Some(remaining),
+            ..Default::default()
+        }
+    }
+
+    fn rate(p: Pace) -> f64 {
+        match p {
+            Pace::Rate(r) => r,
+            other => panic!("expected a rate, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn fresh_window_paces_the_limit_over_the_window() {
+        let t0 = Instant::now();
+        let mut m = PaceModel::new(&config(60, 0.01, None));
+        m.observe(&headers(6000, 5999), false, t0);
+        let r = rate(m.pace(t0));
+        assert!((r - (5999.0 - 60.0) / 60.0).abs() < 0.01, "{r}");
+    }
+
+    #[test]
+    fn spreads_what_remains_over_what_is_left() {
+        let t0 = Instant::now();
+        let mut m = PaceModel::new(&config(60, 0.0, None));
+        m.observe(&headers(6000, 6000), false, t0);
+        // Another replica spent half the budget in the first 10 s.
+        let t1 = t0 + Duration::from_secs(10);
+        m.observe(&headers(6000, 3000), false, t1);
+        let r = rate(m.pace(t1));
+        assert!((r - 3000.0 / 50.0).abs() < 0.01, "{r}");
+    }
+
+    #[test]
+    fn detects_the_window_reset_from_remaining_jumping() {
+        let t0 = Instant::now();
+        let mut m = PaceModel::new(&config(60, 0.0, None));
+        m.observe(&headers(600, 10), false, t0);
+        let t1 = t0 + Duration::from_secs(5);
+        m.observe(&headers(600, 599), false, t1);
+        assert_eq!(m.window_end(), Some(t1 + Duration::from_secs(60)));
+        assert!((rate(m.pace(t1)) - 599.0 / 60.0).abs() < 0.01);
+    }
+
+    #[test]
+    fn out_of_order_answers_do_not_raise_remaining() {
+        let t0 = Instant::now();
+        let mut m = PaceModel::new(&config(60, 0.0, None));
+        m.observe(&headers(10000, 5000), false, t0);
+        m.observe(&headers(10000, 5010), false, t0);
+        assert_eq!(m.remaining(), Some(5000));
+    }
+
+    #[test]
+    fn spent_budget_waits_for_the_window_end() {
+        let t0 = Instant::now();
+        let mut m = PaceModel::new(&config(60, 0.01, None));
+        m.observe(
+            &RateSignals {
+                limit: Some(1000),
+                remaining: Some(5),
+                reset_after: Some(Duration::from_secs(7)),
+                retry_after: None,
+            },
+            false,
+            t0,
+        );
+        assert_eq!(m.pace(t0), Pace::WaitUntil(t0 + Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn follows_the_limit_down() {
+        let t0 = Instant::now();
+        let mut m = PaceModel::new(&config(10, 0.0, None));
+        m.observe(&headers(1000, 1000), false, t0);
+        assert!((rate(m.pace(t0)) - 100.0).abs() < 0.01);
+        // The server halves the limit at the next window.
+        let t1 = t0 + Duration::from_secs(10);
+        m.observe(&headers(500, 499), false, t1);
+        let r = rate(m.pace(t1));
+        assert!(r <= 50.0, "{r}");
+    }
+
+    #[test]
+    fn without_headers_uses_configured_limit() {
+        let m = PaceModel::new(&config(60, 0.0, Some(600)));
+        assert!((rate(m.pace(Instant::now())) - 10.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn without_headers_or_limit_backs_off_on_429() {
+        let t0 = Instant::now();
+        let mut m = PaceModel::new(&config(60, 0.0, None));
+        assert_eq!(rate(m.pace(t0)), 10.0);
+        m.observe(&RateSignals::default(), true, t0);
+        assert_eq!(rate(m.pace(t0)), 5.0);
+        for _ in 0..100 {
+            m.observe(&RateSignals::default(), false, t0);
+        }
+        assert!(rate(m.pace(t0)) > 5.0);
+    }
+
+    #[test]
+    fn throttle_pause_prefers_the_server_time() {
+        let t0 = Instant::now();
+        let mut m = PaceModel::new(&config(60, 0.0, None));
+        let s = RateSignals {
+            retry_after: Some(Duration::from_secs(3)),
+            ..Default::default()
+        };
+        assert_eq!(m.pause_after_throttle(&s, t0), Duration::from_secs(3));
+        m.observe(&headers(100, 50), false, t0);
+        assert_eq!(
+            m.pause_after_throttle(&RateSignals::default(), t0 + Duration::from_secs(20)),
+            Duration::from_secs(40)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gate_holds_every_sender_until_the_server_time() {
+        let limiter = Arc::new(RateLimiter::new(&config(60, 0.0, Some(60_000))));
+        let start = tokio::time::Instant::now();
+        limiter.observe(
+            &RateSignals {
+                retry_after: Some(Duration::from_secs(2)),
+                ..Default::default()
+            },
+            true,
+        );
+        assert!(limiter.gate().is_closed());
+        let mut tasks = Vec::new();
+        for _ in 0..5 {
+            let l = limiter.clone();
+            tasks.push(tokio::spawn(async move {
+                l.until_ready().await;
+                tokio::time::Instant::now()
+            }));
+        }
+        let mut released = Vec::new();
+        for t in tasks {
+            released.push(t.await.unwrap());
+        }
+        for r in &released {
+            assert!(
+                *r >= start + Duration::from_secs(2),
+                "released before the server's time"
+            );
+        }
+        // No thundering herd: the pacer spaces the released senders (1000/s here).
+        released.sort();
+        let spread = *released.last().unwrap() - released[0];
+        assert!(spread >= Duration::from_millis(3), "{spread:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pacer_holds_the_rate_on_paused_time() {
+        let limiter = RateLimiter::new(&config(1, 0.0, Some(100)));
+        let start = tokio::time::Instant::now();
+        for _ in 0..201 {
+            limiter.until_ready().await;
+        }
+        let elapsed = start.elapsed();
+        // 100/s: 200 further requests take ~2 s, never less.
+        assert!(elapsed >= Duration::from_millis(1990), "{elapsed:?}");
+        assert!(elapsed <= Duration::from_millis(2100), "{elapsed:?}");
+    }
+}

@@ -1,0 +1,186 @@
+//! The delivery loop shared by every sink: pace each attempt through the rate limiter, retry
+//! what may succeed later (forever: back-pressure, never loss), reconcile an unknown outcome
+//! before re-sending, and return one [`ItemOutcome`] per event.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+
+use crate::config::RetryConfig;
+use crate::deliver::ratelimit::RateLimiter;
+use crate::deliver::retry::Backoff;
+use crate::deliver::{Attempt, Delivery, ItemOutcome, Reconciled, RetryCause, Sink};
+
+pub struct DeliveryRunner {
+    sink: Arc<dyn Sink>,
+    limiter: Arc<RateLimiter>,
+    retry: RetryConfig,
+}
+
+impl DeliveryRunner {
+    pub fn new(sink: Arc<dyn Sink>, limiter: Arc<RateLimiter>, retry: RetryConfig) -> Self {
+        DeliveryRunner {
+            sink,
+            limiter,
+            retry,
+        }
+    }
+
+    pub fn sink_name(&self) -> &'static str {
+        self.sink.name()
+    }
+
+    pub fn limiter(&self) -> &Arc<RateLimiter> {
+        &self.limiter
+    }
+
+    /// Delivers until every item has an outcome. `unknown_since` is set when an earlier attempt
+    /// (in this process or, through the ledger, a previous one) may have reached the provider.
+    pub async fn deliver(
+        &self,
+        delivery: Delivery,
+        mut unknown_since: Option<DateTime<Utc>>,
+    ) -> Vec<ItemOutcome> {
+        let sink_name = self.sink.name();
+        let mut outcomes: Vec<Option<ItemOutcome>> = vec![None; delivery.items.len()];
+        // Items still to deliver, as indexes into `delivery.items`.
+        let mut open: Vec<usize> = (0..delivery.items.len()).collect();
+        let mut current = delivery.clone();
+        let mut backoff = Backoff::new(&self.retry);
+        while !open.is_empty() {
+            if let Some(since) = unknown_since {
+                match self.sink.reconcile(&current, since).await {
+                    Ok(Reconciled::Found { receipt }) => {
+                        metrics::counter!("meterflow_reconciliations_total", "result" => "found")
+                            .increment(1);
+                        tracing::info!(delivery_key = %current.key, %receipt, "reconciled: the provider already has this delivery; not re-sending");
+                        for &i in &open {
+                            outcomes[i] = Some(ItemOutcome::AlreadyDelivered {
+                                receipt: receipt.clone(),
+                            });
+                        }
+                        break;
+                    }
+                    Ok(Reconciled::NotFound) => {
+                        metrics::counter!("meterflow_reconciliations_total", "result" => "not_found")
+                            .increment(1);
+                        tracing::info!(delivery_key = %current.key, "reconciled: not at the provider; sending");
+                        unknown_since = None;
+                    }
+                    Err(detail) => {
+                        metrics::counter!("meterflow_reconciliations_total", "result" => "error")
+                            .increment(1);
+                        let wait = backoff.next_delay();
+                        tracing::warn!(delivery_key = %current.key, %detail, retry_in_ms = wait.as_millis() as u64, "reconciliation failed; will look again before re-sending");
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                }
+            }
+            self.limiter.until_ready().await;
+            let sent_at = Utc::now();
+            let (attempt, signals) = self.sink.send(&current).await;
+            let throttled = matches!(
+                attempt,
+                Attempt::Retry {
+                    cause: RetryCause::Throttled,
+                    ..
+                }
+            );
+            self.limiter.observe(&signals, throttled);
+            match attempt {
+                Attempt::Accepted { receipt } => {
+                    for &i in &open {
+                        outcomes[i] = Some(ItemOutcome::Delivered {
+                            receipt: receipt.clone(),
+                        });
+                    }
+                    open.clear();
+                }
+                Attempt::Rejected {
+                    items,
+                    provider_answer,
+                } => {
+                    if items.is_empty() {
+                        // A refusal that names nothing applies to every item.
+                        for &i in &open {
+                            outcomes[i] = Some(ItemOutcome::DeadLetter {
+                                rejection: crate::event::Rejection::new(
+                                    crate::event::RejectReason::ProviderRejected,
+                                    provider_answer.clone(),
+                                ),
+                                provider_answer: Some(provider_answer.clone()),
+                            });
+                        }
+                        open.clear();
+                        continue;
+                    }
+                    for (local, rejection) in items {
+                        if let Some(&i) = open.get(local) {
+                            outcomes[i] = Some(ItemOutcome::DeadLetter {
+                                rejection,
+                                provider_answer: Some(provider_answer.clone()),
+                            });
+                        }
+                    }
+                    // Re-send the rest (all-or-nothing batches refuse good events with bad ones).
+                    open.retain(|&i| outcomes[i].is_none());
+                    current = Delivery {
+                        key: current.key.clone(),
+                        items: open.iter().map(|&i| delivery.items[i].clone()).collect(),
+                    };
+                }
+                Attempt::Retry {
+                    cause,
+                    outcome_unknown,
+                    detail,
+                } => {
+                    metrics::counter!("meterflow_retries_total", "sink" => sink_name, "cause" => cause.as_str())
+                        .increment(1);
+                    if outcome_unknown && unknown_since.is_none() {
+                        unknown_since = Some(sent_at);
+                    }
+                    let event_ids: Vec<&str> = current
+                        .items
+                        .iter()
+                        .take(5)
+                        .map(|i| i.usage.event_id.as_str())
+                        .collect();
+                    match cause {
+                        // The gate (closed by observe) is the wait: no per-request backoff.
+                        RetryCause::Throttled => {
+                            tracing::debug!(delivery_key = %current.key, ?event_ids, "throttled; retrying after the sink-wide pause");
+                        }
+                        RetryCause::Unauthorized => {
+                            // Never a loop on bad credentials: pause every sender for the longest
+                            // backoff.
+                            let pause = self.retry.max_backoff;
+                            self.limiter
+                                .gate()
+                                .close_until(tokio::time::Instant::now() + pause);
+                            tracing::error!(delivery_key = %current.key, %detail, pause_s = pause.as_secs(), "provider refused our credentials; all senders pause");
+                        }
+                        _ => {
+                            let wait = backoff.next_delay();
+                            tracing::warn!(
+                                delivery_key = %current.key,
+                                ?event_ids,
+                                cause = cause.as_str(),
+                                outcome_unknown,
+                                attempt = backoff.attempts(),
+                                retry_in_ms = wait.as_millis() as u64,
+                                %detail,
+                                "delivery failed; will retry"
+                            );
+                            tokio::time::sleep(wait).await;
+                        }
+                    }
+                }
+            }
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.expect("every item has an outcome when the loop ends"))
+            .collect()
+    }
+}

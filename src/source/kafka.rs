@@ -1,0 +1,456 @@
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use crate::ack::watermark::Watermarks;
+use crate::event::{RawMessage, SourceRef};
+
+/// What the source needs to know beyond the librdkafka properties.
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    pub brokers: String,
+    pub group_id: String,
+    pub topics: Vec<String>,
+    pub session_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub commit_interval: Duration,
+    /// Events read but not settled; at this many the partitions are paused.
+    pub max_in_flight: usize,
+    /// Pass-through librdkafka properties; they win over meterflow's defaults.
+    pub properties: Vec<(String, String)>,
+}
+
+/// State shared between the consumer thread, its rebalance callbacks and the acknowledger.
+pub(crate) struct Shared {
+    pub(crate) watermarks: Mutex<Watermarks>,
+    /// Events read and not yet settled (all partitions).
+    pub(crate) in_flight: AtomicUsize,
+    /// While true (the sink-wide 429 gate is closed), partitions stay paused.
+    pub(crate) hold: AtomicBool,
+    pub(crate) shutdown: AtomicBool,
+    generation: AtomicU64,
+    drain_timeout: Duration,
+    /// Assigned partitions; readiness and lag metrics read it.
+    pub(crate) assigned: Mutex<HashMap<(String, i32), u64>>,
+}
+
+impl Shared {
+    fn wait_drained(&self, partitions: &[(String, i32)], deadline: Instant) -> usize {
+        loop {
+            let pending: usize = {
+                let w = self.watermarks.lock().unwrap();
+                partitions.iter().map(|(t, p)| w.pending_in(t, *p)).sum()
+            };
+            if pending == 0 || Instant::now() >= deadline {
+                return pending;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+pub(crate) struct SourceContext {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for SourceContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => tracing::error!(target: "librdkafka", fac, "{log_message}"),
+            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, "{log_message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", fac, "{log_message}")
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", fac, "{log_message}"),
+        }
+    }
+}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let mut w = self.shared.watermarks.lock().unwrap();
+                let mut assigned = self.shared.assigned.lock().unwrap();
+                for e in tpl.elements() {
+                    let generation = self.shared.generation.fetch_add(1, Ordering::Relaxed) + 1;
+                    w.assign(e.topic(), e.partition(), generation);
+                    assigned.insert((e.topic().to_string(), e.partition()), generation);
+                    tracing::info!(
+                        topic = e.topic(),
+                        partition = e.partition(),
+                        "partition assigned"
+                    );
+                }
+                metrics::gauge!("meterflow_assigned_partitions").set(assigned.len() as f64);
+            }
+            Rebalance::Revoke(tpl) => {
+                let partitions: Vec<(String, i32)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect();
+                self.drain_and_release(consumer, &partitions);
+            }
+            Rebalance::Error(e) => tracing::error!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+impl SourceContext {
+    /// Waits (bounded by the drain timeout) for the partitions' in-flight events to settle,
+    /// stores and commits their final positions, and forgets them. Whatever is still unsettled
+    /// at the deadline is redelivered to the next owner (the ledger keeps that from billing twice).
+    fn drain_and_release(&self, consumer: &BaseConsumer<Self>, partitions: &[(String, i32)]) {
+        let deadline = Instant::now() + self.shared.drain_timeout;
+        let unsettled = self.shared.wait_drained(partitions, deadline);
+        let mut tpl = TopicPartitionList::new();
+        {
+            let mut w = self.shared.watermarks.lock().unwrap();
+            let mut assigned = self.shared.assigned.lock().unwrap();
+            for (topic, partition) in partitions {
+                if let Some(mark) = w.revoke(topic, *partition) {
+                    if let Some(position) = mark.committable() {
+                        let _ =
+                            tpl.add_partition_offset(topic, *partition, Offset::Offset(position));
+                    }
+                    let abandoned = mark.pending_count();
+                    if abandoned > 0 {
+                        self.shared.in_flight.fetch_sub(abandoned, Ordering::AcqRel);
+                    }
+                }
+                assigned.remove(&(topic.clone(), *partition));
+            }
+            metrics::gauge!("meterflow_assigned_partitions").set(assigned.len() as f64);
+        }
+        if tpl.count() > 0 {
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+                tracing::warn!(error = %e, "commit on revoke failed; the next owner may redeliver (the ledger deduplicates)");
+            }
+        }
+        tracing::info!(
+            partitions = ?partitions,
+            unsettled_at_deadline = unsettled,
+            "partitions released"
+        );
+    }
+}
+
+pub type SourceConsumer = BaseConsumer<SourceContext>;
+
+/// A running Kafka source.
+pub struct KafkaSource {
+    thread: Option<JoinHandle<()>>,
+    handle: SourceHandle,
+}
+
+/// What the rest of the pipeline holds: settle offsets, hold or release the partitions, stop.
+#[derive(Clone)]
+pub struct SourceHandle {
+    shared: Arc<Shared>,
+    consumer: Arc<SourceConsumer>,
+}
+
+impl KafkaSource {
+    /// Joins the group and starts reading; messages arrive on the returned channel.
+    pub fn start(
+        options: SourceOptions,
+    ) -> Result<(KafkaSource, mpsc::Receiver<RawMessage>), KafkaError> {
+        let shared = Arc::new(Shared {
+            watermarks: Mutex::new(Watermarks::new()),
+            in_flight: AtomicUsize::new(0),
+            hold: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+            drain_timeout: options.drain_timeout,
+            assigned: Mutex::new(HashMap::new()),
+        });
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &options.brokers)
+            .set("group.id", &options.group_id)
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            // Offsets are stored only when the contiguous watermark moves.
+            .set("enable.auto.offset.store", "false")
+            .set("enable.auto.commit", "true")
+            .set(
+                "auto.commit.interval.ms",
+                options.commit_interval.as_millis().to_string(),
+            )
+            .set("auto.offset.reset", "earliest")
+            .set(
+                "session.timeout.ms",
+                options.session_timeout.as_millis().to_string(),
+            )
+            // Bound the prefetch buffer: memory is the in-flight budget, not librdkafka's 64 MiB.
+            .set("queued.max.messages.kbytes", "16384")
+            .set("fetch.wait.max.ms", "100")
+            .set_log_level(RDKafkaLogLevel::Warning);
+        for (k, v) in &options.properties {
+            config.set(k, v);
+        }
+        let consumer: SourceConsumer = config.create_with_context(SourceContext {
+            shared: shared.clone(),
+        })?;
+        let topics: Vec<&str> = options.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        let consumer = Arc::new(consumer);
+        let (tx, rx) = mpsc::channel(4096);
+        let handle = SourceHandle {
+            shared: shared.clone(),
+            consumer: consumer.clone(),
+        };
+        let max_in_flight = options.max_in_flight.max(1);
+        let thread = std::thread::Builder::new()
+            .name("kafka-source".into())
+            .spawn(move || consume_loop(consumer, shared, tx, max_in_flight))
+            .expect("spawn kafka-source thread");
+        Ok((
+            KafkaSource {
+                thread: Some(thread),
+                handle,
+            },
+            rx,
+        ))
+    }
+
+    pub fn handle(&self) -> SourceHandle {
+        self.handle.clone()
+    }
+
+    /// Stops fetching, waits up to the drain timeout for in-flight events to settle, commits
+    /// the settled positions and leaves the group.
+    pub fn shutdown(mut self) {
+        self.handle.shared.shutdown.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for KafkaSource {
+    fn drop(&mut self) {
+        self.handle.shared.shutdown.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl SourceHandle {
+    /// Settles one event: when its partition's watermark moves, the new position is stored for
+    /// the next commit.
+    pub fn settle(&self, source: &SourceRef, generation: u64) {
+        // The store happens under the watermark lock so that two settlements racing on one
+        // partition can never store positions out of order.
+        let mut w = self.shared.watermarks.lock().unwrap();
+        let Some(moved) = w.settle(&source.topic, source.partition, generation, source.offset)
+        else {
+            return;
+        };
+        self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if let Some(position) = moved {
+            self.store(&source.topic, source.partition, position);
+        }
+    }
+
+    fn store(&self, topic: &str, partition: i32, position: i64) {
+        let mut tpl = TopicPartitionList::new();
+        if tpl
+            .add_partition_offset(topic, partition, Offset::Offset(position))
+            .is_err()
+        {
+            return;
+        }
+        match self.consumer.store_offsets(&tpl) {
+            Ok(()) => {
+                metrics::gauge!("meterflow_committed_offset", "topic" => topic.to_string(), "partition" => partition.to_string())
+                    .set(position as f64);
+            }
+            // Revoked meanwhile: the new owner redelivers from its committed position.
+            Err(KafkaError::StoreOffset(RDKafkaErrorCode::State)) => {
+                tracing::debug!(
+                    topic,
+                    partition,
+                    position,
+                    "offset store for a revoked partition dropped"
+                );
+            }
+            Err(e) => tracing::warn!(topic, partition, position, error = %e, "offset store failed"),
+        }
+    }
+
+    /// Keeps the partitions paused (the sink-wide 429 gate is closed) or lets them go.
+    pub fn hold(&self, hold: bool) {
+        self.shared.hold.store(hold, Ordering::Release);
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::Acquire)
+    }
+
+    pub fn assigned_partitions(&self) -> usize {
+        self.shared.assigned.lock().unwrap().len()
+    }
+
+    /// Asks the consumer thread to drain and stop (same as [`KafkaSource::shutdown`], without
+    /// joining).
+    pub fn request_shutdown(&self) {
+        self.shared.shutdown.store(true, Ordering::Release);
+    }
+}
+
+fn consume_loop(
+    consumer: Arc<SourceConsumer>,
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<RawMessage>,
+    max_in_flight: usize,
+) {
+    let resume_below = max_in_flight / 2;
+    let mut paused = false;
+    let mut last_lag_report = Instant::now();
+    while !shared.shutdown.load(Ordering::Acquire) {
+        let in_flight = shared.in_flight.load(Ordering::Acquire);
+        let hold = shared.hold.load(Ordering::Acquire);
+        if !paused && (in_flight >= max_in_flight || hold) {
+            paused = set_paused(&consumer, true);
+        } else if paused && in_flight <= resume_below && !hold {
+            paused = !set_paused(&consumer, false);
+        } else if paused {
+            // Partitions assigned while paused start paused too.
+            set_paused(&consumer, true);
+        }
+        match consumer.poll(Duration::from_millis(50)) {
+            None => {}
+            Some(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
+            Some(Ok(m)) => {
+                let topic = m.topic().to_string();
+                let partition = m.partition();
+                let offset = m.offset();
+                let generation = {
+                    let assigned = shared.assigned.lock().unwrap();
+                    assigned.get(&(topic.clone(), partition)).copied()
+                };
+                let Some(generation) = generation else {
+                    continue;
+                };
+                let raw = RawMessage {
+                    source: SourceRef {
+                        topic,
+                        partition,
+                        offset,
+                    },
+                    key: m.key().map(bytes::Bytes::copy_from_slice),
+                    payload: bytes::Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+                    headers: m
+                        .headers()
+                        .map(|hs| {
+                            hs.iter()
+                                .map(|h| {
+                                    (
+                                        h.key.to_string(),
+                                        bytes::Bytes::copy_from_slice(h.value.unwrap_or_default()),
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    generation,
+                };
+                let tracked = shared.watermarks.lock().unwrap().track(
+                    &raw.source.topic,
+                    partition,
+                    generation,
+                    offset,
+                );
+                if !tracked {
+                    continue;
+                }
+                shared.in_flight.fetch_add(1, Ordering::AcqRel);
+                metrics::counter!("meterflow_events_consumed_total", "topic" => raw.source.topic.clone()).increment(1);
+                if tx.blocking_send(raw).is_err() {
+                    break;
+                }
+            }
+        }
+        if last_lag_report.elapsed() >= Duration::from_secs(5) {
+            last_lag_report = Instant::now();
+            report_lag(&consumer);
+        }
+        metrics::gauge!("meterflow_in_flight_events")
+            .set(shared.in_flight.load(Ordering::Relaxed) as f64);
+    }
+    // Shutdown: drain everything still assigned, commit, leave the group.
+    let partitions: Vec<(String, i32)> = shared.assigned.lock().unwrap().keys().cloned().collect();
+    consumer.context().drain_and_release(&consumer, &partitions);
+    consumer.unsubscribe();
+    // Serve the final rebalance callbacks of leaving the group.
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < deadline {
+        consumer.poll(Duration::from_millis(50));
+    }
+}
+
+fn set_paused(consumer: &SourceConsumer, pause: bool) -> bool {
+    let Ok(assignment) = consumer.assignment() else {
+        return false;
+    };
+    if assignment.count() == 0 {
+        return false;
+    }
+    let result = if pause {
+        consumer.pause(&assignment)
+    } else {
+        consumer.resume(&assignment)
+    };
+    match result {
+        Ok(()) => {
+            metrics::gauge!("meterflow_partitions_paused").set(if pause {
+                assignment.count() as f64
+            } else {
+                0.0
+            });
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, pause, "pause/resume failed");
+            false
+        }
+    }
+}
+
+fn report_lag(consumer: &SourceConsumer) {
+    let Ok(assignment) = consumer.assignment() else {
+        return;
+    };
+    let Ok(positions) = consumer.position() else {
+        return;
+    };
+    for e in assignment.elements() {
+        let Ok((_, high)) =
+            consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_millis(200))
+        else {
+            continue;
+        };
+        let position = positions
+            .find_partition(e.topic(), e.partition())
+            .and_then(|p| p.offset().to_raw())
+            .filter(|o| *o >= 0);
+        if let Some(position) = position {
+            metrics::gauge!("meterflow_consumer_lag", "topic" => e.topic().to_string(), "partition" => e.partition().to_string())
+                .set((high - position).max(0) as f64);
+        }
+    }
+}
