@@ -1,0 +1,187 @@
+//! The delivery ledger: what was sent under which delivery key, so that a restart or a
+//! rebalance neither loses nor double-bills an event.
+//!
+//! Before a request: claim the key ("sending since T"). After a 2xx: "delivered as usage U".
+//! A redelivered event finds its key: delivered → settle without sending; sending → the outcome
+//! is unknown → reconcile with the provider before anything is re-sent; absent → send.
+//!
+//! One SQL dialect for both stores (sqlx `Any`): an SQLite file by default, PostgreSQL when
+//! several replicas share the consumer group. Writes are group-committed by one task so a busy
+//! pipeline pays one transaction per group, not per event.
+
+mod store;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::event::{DeliveryKey, SourceRef};
+pub use store::LedgerStore;
+
+/// What the ledger knows of a delivery key at claim time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// New: this caller sends it.
+    Claimed,
+    Delivered {
+        receipt: String,
+    },
+    /// The provider refused it for good; the answer is kept.
+    Rejected {
+        answer: String,
+    },
+    /// Someone (a dead process, or another replica) was sending it; the outcome is unknown.
+    Sending {
+        first_sent_at: DateTime<Utc>,
+        updated_at_ms: i64,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("ledger database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("ledger writer stopped")]
+    Stopped,
+}
+
+pub(crate) enum Op {
+    Claim {
+        key: DeliveryKey,
+        events: usize,
+        reply: oneshot::Sender<Result<Claim, LedgerError>>,
+    },
+    /// Compare-and-set on `updated_at`: refreshes our claim before an attempt, or takes over a
+    /// claim whose lease ran out. False when someone else moved it meanwhile.
+    Touch {
+        key: DeliveryKey,
+        expected_updated_at_ms: i64,
+        reply: oneshot::Sender<Result<Option<i64>, LedgerError>>,
+    },
+    Finish {
+        key: DeliveryKey,
+        delivered: bool,
+        receipt: String,
+    },
+    DeadLettered {
+        source: SourceRef,
+        reply: oneshot::Sender<Result<(), LedgerError>>,
+    },
+    IsDeadLettered {
+        source: SourceRef,
+        reply: oneshot::Sender<Result<bool, LedgerError>>,
+    },
+}
+
+/// The ledger as the pipeline uses it.
+#[derive(Clone)]
+pub struct Ledger {
+    ops: mpsc::UnboundedSender<Op>,
+    /// How long a "sending" claim by someone else must be left alone before taking it over.
+    lease: Duration,
+    /// Keys being delivered by this process right now.
+    local: Arc<Mutex<HashSet<DeliveryKey>>>,
+}
+
+impl Ledger {
+    /// Opens (creating if needed) the ledger at `url` and starts its writer task.
+    pub async fn open(url: &str, lease: Duration) -> Result<Ledger, LedgerError> {
+        let store = LedgerStore::connect(url).await?;
+        Ok(Self::start(store, lease))
+    }
+
+    pub fn start(store: LedgerStore, lease: Duration) -> Ledger {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(store::writer(store, rx));
+        Ledger {
+            ops: tx,
+            lease,
+            local: Arc::new(Mutex::new(HashSet::new())),
+        }
+    }
+
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, LedgerError>>) -> Op,
+    ) -> Result<T, LedgerError> {
+        let (tx, rx) = oneshot::channel();
+        self.ops.send(make(tx)).map_err(|_| LedgerError::Stopped)?;
+        rx.await.map_err(|_| LedgerError::Stopped)?
+    }
+
+    pub async fn claim(&self, key: &DeliveryKey, events: usize) -> Result<Claim, LedgerError> {
+        self.call(|reply| Op::Claim {
+            key: key.clone(),
+            events,
+            reply,
+        })
+        .await
+    }
+
+    /// Moves `updated_at` from `expected` to now; `None` when the row moved meanwhile.
+    pub async fn touch(
+        &self,
+        key: &DeliveryKey,
+        expected_updated_at_ms: i64,
+    ) -> Result<Option<i64>, LedgerError> {
+        self.call(|reply| Op::Touch {
+            key: key.clone(),
+            expected_updated_at_ms,
+            reply,
+        })
+        .await
+    }
+
+    /// Records the final outcome (not awaited: the offset protects the event until then, and a
+    /// lost "delivered" only costs a reconciliation after a crash).
+    pub fn finish(&self, key: &DeliveryKey, delivered: bool, receipt: String) {
+        let _ = self.ops.send(Op::Finish {
+            key: key.clone(),
+            delivered,
+            receipt,
+        });
+    }
+
+    pub async fn dead_lettered(&self, source: &SourceRef) -> Result<(), LedgerError> {
+        self.call(|reply| Op::DeadLettered {
+            source: source.clone(),
+            reply,
+        })
+        .await
+    }
+
+    pub async fn is_dead_lettered(&self, source: &SourceRef) -> Result<bool, LedgerError> {
+        self.call(|reply| Op::IsDeadLettered {
+            source: source.clone(),
+            reply,
+        })
+        .await
+    }
+
+    /// Marks a key as being delivered by this process; false when it already is.
+    pub fn enter_local(&self, key: &DeliveryKey) -> bool {
+        let inserted = self.local.lock().unwrap().insert(key.clone());
+        metrics::gauge!("meterflow_ledger_in_flight").set(self.local.lock().unwrap().len() as f64);
+        inserted
+    }
+
+    pub fn leave_local(&self, key: &DeliveryKey) {
+        self.local.lock().unwrap().remove(key);
+        metrics::gauge!("meterflow_ledger_in_flight").set(self.local.lock().unwrap().len() as f64);
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+pub(crate) fn from_ms(ms: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(ms).single().unwrap_or_else(Utc::now)
+}
