@@ -291,7 +291,9 @@ def check_value(where: str, field: str, ty: str, value) -> None:
         problem(where, f"{value!r} is not a {ty}")
 
 
-def duration_seconds(text: str) -> float:
+def duration_seconds(text) -> float:
+    """Seconds in a humantime string; a malformed value (reported elsewhere) counts as 0."""
+    text = str(text)
     units = {"ms": 0.001, "msec": 0.001, "s": 1, "sec": 1, "second": 1, "seconds": 1, "m": 60,
              "min": 60, "minute": 60, "minutes": 60, "h": 3600, "hr": 3600, "hour": 3600, "hours": 3600}
     total = 0.0
