@@ -136,6 +136,24 @@ for p in walk_panels(dashboard.get("panels", [])):
             check_promql(f"{dash_path.relative_to(ROOT)} panel {p.get('title')!r}", t["expr"])
         if p.get("type") != "row" and t.get("datasource", p.get("datasource", {})).get("uid") != "${datasource}":
             problem(str(dash_path.relative_to(ROOT)), f"panel {p.get('title')!r} does not use the $datasource variable")
+# Layout: panels inside the 24-column grid, none on top of another, unique ids.
+cells: dict[tuple[int, int], str] = {}
+ids = [p.get("id") for p in walk_panels(dashboard.get("panels", []))]
+if len(ids) != len(set(ids)):
+    problem(str(dash_path.relative_to(ROOT)), "panel ids are not unique")
+for p in walk_panels(dashboard.get("panels", [])):
+    g = p.get("gridPos", {})
+    if g.get("x", 0) + g.get("w", 0) > 24:
+        problem(str(dash_path.relative_to(ROOT)), f"panel {p.get('title')!r} is wider than the grid")
+    for cx in range(g.get("x", 0), g.get("x", 0) + g.get("w", 0)):
+        for cy in range(g.get("y", 0), g.get("y", 0) + g.get("h", 0)):
+            if (cx, cy) in cells:
+                problem(str(dash_path.relative_to(ROOT)), f"panel {p.get('title')!r} overlaps {cells[(cx, cy)]!r}")
+                break
+            cells[(cx, cy)] = p.get("title")
+        else:
+            continue
+        break
 variables = {v["name"]: v for v in dashboard.get("templating", {}).get("list", [])}
 if variables.get("datasource", {}).get("type") != "datasource":
     problem(str(dash_path.relative_to(ROOT)), "no datasource variable named 'datasource'")
