@@ -15,9 +15,10 @@ use crate::config::{Config, SinkKind};
 use crate::decode::EventDecoder;
 use crate::deliver::billwerk::BillwerkSink;
 use crate::deliver::ratelimit::RateLimiter;
-use crate::deliver::runner::DeliveryRunner;
+use crate::ack::ledger::{Claim, Ledger, LedgerStore};
+use crate::deliver::runner::{AttemptGuard, DeliveryRunner};
 use crate::deliver::{Delivery, DeliveryItem, ItemOutcome, Sink};
-use crate::event::{RawMessage, Rejection};
+use crate::event::{DeliveryKey, RawMessage, RejectReason, Rejection};
 use crate::pricing::PriceBook;
 use crate::source::{KafkaSource, SourceHandle, SourceOptions};
 
@@ -45,9 +46,38 @@ impl RunStats {
 struct Stages {
     runner: DeliveryRunner,
     dead_letters: DeadLetterWriter,
+    ledger: Option<Ledger>,
     source: SourceHandle,
     stats: Arc<RunStats>,
     per_contract_metrics: bool,
+}
+
+/// The lease on a claimed delivery key, renewed (compare-and-set) before every re-send.
+struct LedgerLease<'a> {
+    ledger: &'a Ledger,
+    key: &'a DeliveryKey,
+    updated_at_ms: std::sync::Mutex<i64>,
+}
+
+impl AttemptGuard for LedgerLease<'_> {
+    fn may_send(&self) -> futures::future::BoxFuture<'_, bool> {
+        Box::pin(async move {
+            let expected = *self.updated_at_ms.lock().unwrap();
+            loop {
+                match self.ledger.touch(self.key, expected).await {
+                    Ok(Some(next)) => {
+                        *self.updated_at_ms.lock().unwrap() = next;
+                        return true;
+                    }
+                    Ok(None) => return false,
+                    Err(e) => {
+                        tracing::error!(error = %e, delivery_key = %self.key, "ledger unavailable; not sending until it answers");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        })
+    }
 }
 
 /// Runs the pipeline until `shutdown` resolves, then drains and returns.
@@ -96,6 +126,7 @@ pub async fn run(
         properties,
     })?;
     let source_handle = source.handle();
+    let ledger = open_ledger(&config).await?;
 
     // A closed 429 gate pauses the partitions instead of buffering.
     let mut gate = limiter.gate().subscribe();
@@ -113,6 +144,7 @@ pub async fn run(
     let stages = Arc::new(Stages {
         runner: DeliveryRunner::new(sink, limiter.clone(), config.retry.clone()),
         dead_letters,
+        ledger,
         source: source_handle.clone(),
         stats: stats.clone(),
         per_contract_metrics: config.admin.per_contract_metrics,
@@ -142,7 +174,10 @@ pub async fn run(
                     }
                     Err(rejection) => {
                         let stages = stages.clone();
-                        tasks.spawn(async move { stages.dead_letter(&raw, &rejection, None, None).await });
+                        tasks.spawn(async move {
+                            stages.dead_letter(&raw, &rejection, None, None).await;
+                            stages.source.settle(&raw.source, raw.generation);
+                        });
                     }
                 }
             }
@@ -186,6 +221,39 @@ pub async fn run(
     Ok(())
 }
 
+/// `[ledger] url`: SQLite (single replica: no lease needed, a "sending" entry can only be a
+/// dead process's), PostgreSQL (several replicas: leave another owner's claim alone for one
+/// request timeout plus a margin), or `none`.
+async fn open_ledger(config: &Config) -> anyhow::Result<Option<Ledger>> {
+    let url = config.ledger.url.trim();
+    if url.is_empty() || url == "none" {
+        tracing::warn!("delivery ledger disabled: a crash after a delivery may bill it twice");
+        return Ok(None);
+    }
+    let lease = if url.starts_with("sqlite:") {
+        Duration::ZERO
+    } else {
+        config.sink.request_timeout + Duration::from_secs(5)
+    };
+    let store = LedgerStore::connect(url)
+        .await
+        .map_err(|e| anyhow::anyhow!("ledger.url: cannot open the delivery ledger: {e}"))?;
+    let retention = config.ledger.retention;
+    let pruner = store.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            every.tick().await;
+            match pruner.prune(retention).await {
+                Ok(n) if n > 0 => tracing::info!(pruned = n, "ledger entries past retention removed"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "ledger pruning failed"),
+            }
+        }
+    });
+    Ok(Some(Ledger::start(store, lease)))
+}
+
 fn grouping_for(config: &Config) -> Grouping {
     match config.sink.kind {
         SinkKind::Billingrails => Grouping::Batches {
@@ -220,7 +288,22 @@ impl Stages {
     async fn deliver(&self, delivery: Delivery) {
         let key = delivery.key.clone();
         let items = delivery.items.clone();
-        let outcomes = self.runner.deliver(delivery, None).await;
+        let outcomes = match &self.ledger {
+            None => self.runner.deliver(delivery, None, None).await,
+            Some(ledger) => {
+                // One task per key in this process (a partition revoked and re-assigned can
+                // bring the same events back while the first task still runs).
+                while !ledger.enter_local(&key) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let outcomes = self.deliver_with_ledger(ledger, delivery).await;
+                ledger.leave_local(&key);
+                outcomes
+            }
+        };
+        // Another owner took the delivery over: its events are theirs to settle.
+        let Some(outcomes) = outcomes else { return };
+        let mut final_state: Option<(bool, String)> = None;
         for (item, outcome) in items.iter().zip(outcomes) {
             match outcome {
                 ItemOutcome::Delivered { receipt } => {
@@ -238,11 +321,10 @@ impl Stages {
                         %receipt,
                         "delivered"
                     );
+                    final_state = Some((true, receipt));
                 }
                 ItemOutcome::AlreadyDelivered { receipt } => {
                     self.stats.already_delivered.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!("meterflow_events_deduplicated_total", "source" => "reconciliation")
-                        .increment(1);
                     tracing::info!(
                         event_id = %item.usage.event_id,
                         partition = item.raw.source.partition,
@@ -251,11 +333,15 @@ impl Stages {
                         %receipt,
                         "already delivered; settled without re-sending"
                     );
+                    final_state = Some((true, receipt));
                 }
                 ItemOutcome::DeadLetter {
                     rejection,
                     provider_answer,
                 } => {
+                    if final_state.is_none() {
+                        final_state = Some((false, provider_answer.clone().unwrap_or_default()));
+                    }
                     self.dead_letter(
                         &item.raw,
                         &rejection,
@@ -263,20 +349,108 @@ impl Stages {
                         Some((&item.usage.event_id, &key)),
                     )
                     .await;
-                    continue;
                 }
             }
+        }
+        // Written after every dead letter of the delivery is durable: a "delivered" entry must
+        // never hide an item that still owed its dead letter.
+        if let (Some(ledger), Some((delivered, receipt))) = (&self.ledger, final_state) {
+            ledger.finish(&key, delivered, receipt);
+        }
+        for item in &items {
             self.source.settle(&item.raw.source, item.raw.generation);
         }
     }
 
+    /// Claim the key, then: delivered → settle; rejected → dead-letter; sending (unknown
+    /// outcome) → wait out the other owner's lease, take over, reconcile before re-sending.
+    async fn deliver_with_ledger(
+        &self,
+        ledger: &Ledger,
+        delivery: Delivery,
+    ) -> Option<Vec<ItemOutcome>> {
+        let n = delivery.items.len();
+        loop {
+            let claim = match ledger.claim(&delivery.key, n).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, delivery_key = %delivery.key, "ledger unavailable; not sending until it answers");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let (updated_at_ms, unknown_since) = match claim {
+                Claim::Claimed { updated_at_ms } => (updated_at_ms, None),
+                Claim::Delivered { receipt } => {
+                    metrics::counter!("meterflow_events_deduplicated_total", "source" => "ledger")
+                        .increment(n as u64);
+                    return Some(vec![ItemOutcome::AlreadyDelivered { receipt }; n]);
+                }
+                Claim::Rejected { answer } => {
+                    let rejection = Rejection::new(
+                        RejectReason::ProviderRejected,
+                        format!("refused earlier by the provider: {answer}"),
+                    );
+                    return Some(vec![
+                        ItemOutcome::DeadLetter {
+                            rejection,
+                            provider_answer: Some(answer),
+                        };
+                        n
+                    ]);
+                }
+                Claim::Sending {
+                    first_sent_at,
+                    updated_at_ms,
+                } => {
+                    let lease_end = updated_at_ms + ledger.lease().as_millis() as i64;
+                    let now = crate::ack::ledger::now_ms();
+                    if now < lease_end {
+                        // Another replica may still be sending it: wait out its lease.
+                        let wait = Duration::from_millis((lease_end - now).min(1000) as u64);
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                    match ledger.touch(&delivery.key, updated_at_ms).await {
+                        Ok(Some(next)) => {
+                            tracing::info!(delivery_key = %delivery.key, %first_sent_at, "outcome of an earlier send unknown; reconciling before re-sending");
+                            (next, Some(first_sent_at))
+                        }
+                        Ok(None) | Err(_) => continue,
+                    }
+                }
+            };
+            let lease = LedgerLease {
+                ledger,
+                key: &delivery.key,
+                updated_at_ms: std::sync::Mutex::new(updated_at_ms),
+            };
+            return self
+                .runner
+                .deliver(delivery.clone(), unknown_since, Some(&lease))
+                .await;
+        }
+    }
+
+    /// Writes the dead letter (once: the ledger remembers it by source coordinates), then
+    /// settles the event.
     async fn dead_letter(
         &self,
         raw: &RawMessage,
         rejection: &Rejection,
         provider_answer: Option<&str>,
-        ids: Option<(&String, &crate::event::DeliveryKey)>,
+        ids: Option<(&String, &DeliveryKey)>,
     ) {
+        if let Some(ledger) = &self.ledger {
+            if ledger.is_dead_lettered(&raw.source).await.unwrap_or(false) {
+                tracing::info!(
+                    partition = raw.source.partition,
+                    offset = raw.source.offset,
+                    "dead letter already written before a restart; not writing it twice"
+                );
+                return;
+            }
+        }
         self.dead_letters
             .write(DeadLetter {
                 raw,
@@ -286,8 +460,13 @@ impl Stages {
                 delivery_key: ids.map(|(_, k)| k),
             })
             .await;
+        if let Some(ledger) = &self.ledger {
+            while let Err(e) = ledger.dead_lettered(&raw.source).await {
+                tracing::error!(error = %e, "ledger unavailable; retrying the dead-letter record");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        self.source.settle(&raw.source, raw.generation);
     }
 }
 

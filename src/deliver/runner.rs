@@ -6,10 +6,18 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
+use futures::future::BoxFuture;
+
 use crate::config::RetryConfig;
 use crate::deliver::ratelimit::RateLimiter;
 use crate::deliver::retry::Backoff;
 use crate::deliver::{Attempt, Delivery, ItemOutcome, Reconciled, RetryCause, Sink};
+
+/// Asked before every re-send: may this process still send? (The ledger's lease: another
+/// replica may have taken the delivery over.)
+pub trait AttemptGuard: Send + Sync {
+    fn may_send(&self) -> BoxFuture<'_, bool>;
+}
 
 pub struct DeliveryRunner {
     sink: Arc<dyn Sink>,
@@ -36,11 +44,14 @@ impl DeliveryRunner {
 
     /// Delivers until every item has an outcome. `unknown_since` is set when an earlier attempt
     /// (in this process or, through the ledger, a previous one) may have reached the provider.
+    /// `None` when the guard said another owner took the delivery over.
     pub async fn deliver(
         &self,
         delivery: Delivery,
         mut unknown_since: Option<DateTime<Utc>>,
-    ) -> Vec<ItemOutcome> {
+        guard: Option<&dyn AttemptGuard>,
+    ) -> Option<Vec<ItemOutcome>> {
+        let mut first_attempt = true;
         let sink_name = self.sink.name();
         let mut outcomes: Vec<Option<ItemOutcome>> = vec![None; delivery.items.len()];
         // Items still to deliver, as indexes into `delivery.items`.
@@ -48,6 +59,15 @@ impl DeliveryRunner {
         let mut current = delivery.clone();
         let mut backoff = Backoff::new(&self.retry);
         while !open.is_empty() {
+            if !first_attempt {
+                if let Some(guard) = guard {
+                    if !guard.may_send().await {
+                        tracing::warn!(delivery_key = %current.key, "another owner took this delivery over; leaving it to them");
+                        return None;
+                    }
+                }
+            }
+            first_attempt = false;
             if let Some(since) = unknown_since {
                 match self.sink.reconcile(&current, since).await {
                     Ok(Reconciled::Found { receipt }) => {
@@ -178,9 +198,11 @@ impl DeliveryRunner {
                 }
             }
         }
-        outcomes
-            .into_iter()
-            .map(|o| o.expect("every item has an outcome when the loop ends"))
-            .collect()
+        Some(
+            outcomes
+                .into_iter()
+                .map(|o| o.expect("every item has an outcome when the loop ends"))
+                .collect(),
+        )
     }
 }

@@ -24,8 +24,8 @@ pub use store::LedgerStore;
 /// What the ledger knows of a delivery key at claim time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
-    /// New: this caller sends it.
-    Claimed,
+    /// New: this caller sends it. `updated_at_ms` is the claim's lease stamp.
+    Claimed { updated_at_ms: i64 },
     Delivered {
         receipt: String,
     },

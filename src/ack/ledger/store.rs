@@ -176,7 +176,7 @@ async fn apply(
                 .await?
                 .rows_affected();
                 let claim = if inserted == 1 {
-                    Claim::Claimed
+                    Claim::Claimed { updated_at_ms: now }
                 } else {
                     let row: AnyRow = sqlx::query(
                         "SELECT state, receipt, first_sent_at, updated_at
@@ -290,7 +290,7 @@ mod tests {
     async fn claim_then_deliver_then_claim_again_is_delivered() {
         let (ledger, store, _dir) = sqlite().await;
         let k = DeliveryKey::for_event("evt_1");
-        assert_eq!(ledger.claim(&k, 1).await.unwrap(), Claim::Claimed);
+        assert!(matches!(ledger.claim(&k, 1).await.unwrap(), Claim::Claimed { .. }));
         match ledger.claim(&k, 1).await.unwrap() {
             Claim::Sending { .. } => {}
             other => panic!("a second claim must see the first: {other:?}"),
@@ -366,7 +366,7 @@ mod tests {
         };
         let ledger = Ledger::start(store, Duration::from_secs(30));
         let k = DeliveryKey::for_event(&format!("pg-{}", uuid_like()));
-        assert_eq!(ledger.claim(&k, 1).await.unwrap(), Claim::Claimed);
+        assert!(matches!(ledger.claim(&k, 1).await.unwrap(), Claim::Claimed { .. }));
         let Claim::Sending { updated_at_ms, .. } = ledger.claim(&k, 1).await.unwrap() else {
             panic!()
         };
