@@ -30,6 +30,9 @@ pub enum Command {
         #[arg(long)]
         connect: bool,
     },
+    /// The whole pipeline on embedded defaults: in-process Kafka, the billwerk emulator,
+    /// generated events; ends with a reconciliation table.
+    Demo(crate::demo::DemoArgs),
     /// Run a provider emulator.
     Emulate(crate::emulator::EmulateArgs),
 }

@@ -9,6 +9,7 @@ pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod decode;
+pub mod demo;
 pub mod deliver;
 pub mod emulator;
 pub mod event;

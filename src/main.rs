@@ -14,6 +14,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
+        Command::Demo(args) => runtime.block_on(meterflow::demo::run(args)),
         Command::Emulate(args) => runtime.block_on(meterflow::emulator::run(args)),
         Command::Run { config } => runtime.block_on(meterflow::service::run(&config)),
         Command::Validate { .. } => Err(anyhow::anyhow!("not yet implemented")),
