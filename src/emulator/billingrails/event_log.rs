@@ -1,0 +1,124 @@
+//! The stored events, deduplicated by their `idempotency_key`: a repeated key is accepted but not
+//! stored again, as Billingrails documents ("the server dedupes").
+
+use std::collections::HashSet;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::events::IncomingEvent;
+use crate::emulator::stats::RecordStats;
+
+/// One stored event, as `GET /_emulator/records` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BillingrailsEvent {
+    /// `evt_` and 24 hex characters, in creation order.
+    pub id: String,
+    pub event_name: String,
+    /// As sent; numbers keep their exact decimal text.
+    pub properties: Map<String, Value>,
+    /// The delivery key.
+    pub idempotency_key: Option<String>,
+    /// The event's own time (the receipt time when it carried none).
+    pub timestamp: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    Stored,
+    /// Its `idempotency_key` was already stored: accepted, not stored.
+    Duplicate,
+}
+
+#[derive(Default)]
+pub struct EventLog {
+    events: Vec<BillingrailsEvent>,
+    stored_keys: HashSet<String>,
+    duplicates_ignored: u64,
+    next_sequence: u64,
+}
+
+impl EventLog {
+    pub fn append(&mut self, event: IncomingEvent, now: DateTime<Utc>) -> Appended {
+        if let Some(key) = &event.idempotency_key {
+            if !self.stored_keys.insert(key.clone()) {
+                self.duplicates_ignored += 1;
+                return Appended::Duplicate;
+            }
+        }
+        let id = format!("evt_{:024x}", self.next_sequence);
+        self.next_sequence += 1;
+        self.events.push(BillingrailsEvent {
+            id,
+            event_name: event.event_name,
+            properties: event.properties,
+            idempotency_key: event.idempotency_key,
+            timestamp: event.timestamp.unwrap_or(now),
+            created_at: now,
+        });
+        Appended::Stored
+    }
+
+    pub fn events(&self) -> Vec<BillingrailsEvent> {
+        self.events.clone()
+    }
+
+    pub fn stats(&self) -> RecordStats {
+        RecordStats {
+            records: self.events.len() as u64,
+            records_per_delivery_key: self
+                .stored_keys
+                .iter()
+                .map(|key| (key.clone(), 1))
+                .collect(),
+            duplicate_events_ignored: self.duplicates_ignored,
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.events.clear();
+        self.stored_keys.clear();
+        self.duplicates_ignored = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(key: Option<&str>) -> IncomingEvent {
+        IncomingEvent {
+            event_name: "e".into(),
+            properties: Map::new(),
+            idempotency_key: key.map(str::to_string),
+            timestamp: None,
+        }
+    }
+
+    #[test]
+    fn repeated_keys_are_accepted_once_and_counted() {
+        let mut log = EventLog::default();
+        let now = Utc::now();
+        assert_eq!(log.append(event(Some("k")), now), Appended::Stored);
+        assert_eq!(log.append(event(Some("k")), now), Appended::Duplicate);
+        assert_eq!(log.append(event(None), now), Appended::Stored);
+        assert_eq!(
+            log.append(event(None), now),
+            Appended::Stored,
+            "no key, no dedupe"
+        );
+        let stats = log.stats();
+        assert_eq!(stats.records, 3);
+        assert_eq!(stats.duplicate_events_ignored, 1);
+        assert_eq!(stats.records_per_delivery_key["k"], 1);
+        assert_eq!(
+            log.events()[0].timestamp,
+            now,
+            "no timestamp: the receipt time"
+        );
+        log.clear();
+        assert_eq!(log.append(event(Some("k")), now), Appended::Stored);
+    }
+}
