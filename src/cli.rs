@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "meterflow", version, about = "Kafka usage events → billable metered usage")]
+#[command(
+    name = "meterflow",
+    version,
+    about = "Kafka usage events → billable metered usage"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -209,7 +209,10 @@ mod tests {
         let b = DeliveryKey::for_events(["evt_2", "evt_1"]);
         assert_eq!(a, b);
         assert_ne!(a, DeliveryKey::for_event("evt_1"));
-        assert_eq!(DeliveryKey::for_event("evt_1"), DeliveryKey::for_event("evt_1"));
+        assert_eq!(
+            DeliveryKey::for_event("evt_1"),
+            DeliveryKey::for_event("evt_1")
+        );
         assert_eq!(a.as_str().len(), 4 + 32);
         // Length-prefixing keeps ("ab","c") and ("a","bc") apart.
         assert_ne!(

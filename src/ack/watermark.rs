@@ -178,7 +178,11 @@ mod tests {
         ws.revoke("t", 0);
         ws.assign("t", 0, 2);
         assert!(ws.track("t", 0, 2, 0));
-        assert_eq!(ws.settle("t", 0, 1, 0), None, "old generation must not settle");
+        assert_eq!(
+            ws.settle("t", 0, 1, 0),
+            None,
+            "old generation must not settle"
+        );
         assert_eq!(ws.pending_in("t", 0), 1);
         assert_eq!(ws.settle("t", 0, 2, 0), Some(1));
     }
