@@ -12,3 +12,4 @@ pub mod deliver;
 pub mod emulator;
 pub mod event;
 pub mod pricing;
+pub mod validate;

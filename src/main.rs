@@ -7,7 +7,11 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     match cli.command {
         Command::Emulate(args) => runtime.block_on(meterflow::emulator::run(args)),
-        Command::Run { .. } | Command::Validate { .. } => {
+        Command::Validate { config, connect } => {
+            let code = runtime.block_on(meterflow::validate::run(&config, connect));
+            std::process::exit(code)
+        }
+        Command::Run { .. } => {
             anyhow::bail!("not yet implemented")
         }
     }

@@ -447,11 +447,16 @@ pub enum ConfigError {
 impl Config {
     /// Reads, interpolates `${ENV}`, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with_env(path, &|name| std::env::var(name).ok())
+    }
+
+    /// [`Config::load`] with `${VAR}`s read through `env`.
+    pub fn load_with_env(path: &Path, env: EnvLookup<'_>) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        Config::from_toml_str(&text)
+        Config::from_toml_str_with_env(&text, env)
     }
 
     /// Interpolates `${ENV}` from the process environment, parses and validates config text.
