@@ -17,7 +17,10 @@ fn main() -> ExitCode {
         Command::Demo(args) => runtime.block_on(meterflow::demo::run(args)),
         Command::Emulate(args) => runtime.block_on(meterflow::emulator::run(args)),
         Command::Run { config } => runtime.block_on(meterflow::service::run(&config)),
-        Command::Validate { .. } => Err(anyhow::anyhow!("not yet implemented")),
+        Command::Validate { config, connect } => {
+            let code = runtime.block_on(meterflow::validate::run(&config, connect));
+            return ExitCode::from(u8::try_from(code).unwrap_or(1));
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,12 +10,12 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::ack::deadletter::{DeadLetter, DeadLetterWriter};
+use crate::ack::ledger::{Claim, Ledger, LedgerStore};
 use crate::batch::{self, Batcher, Bucket, Grouping};
 use crate::config::{Config, SinkKind};
 use crate::decode::EventDecoder;
 use crate::deliver::billwerk::BillwerkSink;
 use crate::deliver::ratelimit::RateLimiter;
-use crate::ack::ledger::{Claim, Ledger, LedgerStore};
 use crate::deliver::runner::{AttemptGuard, DeliveryRunner};
 use crate::deliver::{Delivery, DeliveryItem, ItemOutcome, Sink};
 use crate::event::{DeliveryKey, RawMessage, RejectReason, Rejection};
@@ -245,7 +245,9 @@ async fn open_ledger(config: &Config) -> anyhow::Result<Option<Ledger>> {
         loop {
             every.tick().await;
             match pruner.prune(retention).await {
-                Ok(n) if n > 0 => tracing::info!(pruned = n, "ledger entries past retention removed"),
+                Ok(n) if n > 0 => {
+                    tracing::info!(pruned = n, "ledger entries past retention removed")
+                }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "ledger pruning failed"),
             }

@@ -60,11 +60,20 @@ fn invalid_events() -> Vec<(Vec<u8>, &'static str)> {
     vec![
         (b"{not json".to_vec(), "invalid_json"),
         (serde_json::to_vec(&missing_id).unwrap(), "missing_field"),
-        (ok(base.clone(), "metric", json!("teleportations")), "unknown_metric"),
+        (
+            ok(base.clone(), "metric", json!("teleportations")),
+            "unknown_metric",
+        ),
         (ok(base.clone(), "quantity", json!("0")), "invalid_quantity"),
         (ok(base.clone(), "quantity", json!(-3)), "invalid_quantity"),
-        (ok(base.clone(), "quantity", json!("NaN")), "invalid_quantity"),
-        (ok(base.clone(), "timestamp", json!("yesterday")), "invalid_timestamp"),
+        (
+            ok(base.clone(), "quantity", json!("NaN")),
+            "invalid_quantity",
+        ),
+        (
+            ok(base.clone(), "timestamp", json!("yesterday")),
+            "invalid_timestamp",
+        ),
         (
             {
                 let mut v = base.clone();
@@ -74,13 +83,18 @@ fn invalid_events() -> Vec<(Vec<u8>, &'static str)> {
             },
             "unknown_contract",
         ),
-        (ok(base.clone(), "contract_id", json!(OTHER_CONTRACT)), "unknown_contract"),
+        (
+            ok(base.clone(), "contract_id", json!(OTHER_CONTRACT)),
+            "unknown_contract",
+        ),
     ]
     .into_iter()
     .enumerate()
     .map(|(i, (bytes, reason))| {
         // Give each a distinct id where it has one.
-        let text = String::from_utf8(bytes).unwrap().replace("\"bad\"", &format!("\"bad_{i}\""));
+        let text = String::from_utf8(bytes)
+            .unwrap()
+            .replace("\"bad\"", &format!("\"bad_{i}\""));
         (text.into_bytes(), reason)
     })
     .collect()
@@ -106,7 +120,10 @@ async fn valid_events_billed_once_invalid_ones_dead_lettered() {
     let n = 300;
     let valid = valid_events(n);
     let invalid = invalid_events();
-    let mut payloads: Vec<Vec<u8>> = valid.iter().map(|v| serde_json::to_vec(v).unwrap()).collect();
+    let mut payloads: Vec<Vec<u8>> = valid
+        .iter()
+        .map(|v| serde_json::to_vec(v).unwrap())
+        .collect();
     // Invalid events sit between valid ones: the offsets behind them must still be committed.
     for (i, (bytes, _)) in invalid.iter().enumerate() {
         payloads.insert(i * 30 + 7, bytes.clone());
@@ -132,7 +149,10 @@ async fn valid_events_billed_once_invalid_ones_dead_lettered() {
 
     let deadline = Instant::now() + Duration::from_secs(60);
     while (emulator.records().len() < n
-        || stats.dead_lettered.load(std::sync::atomic::Ordering::Relaxed) < invalid.len() as u64)
+        || stats
+            .dead_lettered
+            .load(std::sync::atomic::Ordering::Relaxed)
+            < invalid.len() as u64)
         && Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -156,7 +176,9 @@ async fn valid_events_billed_once_invalid_ones_dead_lettered() {
     assert_eq!(by_memo.len(), n, "no delivery key twice");
     for (i, event) in valid.iter().enumerate() {
         let key = meterflow::event::DeliveryKey::for_event(event["id"].as_str().unwrap());
-        let r = by_memo.get(key.as_str()).unwrap_or_else(|| panic!("event {i} delivered"));
+        let r = by_memo
+            .get(key.as_str())
+            .unwrap_or_else(|| panic!("event {i} delivered"));
         assert_eq!(r.contract_id, CONTRACT);
         if i % 3 == 0 {
             assert_eq!(r.component_id, STORAGE);
@@ -183,7 +205,12 @@ async fn valid_events_billed_once_invalid_ones_dead_lettered() {
     }
 
     // Every invalid event dead-lettered once, with its reason and source coordinates.
-    let letters = common::read_topic(&brokers, "usage-dlq", invalid.len(), Duration::from_secs(20));
+    let letters = common::read_topic(
+        &brokers,
+        "usage-dlq",
+        invalid.len(),
+        Duration::from_secs(20),
+    );
     assert_eq!(letters.len(), invalid.len());
     let mut want: Vec<&str> = invalid.iter().map(|(_, r)| *r).collect();
     let mut got: Vec<&str> = letters.iter().map(|l| l.reason()).collect();
@@ -191,13 +218,23 @@ async fn valid_events_billed_once_invalid_ones_dead_lettered() {
     got.sort();
     assert_eq!(got, want);
     for l in &letters {
-        assert!(invalid.iter().any(|(bytes, _)| *bytes == l.payload), "original bytes kept");
-        assert_eq!(l.headers.get("meterflow.source.topic").map(String::as_str), Some("usage"));
+        assert!(
+            invalid.iter().any(|(bytes, _)| *bytes == l.payload),
+            "original bytes kept"
+        );
+        assert_eq!(
+            l.headers.get("meterflow.source.topic").map(String::as_str),
+            Some("usage")
+        );
         assert!(l.headers.contains_key("meterflow.source.offset"));
         assert!(l.headers.contains_key("meterflow.detail"));
     }
     // Nothing billed twice; everything consumed is committed.
     assert_eq!(emulator.stats().duplicate_keys, 0);
     let committed = common::committed_total(&brokers, "meterflow-test", "usage", 4);
-    assert_eq!(committed, payloads.len() as i64, "offsets committed to the end");
+    assert_eq!(
+        committed,
+        payloads.len() as i64,
+        "offsets committed to the end"
+    );
 }

@@ -8,8 +8,15 @@ use std::time::Duration;
 use rust_decimal::Decimal;
 use serde::Deserialize;
 
+mod interpolate;
+mod parse;
 mod secret;
-pub use secret::Secret;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+pub use interpolate::{push_key, EnvLookup};
+pub use secret::{is_secret_key, redact_property, Secret};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -40,7 +47,7 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Comma-separated bootstrap servers.
@@ -59,6 +66,27 @@ pub struct KafkaConfig {
     /// Pass-through librdkafka properties (TLS, SASL, fetch tuning). Values may use `${ENV}`.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+}
+
+// By hand: `properties` may hold SASL passwords and TLS keys.
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let properties: BTreeMap<&str, &str> = self
+            .properties
+            .iter()
+            .map(|(k, v)| (k.as_str(), redact_property(k, v)))
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("group_id", &self.group_id)
+            .field("topics", &self.topics)
+            .field("dead_letter_topic", &self.dead_letter_topic)
+            .field("session_timeout", &self.session_timeout)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("commit_interval", &self.commit_interval)
+            .field("properties", &properties)
+            .finish()
+    }
 }
 
 /// JSON Pointers (RFC 6901) from the product's event to meterflow's canonical fields.
@@ -274,7 +302,7 @@ pub struct OverrideRule {
     pub description: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LedgerConfig {
     /// `sqlite://PATH` (default) or `postgres://...` for several replicas; `none` disables it.
@@ -282,6 +310,34 @@ pub struct LedgerConfig {
     /// How long delivered entries are kept.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
+}
+
+// By hand: a PostgreSQL URL may carry a password.
+impl std::fmt::Debug for LedgerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LedgerConfig")
+            .field("url", &redact_url(&self.url))
+            .field("retention", &self.retention)
+            .finish()
+    }
+}
+
+/// A URL with any password replaced by `***`, for messages and Debug output.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(_) => url.to_string(),
+        // Unparseable: hide everything between `//` and the last `@`, where a password would be.
+        Err(_) => match (url.find("//"), url.rfind('@')) {
+            (Some(start), Some(at)) if at > start => {
+                format!("{}//***{}", &url[..start], &url[at..])
+            }
+            _ => url.to_string(),
+        },
+    }
 }
 
 impl Default for LedgerConfig {
@@ -368,7 +424,12 @@ pub struct ConfigProblem {
 
 impl std::fmt::Display for ConfigProblem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.key, self.message)
+        // A syntax error has no key.
+        if self.key.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
     }
 }
 
@@ -386,21 +447,54 @@ pub enum ConfigError {
 impl Config {
     /// Reads, interpolates `${ENV}`, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with_env(path, &|name| std::env::var(name).ok())
+    }
+
+    /// [`Config::load`] with `${VAR}`s read through `env`.
+    pub fn load_with_env(path: &Path, env: EnvLookup<'_>) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        Config::from_toml_str(&text)
+        Config::from_toml_str_with_env(&text, env)
     }
 
-    /// Interpolates `${ENV}`, parses and validates config text.
+    /// Interpolates `${ENV}` from the process environment, parses and validates config text.
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
-        let _ = text;
-        todo!("config: interpolation, parse, validate")
+        Config::from_toml_str_with_env(text, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses TOML, interpolates `${VAR}` / `${VAR:-default}` / `$${` in string values through
+    /// `env`, deserializes and validates; every problem at once, none showing a secret.
+    pub fn from_toml_str_with_env(text: &str, env: EnvLookup<'_>) -> Result<Config, ConfigError> {
+        let mut tree = parse::parse_toml(text).map_err(|p| ConfigError::Invalid(vec![p]))?;
+        let mut problems = interpolate::interpolate_tree(&mut tree, env);
+        let mut suppressed: Vec<String> = problems.iter().map(|p| p.key.clone()).collect();
+        let parsed = parse::deserialize(tree);
+        problems.extend(parsed.problems);
+        suppressed.extend(parsed.suppressed);
+        let Some(config) = parsed.config else {
+            return Err(ConfigError::Invalid(problems));
+        };
+        // Semantic checks on keys that already have a problem would only repeat it.
+        let covered = |key: &str| {
+            suppressed.iter().any(|s| {
+                key == s
+                    || key
+                        .strip_prefix(s.as_str())
+                        .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+            })
+        };
+        problems.extend(config.validate().into_iter().filter(|p| !covered(&p.key)));
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
     }
 
     /// Every problem at once; empty when the config can run.
     pub fn validate(&self) -> Vec<ConfigProblem> {
-        todo!("config: validation")
+        validate::validate(self)
     }
 }

@@ -28,3 +28,36 @@ impl std::fmt::Display for Secret {
         f.write_str("***")
     }
 }
+
+/// True for config keys whose values must never be printed: the sink's credentials and
+/// librdkafka properties that carry passwords, keys or tokens (`kafka.properties."sasl.password"`).
+pub fn is_secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    if k == "sink.client_secret" || k == "sink.api_key" {
+        return true;
+    }
+    let last = k.rsplit_once("properties.").map_or(k.as_str(), |(_, l)| l);
+    [
+        "password",
+        "secret",
+        "token",
+        "api_key",
+        "apikey",
+        "credential",
+        "jaas",
+        "oauthbearer.config",
+        ".pem",
+        "private",
+    ]
+    .iter()
+    .any(|word| last.contains(word))
+}
+
+/// `key = value` for a librdkafka property, with the value hidden when the key is secret.
+pub fn redact_property<'a>(key: &str, value: &'a str) -> &'a str {
+    if is_secret_key(&format!("kafka.properties.{key}")) {
+        "***"
+    } else {
+        value
+    }
+}

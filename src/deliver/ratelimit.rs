@@ -26,6 +26,9 @@ use tokio::sync::watch;
 use crate::config::RateLimitConfig;
 use crate::deliver::RateSignals;
 
+/// Where probing without any server numbers stops growing (requests per second).
+const MAX_PROBE_RATE: f64 = 100_000.0;
+
 /// What the model tells the sender.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Pace {
@@ -52,6 +55,8 @@ pub struct PaceModel {
     /// Rate used when no headers and no configured limit: starts low, halves on 429, creeps up.
     probe_rate: f64,
     successes_since_throttle: u32,
+    /// Until the first 429 the probe rate doubles each round (TCP-style slow start).
+    slow_start: bool,
 }
 
 impl PaceModel {
@@ -66,6 +71,7 @@ impl PaceModel {
             headers_seen: false,
             probe_rate: f64::from(config.initial_rate.max(1)),
             successes_since_throttle: 0,
+            slow_start: true,
         }
     }
 
@@ -119,11 +125,14 @@ impl PaceModel {
                 if throttled {
                     self.probe_rate = (self.probe_rate / 2.0).max(0.1);
                     self.successes_since_throttle = 0;
+                    self.slow_start = false;
                 } else {
                     self.successes_since_throttle += 1;
-                    // Additive increase, about once per second of sending at the current rate.
+                    // About once per second of sending at the current rate: double while in
+                    // slow start, then grow gently.
                     if f64::from(self.successes_since_throttle) >= self.probe_rate.max(1.0) {
-                        self.probe_rate *= 1.05;
+                        self.probe_rate *= if self.slow_start { 2.0 } else { 1.05 };
+                        self.probe_rate = self.probe_rate.min(MAX_PROBE_RATE);
                         self.successes_since_throttle = 0;
                     }
                 }
@@ -512,7 +521,24 @@ mod tests {
         for _ in 0..100 {
             m.observe(&RateSignals::default(), false, t0);
         }
-        assert!(rate(m.pace(t0)) > 5.0);
+        let after = rate(m.pace(t0));
+        assert!(
+            after > 5.0 && after < 10.0,
+            "gentle growth after a 429: {after}"
+        );
+    }
+
+    #[test]
+    fn without_headers_slow_start_doubles_until_the_first_429() {
+        let t0 = Instant::now();
+        let mut m = PaceModel::new(&config(60, 0.0, None));
+        let mut sent = 0;
+        while rate(m.pace(t0)) < 1000.0 && sent < 10_000 {
+            m.observe(&RateSignals::default(), false, t0);
+            sent += 1;
+        }
+        // 10 → 1280 takes 10+20+…+640 = 1270 successes.
+        assert!(sent <= 1300, "{sent}");
     }
 
     #[test]

@@ -153,25 +153,28 @@ pub async fn run_demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
         produced: args.events,
         ..Default::default()
     };
-    let mut pending = Vec::with_capacity(1000);
-    for i in 0..args.events {
-        let event = generator.next_event();
-        if let Some(kind) = event.invalid {
-            *report.produced_invalid.entry(kind.to_string()).or_default() += 1;
-        }
-        let key = format!("{i}");
-        pending.push(producer.send(
-            FutureRecord::to("usage").payload(&event.payload).key(&key),
-            Duration::from_secs(10),
-        ));
-        if pending.len() == 1000 {
-            for f in pending.drain(..) {
-                f.await.map_err(|(e, _)| e)?;
+    let events: Vec<(String, Vec<u8>)> = (0..args.events)
+        .map(|i| {
+            let event = generator.next_event();
+            if let Some(kind) = event.invalid {
+                *report.produced_invalid.entry(kind.to_string()).or_default() += 1;
             }
+            (format!("{i}"), event.payload)
+        })
+        .collect();
+    for chunk in events.chunks(1000) {
+        let pending: Vec<_> = chunk
+            .iter()
+            .map(|(key, payload)| {
+                producer.send(
+                    FutureRecord::to("usage").payload(payload).key(key),
+                    Duration::from_secs(10),
+                )
+            })
+            .collect();
+        for f in pending {
+            f.await.map_err(|(e, _)| e)?;
         }
-    }
-    for f in pending {
-        f.await.map_err(|(e, _)| e)?;
     }
 
     // Run the real pipeline.
@@ -237,11 +240,15 @@ pub async fn run_demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
     report.throttled = s.rate_limited;
     report.faults = format!(
         "{} × 5xx, {} dropped after recording, {} slow past the timeout",
-        s.faults_injected.server_errors, s.faults_injected.dropped, s.faults_injected.slow
+        s.faults_injected.fail, s.faults_injected.drop, s.faults_injected.slow
     );
     let rendered = metrics.render();
     report.retries = sum_metric(&rendered, "meterflow_retries_total");
-    report.reconciled_found = sum_metric_with(&rendered, "meterflow_reconciliations_total", "result=\"found\"");
+    report.reconciled_found = sum_metric_with(
+        &rendered,
+        "meterflow_reconciliations_total",
+        "result=\"found\"",
+    );
     let expected_dead = report.produced_invalid.values().sum::<usize>();
     report.dead_lettered = count_dead_letters(&brokers, expected_dead);
     drop(cluster);
@@ -375,14 +382,28 @@ fn print_report(args: &DemoArgs, r: &DemoReport) {
     println!("meterflow demo — reconciliation (read from the emulator and the dead-letter topic)");
     println!("  {:<34} {:>10}", "events produced", r.produced);
     println!("  {:<34} {:>10}", "  valid", r.valid_produced());
-    println!("  {:<34} {:>10}", "  invalid", r.produced - r.valid_produced());
-    println!("  {:<34} {:>10}", "usage records at billwerk", r.delivered_records);
+    println!(
+        "  {:<34} {:>10}",
+        "  invalid",
+        r.produced - r.valid_produced()
+    );
+    println!(
+        "  {:<34} {:>10}",
+        "usage records at billwerk", r.delivered_records
+    );
     println!("  {:<34} {:>10}", "dead-lettered", dead);
     for (reason, n) in &r.dead_lettered {
         let expected = r.produced_invalid.get(reason).copied().unwrap_or(0);
-        println!("  {:<34} {:>10}   (produced {expected})", format!("  {reason}"), n);
+        println!(
+            "  {:<34} {:>10}   (produced {expected})",
+            format!("  {reason}"),
+            n
+        );
     }
-    println!("  {:<34} {:>10}", "billed twice (duplicate keys)", r.duplicate_keys);
+    println!(
+        "  {:<34} {:>10}",
+        "billed twice (duplicate keys)", r.duplicate_keys
+    );
     println!("  {:<34} {:>10}", "lost", r.lost().max(0));
     println!("  {:<34} {:>10}", "requests answered", r.requests);
     println!(
@@ -393,7 +414,10 @@ fn print_report(args: &DemoArgs, r: &DemoReport) {
         humantime::format_duration(args.window)
     );
     println!("  {:<34} {:>10}", "retries", r.retries);
-    println!("  {:<34} {:>10}", "unknown outcomes found at billwerk", r.reconciled_found);
+    println!(
+        "  {:<34} {:>10}",
+        "unknown outcomes found at billwerk", r.reconciled_found
+    );
     println!("  {:<34} {:>10}", "faults injected", "");
     println!("    {}", r.faults);
     println!("  {:<34} {:>9.1}s", "elapsed", r.elapsed.as_secs_f64());

@@ -41,27 +41,33 @@ pub fn producer(brokers: &str) -> FutureProducer {
 /// Produces payloads round-robin over `partitions`, waiting for each acknowledgement batch.
 pub async fn produce(brokers: &str, topic: &str, partitions: i32, payloads: &[Vec<u8>]) {
     let p = producer(brokers);
-    let mut pending = Vec::new();
-    for (i, payload) in payloads.iter().enumerate() {
-        let key = format!("k{i}");
-        let record = FutureRecord::to(topic)
-            .payload(payload)
-            .key(&key)
-            .partition(i as i32 % partitions);
-        pending.push(p.send(record, Duration::from_secs(10)));
-        if pending.len() >= 1000 {
-            for f in pending.drain(..) {
-                f.await.expect("produce acknowledged");
-            }
+    let keys: Vec<String> = (0..payloads.len()).map(|i| format!("k{i}")).collect();
+    for (chunk, keys) in payloads.chunks(1000).zip(keys.chunks(1000)) {
+        let pending: Vec<_> = chunk
+            .iter()
+            .zip(keys)
+            .enumerate()
+            .map(|(i, (payload, key))| {
+                let record = FutureRecord::to(topic)
+                    .payload(payload)
+                    .key(key)
+                    .partition(i as i32 % partitions);
+                p.send(record, Duration::from_secs(10))
+            })
+            .collect();
+        for f in pending {
+            f.await.expect("produce acknowledged");
         }
-    }
-    for f in pending {
-        f.await.expect("produce acknowledged");
     }
 }
 
 /// Reads every message of `topic` from the beginning until `expected` are read or `timeout`.
-pub fn read_topic(brokers: &str, topic: &str, expected: usize, timeout: Duration) -> Vec<ReadDeadLetter> {
+pub fn read_topic(
+    brokers: &str,
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Vec<ReadDeadLetter> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("reader-{}", rand::random::<u32>()))
@@ -308,7 +314,10 @@ pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) {
         .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1)))
         .collect();
     let results = admin
-        .create_topics(&new, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
+        .create_topics(
+            &new,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
         .await
         .expect("create topics");
     for r in results {

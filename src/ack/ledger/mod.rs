@@ -25,7 +25,9 @@ pub use store::LedgerStore;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
     /// New: this caller sends it. `updated_at_ms` is the claim's lease stamp.
-    Claimed { updated_at_ms: i64 },
+    Claimed {
+        updated_at_ms: i64,
+    },
     Delivered {
         receipt: String,
     },
@@ -183,5 +185,7 @@ pub(crate) fn now_ms() -> i64 {
 }
 
 pub(crate) fn from_ms(ms: i64) -> DateTime<Utc> {
-    Utc.timestamp_millis_opt(ms).single().unwrap_or_else(Utc::now)
+    Utc.timestamp_millis_opt(ms)
+        .single()
+        .unwrap_or_else(Utc::now)
 }

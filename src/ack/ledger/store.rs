@@ -123,13 +123,19 @@ pub(super) async fn writer(store: LedgerStore, mut ops: mpsc::UnboundedReceiver<
 
 /// An answer waiting for its transaction to commit.
 enum Reply {
-    Claim(tokio::sync::oneshot::Sender<Result<Claim, LedgerError>>, Claim),
+    Claim(
+        tokio::sync::oneshot::Sender<Result<Claim, LedgerError>>,
+        Claim,
+    ),
     Touch(
         tokio::sync::oneshot::Sender<Result<Option<i64>, LedgerError>>,
         Option<i64>,
     ),
     Unit(tokio::sync::oneshot::Sender<Result<(), LedgerError>>),
-    Bool(tokio::sync::oneshot::Sender<Result<bool, LedgerError>>, bool),
+    Bool(
+        tokio::sync::oneshot::Sender<Result<bool, LedgerError>>,
+        bool,
+    ),
 }
 
 impl Reply {
@@ -290,7 +296,10 @@ mod tests {
     async fn claim_then_deliver_then_claim_again_is_delivered() {
         let (ledger, store, _dir) = sqlite().await;
         let k = DeliveryKey::for_event("evt_1");
-        assert!(matches!(ledger.claim(&k, 1).await.unwrap(), Claim::Claimed { .. }));
+        assert!(matches!(
+            ledger.claim(&k, 1).await.unwrap(),
+            Claim::Claimed { .. }
+        ));
         match ledger.claim(&k, 1).await.unwrap() {
             Claim::Sending { .. } => {}
             other => panic!("a second claim must see the first: {other:?}"),
@@ -313,9 +322,17 @@ mod tests {
         let Claim::Sending { updated_at_ms, .. } = ledger.claim(&k, 1).await.unwrap() else {
             panic!()
         };
-        let next = ledger.touch(&k, updated_at_ms).await.unwrap().expect("first touch wins");
+        let next = ledger
+            .touch(&k, updated_at_ms)
+            .await
+            .unwrap()
+            .expect("first touch wins");
         assert!(next > updated_at_ms);
-        assert_eq!(ledger.touch(&k, updated_at_ms).await.unwrap(), None, "stale touch loses");
+        assert_eq!(
+            ledger.touch(&k, updated_at_ms).await.unwrap(),
+            None,
+            "stale touch loses"
+        );
     }
 
     #[tokio::test]
@@ -347,7 +364,9 @@ mod tests {
         let ledger = Ledger::open(&url, Duration::ZERO).await.unwrap();
         assert_eq!(
             ledger.claim(&k, 1).await.unwrap(),
-            Claim::Delivered { receipt: "u".into() }
+            Claim::Delivered {
+                receipt: "u".into()
+            }
         );
     }
 
@@ -366,7 +385,10 @@ mod tests {
         };
         let ledger = Ledger::start(store, Duration::from_secs(30));
         let k = DeliveryKey::for_event(&format!("pg-{}", uuid_like()));
-        assert!(matches!(ledger.claim(&k, 1).await.unwrap(), Claim::Claimed { .. }));
+        assert!(matches!(
+            ledger.claim(&k, 1).await.unwrap(),
+            Claim::Claimed { .. }
+        ));
         let Claim::Sending { updated_at_ms, .. } = ledger.claim(&k, 1).await.unwrap() else {
             panic!()
         };
@@ -374,7 +396,9 @@ mod tests {
         ledger.finish(&k, true, "r".into());
         assert_eq!(
             ledger.claim(&k, 1).await.unwrap(),
-            Claim::Delivered { receipt: "r".into() }
+            Claim::Delivered {
+                receipt: "r".into()
+            }
         );
     }
 

@@ -1,0 +1,293 @@
+//! `meterflow validate --config FILE [--connect]`: checks a config file and prints
+//! `config OK: FILE`, or one `error: KEY: MESSAGE` line per problem.
+//!
+//! Exit codes: 0 valid (and reachable, with `--connect`), 1 invalid or unreachable, 2 the file
+//! cannot be read. With `--connect` it also asks the brokers for metadata (through the
+//! configured `kafka.properties`, so TLS/SASL are exercised), checks that every input topic and
+//! the dead-letter topic exist, and that the provider answers: billwerk must grant a token for
+//! the configured credentials; Billingrails must answer HTTP at all. Secrets are never printed.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::ClientConfig;
+
+use crate::config::{is_secret_key, Config, ConfigError, ConfigProblem, EnvLookup, SinkKind};
+
+/// How long the brokers and the provider get to answer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Valid,
+    /// The config has problems, or (with `--connect`) something did not answer as expected.
+    Invalid,
+    /// The file could not be read.
+    Unreadable,
+}
+
+impl Verdict {
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Verdict::Valid => 0,
+            Verdict::Invalid => 1,
+            Verdict::Unreadable => 2,
+        }
+    }
+}
+
+/// What `validate` found: the verdict and the lines to print.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub verdict: Verdict,
+    pub lines: Vec<String>,
+}
+
+/// Runs the command with the process environment: prints the report (problems to stderr) and
+/// returns the exit code.
+pub async fn run(path: &Path, connect: bool) -> i32 {
+    let report = check(path, connect, &|name| std::env::var(name).ok()).await;
+    for line in &report.lines {
+        if report.verdict == Verdict::Valid {
+            println!("{line}");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+    report.verdict.exit_code()
+}
+
+/// Checks a config file, reading `${VAR}`s through `env`.
+pub async fn check(path: &Path, connect: bool, env: EnvLookup<'_>) -> Report {
+    let config = match Config::load_with_env(path, env) {
+        Ok(config) => config,
+        Err(ConfigError::Read { path, source }) => {
+            return Report {
+                verdict: Verdict::Unreadable,
+                lines: vec![format!("error: cannot read config file {path}: {source}")],
+            }
+        }
+        Err(ConfigError::Invalid(problems)) => {
+            return Report {
+                verdict: Verdict::Invalid,
+                lines: problems.iter().map(|p| format!("error: {p}")).collect(),
+            }
+        }
+    };
+    if connect {
+        let problems = check_connectivity(&config).await;
+        if !problems.is_empty() {
+            return Report {
+                verdict: Verdict::Invalid,
+                lines: problems.iter().map(|p| format!("error: {p}")).collect(),
+            };
+        }
+    }
+    Report {
+        verdict: Verdict::Valid,
+        lines: vec![format!(
+            "config OK{}: {}",
+            if connect {
+                " (brokers, topics and provider reachable)"
+            } else {
+                ""
+            },
+            path.display()
+        )],
+    }
+}
+
+/// Asks the brokers and the provider; one problem per thing that did not answer as expected.
+pub async fn check_connectivity(config: &Config) -> Vec<ConfigProblem> {
+    let kafka_config = config.clone();
+    let kafka = tokio::task::spawn_blocking(move || check_kafka(&kafka_config));
+    let provider = check_provider(config);
+    let (kafka, mut problems) = tokio::join!(kafka, provider);
+    let mut all = kafka.unwrap_or_else(|e| {
+        vec![ConfigProblem {
+            key: "kafka.brokers".into(),
+            message: format!("the broker check failed: {e}"),
+        }]
+    });
+    all.append(&mut problems);
+    let secrets = secret_values(config);
+    for p in &mut all {
+        for s in &secrets {
+            p.message = p.message.replace(s.as_str(), "***");
+        }
+    }
+    all
+}
+
+/// Every configured secret value, to scrub from messages that libraries wrote.
+fn secret_values(config: &Config) -> Vec<String> {
+    let mut secrets: Vec<String> = config
+        .kafka
+        .properties
+        .iter()
+        .filter(|(k, _)| {
+            let mut key = "kafka.properties".to_string();
+            crate::config::push_key(&mut key, k);
+            is_secret_key(&key)
+        })
+        .map(|(_, v)| v.clone())
+        .collect();
+    secrets.extend(
+        config
+            .sink
+            .client_secret
+            .iter()
+            .map(|s| s.expose().to_string()),
+    );
+    secrets.extend(config.sink.api_key.iter().map(|s| s.expose().to_string()));
+    // Very short values would blank unrelated text; they are not worth hiding that way.
+    secrets.retain(|s| s.len() >= 4);
+    secrets
+}
+
+fn check_kafka(config: &Config) -> Vec<ConfigProblem> {
+    let k = &config.kafka;
+    let problem = |key: &str, message: String| ConfigProblem {
+        key: key.to_string(),
+        message,
+    };
+    let mut client = ClientConfig::new();
+    for (name, value) in &k.properties {
+        client.set(name, value);
+    }
+    client
+        .set("bootstrap.servers", &k.brokers)
+        .set("group.id", &k.group_id)
+        .set("enable.auto.commit", "false")
+        // librdkafka logs every failed connection attempt; the problem line says it once.
+        .set("log_level", "0");
+    let consumer: BaseConsumer = match client.create() {
+        Ok(c) => c,
+        Err(e) => {
+            return vec![problem(
+                "kafka.properties",
+                format!("librdkafka refused the client configuration: {e}"),
+            )]
+        }
+    };
+    let metadata = match consumer.fetch_metadata(None, CONNECT_TIMEOUT) {
+        Ok(m) => m,
+        Err(e) => {
+            let why = match &e {
+                KafkaError::MetadataFetch(code) => code.to_string(),
+                e => e.to_string(),
+            };
+            return vec![problem(
+                "kafka.brokers",
+                format!(
+                    "no broker at {:?} answered a metadata request within {}s ({why}); check \
+                     the addresses, the network and kafka.properties (TLS/SASL)",
+                    k.brokers,
+                    CONNECT_TIMEOUT.as_secs()
+                ),
+            )];
+        }
+    };
+    let exists = |name: &str| {
+        metadata
+            .topics()
+            .iter()
+            .any(|t| t.name() == name && t.error().is_none())
+    };
+    let mut problems = Vec::new();
+    for (i, topic) in k.topics.iter().enumerate() {
+        // A `^` pattern may match topics created later: nothing to check now.
+        if !topic.starts_with('^') && !exists(topic) {
+            problems.push(problem(
+                &format!("kafka.topics[{i}]"),
+                format!(
+                    "topic {topic:?} does not exist on the cluster at {:?}",
+                    k.brokers
+                ),
+            ));
+        }
+    }
+    if !exists(&k.dead_letter_topic) {
+        problems.push(problem(
+            "kafka.dead_letter_topic",
+            format!(
+                "topic {:?} does not exist on the cluster at {:?}: create it (meterflow does \
+                 not create topics)",
+                k.dead_letter_topic, k.brokers
+            ),
+        ));
+    }
+    problems
+}
+
+async fn check_provider(config: &Config) -> Vec<ConfigProblem> {
+    let s = &config.sink;
+    let problem = |key: &str, message: String| {
+        vec![ConfigProblem {
+            key: key.to_string(),
+            message,
+        }]
+    };
+    let client = match reqwest::Client::builder().timeout(CONNECT_TIMEOUT).build() {
+        Ok(c) => c,
+        Err(e) => return problem("sink.base_url", format!("cannot build an HTTP client: {e}")),
+    };
+    let base = s.base_url.trim_end_matches('/');
+    match s.kind {
+        SinkKind::Billwerk => {
+            // The token endpoint is not under /api/v1.
+            let url = format!("{base}/oauth/token/");
+            let mut request = client
+                .post(&url)
+                .basic_auth(
+                    s.client_id.as_deref().unwrap_or_default(),
+                    s.client_secret.as_ref().map(|c| c.expose()),
+                )
+                .form(&[("grant_type", "client_credentials")]);
+            if let Some(entity) = &s.legal_entity_id {
+                request = request.header("X-SELECTED-LEGAL-ENTITY-ID", entity);
+            }
+            match request.send().await {
+                Ok(r) if r.status().is_success() => Vec::new(),
+                Ok(r) if matches!(r.status().as_u16(), 400 | 401 | 403) => problem(
+                    "sink.client_secret",
+                    format!(
+                        "billwerk at {base} refused the credentials (HTTP {}): check \
+                         sink.client_id and sink.client_secret",
+                        r.status().as_u16()
+                    ),
+                ),
+                Ok(r) => problem(
+                    "sink.base_url",
+                    format!(
+                        "{url} answered HTTP {} to a token request: expected a billwerk host \
+                         like https://sandbox.billwerk.com",
+                        r.status()
+                    ),
+                ),
+                Err(e) => problem("sink.base_url", no_answer(base, &e)),
+            }
+        }
+        SinkKind::Billingrails => match client.get(base).send().await {
+            Ok(_) => Vec::new(),
+            Err(e) => problem("sink.base_url", no_answer(base, &e)),
+        },
+    }
+}
+
+fn no_answer(base: &str, e: &reqwest::Error) -> String {
+    use std::error::Error as _;
+    let mut why = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        why.push_str(": ");
+        why.push_str(&s.to_string());
+        source = s.source();
+    }
+    format!(
+        "no HTTP answer from {base} within {}s ({why})",
+        CONNECT_TIMEOUT.as_secs()
+    )
+}
