@@ -469,6 +469,7 @@ impl Config {
     pub fn from_toml_str_with_env(text: &str, env: EnvLookup<'_>) -> Result<Config, ConfigError> {
         let mut tree = parse::parse_toml(text).map_err(|p| ConfigError::Invalid(vec![p]))?;
         let mut problems = interpolate::interpolate_tree(&mut tree, env);
+        parse::stringify_scalars(&mut tree);
         let mut suppressed: Vec<String> = problems.iter().map(|p| p.key.clone()).collect();
         let parsed = parse::deserialize(tree);
         problems.extend(parsed.problems);
