@@ -16,6 +16,7 @@ mod tests;
 mod validate;
 
 pub use interpolate::{push_key, EnvLookup};
+pub(crate) use parse::did_you_mean;
 pub use secret::{is_secret_key, redact_property, Secret};
 
 /// The whole configuration file.

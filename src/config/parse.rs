@@ -267,7 +267,7 @@ fn unknown_key_message(field: &str, expected: &[String], top_level: bool) -> Str
 }
 
 /// The accepted name closest to a misspelt one, if it is close enough to be a likely typo.
-pub(super) fn did_you_mean<'a>(typo: &str, candidates: &'a [String]) -> Option<&'a str> {
+pub(crate) fn did_you_mean<'a>(typo: &str, candidates: &'a [String]) -> Option<&'a str> {
     let typo_lower = typo.to_ascii_lowercase();
     candidates
         .iter()
