@@ -16,6 +16,7 @@ mod tests;
 mod validate;
 
 pub use interpolate::{push_key, EnvLookup};
+pub(crate) use parse::did_you_mean;
 pub use secret::{is_secret_key, redact_property, Secret};
 
 /// The whole configuration file.
@@ -469,6 +470,7 @@ impl Config {
     pub fn from_toml_str_with_env(text: &str, env: EnvLookup<'_>) -> Result<Config, ConfigError> {
         let mut tree = parse::parse_toml(text).map_err(|p| ConfigError::Invalid(vec![p]))?;
         let mut problems = interpolate::interpolate_tree(&mut tree, env);
+        parse::stringify_scalars(&mut tree);
         let mut suppressed: Vec<String> = problems.iter().map(|p| p.key.clone()).collect();
         let parsed = parse::deserialize(tree);
         problems.extend(parsed.problems);

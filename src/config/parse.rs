@@ -45,6 +45,30 @@ pub(super) fn parse_toml(text: &str) -> Result<toml::Value, ConfigProblem> {
     }
 }
 
+/// librdkafka properties and override attribute values are strings, but people write
+/// `"fetch.min.bytes" = 1` and `{ tier = 3 }`: integers and booleans there become their text
+/// (events' numeric attributes are compared as their JSON text too).
+pub(super) fn stringify_scalars(tree: &mut toml::Value) {
+    fn stringify(table: Option<&mut toml::Value>) {
+        let Some(toml::Value::Table(t)) = table else {
+            return;
+        };
+        for (_, v) in t.iter_mut() {
+            match v {
+                toml::Value::Integer(i) => *v = toml::Value::String(i.to_string()),
+                toml::Value::Boolean(b) => *v = toml::Value::String(b.to_string()),
+                _ => {}
+            }
+        }
+    }
+    stringify(tree.get_mut("kafka").and_then(|k| k.get_mut("properties")));
+    if let Some(toml::Value::Array(rules)) = tree.get_mut("overrides") {
+        for rule in rules {
+            stringify(rule.get_mut("attributes"));
+        }
+    }
+}
+
 /// Deserializes the (interpolated) tree, collecting every structural problem.
 pub(super) fn deserialize(mut tree: toml::Value) -> Parsed {
     let mut problems: Vec<ConfigProblem> = Vec::new();
@@ -243,7 +267,7 @@ fn unknown_key_message(field: &str, expected: &[String], top_level: bool) -> Str
 }
 
 /// The accepted name closest to a misspelt one, if it is close enough to be a likely typo.
-pub(super) fn did_you_mean<'a>(typo: &str, candidates: &'a [String]) -> Option<&'a str> {
+pub(crate) fn did_you_mean<'a>(typo: &str, candidates: &'a [String]) -> Option<&'a str> {
     let typo_lower = typo.to_ascii_lowercase();
     candidates
         .iter()

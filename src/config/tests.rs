@@ -237,6 +237,28 @@ fn interpolation_happens_in_nested_tables_and_arrays() {
     assert_eq!(c.kafka.topics, vec!["from-env", "b"]);
 }
 
+#[test]
+fn integer_and_boolean_properties_and_attributes_become_text() {
+    let text = format!(
+        "{VALID}
+[kafka.properties]
+\"fetch.min.bytes\" = 1024
+\"enable.ssl.certificate.verification\" = false
+[[overrides]]
+attributes = {{ tier = 3, beta = true }}
+name = \"tier 3\"
+"
+    );
+    let c = load(&text).unwrap();
+    assert_eq!(c.kafka.properties["fetch.min.bytes"], "1024");
+    assert_eq!(
+        c.kafka.properties["enable.ssl.certificate.verification"],
+        "false"
+    );
+    assert_eq!(c.overrides[0].attributes["tier"], "3");
+    assert_eq!(c.overrides[0].attributes["beta"], "true");
+}
+
 // ---- structural problems ----
 
 #[test]

@@ -91,10 +91,7 @@ impl Field {
 
     /// `quantity` or `quantity (at /usage/qty)`.
     fn label(&self) -> String {
-        let default = self.pointer.len() == self.name.len() + 1
-            && self.pointer.starts_with('/')
-            && self.pointer.ends_with(self.name);
-        if default {
+        if self.pointer.strip_prefix('/') == Some(self.name) {
             self.name.to_string()
         } else {
             format!("{} (at {})", self.name, self.pointer)
@@ -117,6 +114,8 @@ impl Field {
 }
 
 impl EventDecoder {
+    /// Compiles the mapping's pointers once. The mapping is expected to have passed
+    /// [`check_mapping`] (part of `Config::validate`); a malformed pointer finds nothing.
     pub fn new(mapping: InputMapping) -> Self {
         let fields = Fields {
             id: Field::new("id", &mapping.id),

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use rust_decimal::Decimal;
 
-use crate::config::{push_key, Config, ConfigProblem, SinkKind};
+use crate::config::{did_you_mean, push_key, Config, ConfigProblem, SinkKind};
 use crate::event::{BillableUsage, ProductOverride, RejectReason, Rejection, UsageEvent};
 
 mod template;
@@ -113,11 +113,14 @@ impl PriceBook {
             let key = |field: &str| format!("overrides[{i}].{field}");
             if let Some(metric) = &rule.metric {
                 if !config.components.contains_key(metric) {
-                    let known: Vec<&str> = config.components.keys().map(String::as_str).collect();
+                    let known: Vec<String> = config.components.keys().cloned().collect();
+                    let hint = did_you_mean(metric, &known)
+                        .map(|m| format!(" (did you mean `{m}`?)"))
+                        .unwrap_or_default();
                     problem(
                         key("metric"),
                         format!(
-                            "{metric:?} is not a metric in [components]; known metrics: {}",
+                            "{metric:?} is not a metric in [components]{hint}; known metrics: {}",
                             if known.is_empty() {
                                 "none".to_string()
                             } else {
