@@ -950,3 +950,93 @@ async fn shutdown_stops_serving() {
     let fresh = reqwest::Client::new();
     assert!(fresh.get(&url).send().await.is_err());
 }
+
+// ---- the command line ----
+
+#[tokio::test]
+async fn the_command_says_where_credentials_came_from_never_the_secret_and_stops_on_sigterm() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let contracts = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        contracts.path(),
+        format!(r#"[{{"Id":"{CONTRACT}","ExternalId":"cust-cli"}}]"#),
+    )
+    .unwrap();
+    let secret = "cli-secret-that-must-not-be-printed";
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_meterflow"))
+        .args([
+            "emulate",
+            "billwerk",
+            "--listen",
+            "127.0.0.1:0",
+            "--client-id",
+            "cli-client",
+        ])
+        .arg("--contracts")
+        .arg(contracts.path())
+        .env("METERFLOW_EMULATOR_CLIENT_SECRET", secret)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut banner = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = stderr.next_line().await.unwrap() {
+            let done = line.contains("inspection");
+            banner.push(line);
+            if done {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the start-up banner within 20 s");
+    let banner = banner.join("\n");
+    assert!(banner.contains("client id from --client-id"), "{banner}");
+    assert!(
+        banner.contains("client secret from $METERFLOW_EMULATOR_CLIENT_SECRET"),
+        "{banner}"
+    );
+    assert!(banner.contains("contracts seeded: 1"), "{banner}");
+    assert!(!banner.contains(secret), "the secret was printed: {banner}");
+    let base_url = banner
+        .split_whitespace()
+        .find(|word| word.starts_with("http://"))
+        .unwrap()
+        .to_string();
+
+    let token = client()
+        .post(format!("{base_url}/oauth/token/"))
+        .basic_auth("cli-client", Some(secret))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(token.status(), StatusCode::OK);
+    let token: Value = token.json().await.unwrap();
+    let found: Value = client()
+        .get(format!("{base_url}/api/v1/contracts?externalId=cust-cli"))
+        .bearer_auth(token["access_token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(found[0]["Id"], CONTRACT);
+
+    let pid = child.id().unwrap().to_string();
+    let signalled = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("stops within 10 s of SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
