@@ -155,7 +155,7 @@ async fn wrong_credentials_and_grants_are_refused() {
 #[tokio::test]
 async fn expired_unknown_missing_and_revoked_tokens_answer_401() {
     let emulator = start(BillwerkOptions {
-        token_lifetime: Duration::from_millis(400),
+        token_lifetime: Duration::from_secs(1),
         ..BillwerkOptions::default()
     })
     .await;
@@ -166,7 +166,7 @@ async fn expired_unknown_missing_and_revoked_tokens_answer_401() {
             .status(),
         StatusCode::CREATED
     );
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     let expired = post_usage(&emulator, &token, CONTRACT, usage("b")).await;
     assert_eq!(expired.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(header(&expired, "www-authenticate"), Some("Bearer"));
@@ -604,6 +604,8 @@ async fn retry_after_and_reset_headers_follow_the_window_which_then_reopens() {
     }))
     .await;
     let token = emulator.provider().issue_token(); // in-process: does not use up the window
+                                                   // A fresh window now, however long start-up took.
+    emulator.set_limit(emulator.limit().settings).unwrap();
     let admitted = post_usage(&emulator, &token, CONTRACT, usage("a")).await;
     assert_eq!(admitted.status(), StatusCode::CREATED);
     let reset: u64 = header(&admitted, "x-ratelimit-reset")
