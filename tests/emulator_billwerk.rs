@@ -522,6 +522,28 @@ async fn contracts_are_found_by_external_id_from_flags_and_files() {
     assert_eq!(from_file[0]["PlanId"], "plan-9");
     assert_eq!(find("nobody").await, json!([]));
 
+    let by_id = client()
+        .get(format!(
+            "{}/api/v1/contracts/{CONTRACT}",
+            emulator.base_url()
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_id.status(), StatusCode::OK);
+    assert_eq!(by_id.json::<Value>().await.unwrap()["ExternalId"], "cust-1");
+    let unknown = client()
+        .get(format!(
+            "{}/api/v1/contracts/5ce53069443e551b9caccfff",
+            emulator.base_url()
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+
     let anonymous = client()
         .get(format!(
             "{}/api/v1/contracts?externalId=cust-1",
