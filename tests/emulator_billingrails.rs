@@ -279,7 +279,7 @@ async fn the_idempotency_key_header_replays_and_refuses_another_body() {
 async fn a_duplicate_while_the_first_is_in_flight_answers_409() {
     let emulator = start(BillingrailsOptions::default().with_faults(FaultSettings {
         slow_rate: 1.0,
-        slow_duration: Duration::from_millis(1500),
+        slow_duration: Duration::from_secs(2),
         ..FaultSettings::default()
     }))
     .await;
@@ -290,8 +290,15 @@ async fn a_duplicate_while_the_first_is_in_flight_answers_409() {
             .json(&body)
             .send(),
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(emulator.records().len(), 1, "stored before the slow answer");
+    // Stored before the slow answer: wait until the first request got that far.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+    while emulator.records().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first request never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let concurrent = post(&ingest_url(&emulator))
         .header("Idempotency-Key", "req-slow")
         .json(&body)

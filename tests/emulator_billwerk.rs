@@ -155,7 +155,7 @@ async fn wrong_credentials_and_grants_are_refused() {
 #[tokio::test]
 async fn expired_unknown_missing_and_revoked_tokens_answer_401() {
     let emulator = start(BillwerkOptions {
-        token_lifetime: Duration::from_millis(400),
+        token_lifetime: Duration::from_secs(1),
         ..BillwerkOptions::default()
     })
     .await;
@@ -166,7 +166,7 @@ async fn expired_unknown_missing_and_revoked_tokens_answer_401() {
             .status(),
         StatusCode::CREATED
     );
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     let expired = post_usage(&emulator, &token, CONTRACT, usage("b")).await;
     assert_eq!(expired.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(header(&expired, "www-authenticate"), Some("Bearer"));
@@ -522,6 +522,28 @@ async fn contracts_are_found_by_external_id_from_flags_and_files() {
     assert_eq!(from_file[0]["PlanId"], "plan-9");
     assert_eq!(find("nobody").await, json!([]));
 
+    let by_id = client()
+        .get(format!(
+            "{}/api/v1/contracts/{CONTRACT}",
+            emulator.base_url()
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_id.status(), StatusCode::OK);
+    assert_eq!(by_id.json::<Value>().await.unwrap()["ExternalId"], "cust-1");
+    let unknown = client()
+        .get(format!(
+            "{}/api/v1/contracts/5ce53069443e551b9caccfff",
+            emulator.base_url()
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+
     let anonymous = client()
         .get(format!(
             "{}/api/v1/contracts?externalId=cust-1",
@@ -604,6 +626,8 @@ async fn retry_after_and_reset_headers_follow_the_window_which_then_reopens() {
     }))
     .await;
     let token = emulator.provider().issue_token(); // in-process: does not use up the window
+                                                   // A fresh window now, however long start-up took.
+    emulator.set_limit(emulator.limit().settings).unwrap();
     let admitted = post_usage(&emulator, &token, CONTRACT, usage("a")).await;
     assert_eq!(admitted.status(), StatusCode::CREATED);
     let reset: u64 = header(&admitted, "x-ratelimit-reset")
@@ -949,4 +973,94 @@ async fn shutdown_stops_serving() {
     emulator.shutdown().await;
     let fresh = reqwest::Client::new();
     assert!(fresh.get(&url).send().await.is_err());
+}
+
+// ---- the command line ----
+
+#[tokio::test]
+async fn the_command_says_where_credentials_came_from_never_the_secret_and_stops_on_sigterm() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let contracts = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        contracts.path(),
+        format!(r#"[{{"Id":"{CONTRACT}","ExternalId":"cust-cli"}}]"#),
+    )
+    .unwrap();
+    let secret = "cli-secret-that-must-not-be-printed";
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_meterflow"))
+        .args([
+            "emulate",
+            "billwerk",
+            "--listen",
+            "127.0.0.1:0",
+            "--client-id",
+            "cli-client",
+        ])
+        .arg("--contracts")
+        .arg(contracts.path())
+        .env("METERFLOW_EMULATOR_CLIENT_SECRET", secret)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut banner = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = stderr.next_line().await.unwrap() {
+            let done = line.contains("inspection");
+            banner.push(line);
+            if done {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the start-up banner within 20 s");
+    let banner = banner.join("\n");
+    assert!(banner.contains("client id from --client-id"), "{banner}");
+    assert!(
+        banner.contains("client secret from $METERFLOW_EMULATOR_CLIENT_SECRET"),
+        "{banner}"
+    );
+    assert!(banner.contains("contracts seeded: 1"), "{banner}");
+    assert!(!banner.contains(secret), "the secret was printed: {banner}");
+    let base_url = banner
+        .split_whitespace()
+        .find(|word| word.starts_with("http://"))
+        .unwrap()
+        .to_string();
+
+    let token = client()
+        .post(format!("{base_url}/oauth/token/"))
+        .basic_auth("cli-client", Some(secret))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(token.status(), StatusCode::OK);
+    let token: Value = token.json().await.unwrap();
+    let found: Value = client()
+        .get(format!("{base_url}/api/v1/contracts?externalId=cust-cli"))
+        .bearer_auth(token["access_token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(found[0]["Id"], CONTRACT);
+
+    let pid = child.id().unwrap().to_string();
+    let signalled = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("stops within 10 s of SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status}");
 }

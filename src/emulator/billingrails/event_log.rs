@@ -2,6 +2,7 @@
 //! stored again, as Billingrails documents ("the server dedupes").
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -32,37 +33,72 @@ pub enum Appended {
     Duplicate,
 }
 
+/// An event as kept in memory: properties as compact JSON text (a parsed map costs ~1 KB),
+/// the event name and key shared. The id derives from the sequence.
+struct StoredEvent {
+    sequence: u64,
+    event_name: Arc<str>,
+    properties_json: Box<str>,
+    idempotency_key: Option<Arc<str>>,
+    timestamp: DateTime<Utc>,
+    created_at: DateTime<Utc>,
+}
+
 #[derive(Default)]
 pub struct EventLog {
-    events: Vec<BillingrailsEvent>,
-    stored_keys: HashSet<String>,
+    events: Vec<StoredEvent>,
+    event_names: HashSet<Arc<str>>,
+    stored_keys: HashSet<Arc<str>>,
     duplicates_ignored: u64,
+    /// Never reset, so ids stay unique across `clear`.
     next_sequence: u64,
 }
 
 impl EventLog {
     pub fn append(&mut self, event: IncomingEvent, now: DateTime<Utc>) -> Appended {
-        if let Some(key) = &event.idempotency_key {
+        let idempotency_key: Option<Arc<str>> = event.idempotency_key.map(Arc::from);
+        if let Some(key) = &idempotency_key {
             if !self.stored_keys.insert(key.clone()) {
                 self.duplicates_ignored += 1;
                 return Appended::Duplicate;
             }
         }
-        let id = format!("evt_{:024x}", self.next_sequence);
-        self.next_sequence += 1;
-        self.events.push(BillingrailsEvent {
-            id,
-            event_name: event.event_name,
-            properties: event.properties,
-            idempotency_key: event.idempotency_key,
+        let event_name = match self.event_names.get(event.event_name.as_str()) {
+            Some(shared) => shared.clone(),
+            None => {
+                let shared: Arc<str> = Arc::from(event.event_name);
+                self.event_names.insert(shared.clone());
+                shared
+            }
+        };
+        let properties_json = serde_json::to_string(&event.properties)
+            .expect("a JSON map always serializes")
+            .into_boxed_str();
+        self.events.push(StoredEvent {
+            sequence: self.next_sequence,
+            event_name,
+            properties_json,
+            idempotency_key,
             timestamp: event.timestamp.unwrap_or(now),
             created_at: now,
         });
+        self.next_sequence += 1;
         Appended::Stored
     }
 
     pub fn events(&self) -> Vec<BillingrailsEvent> {
-        self.events.clone()
+        self.events
+            .iter()
+            .map(|stored| BillingrailsEvent {
+                id: format!("evt_{:024x}", stored.sequence),
+                event_name: stored.event_name.to_string(),
+                properties: serde_json::from_str(&stored.properties_json)
+                    .expect("stored properties are JSON written by append"),
+                idempotency_key: stored.idempotency_key.as_deref().map(str::to_string),
+                timestamp: stored.timestamp,
+                created_at: stored.created_at,
+            })
+            .collect()
     }
 
     pub fn stats(&self) -> RecordStats {
@@ -71,7 +107,7 @@ impl EventLog {
             records_per_delivery_key: self
                 .stored_keys
                 .iter()
-                .map(|key| (key.clone(), 1))
+                .map(|key| (key.to_string(), 1))
                 .collect(),
             duplicate_events_ignored: self.duplicates_ignored,
         }
@@ -79,6 +115,7 @@ impl EventLog {
 
     pub fn clear(&mut self) {
         self.events.clear();
+        self.event_names.clear();
         self.stored_keys.clear();
         self.duplicates_ignored = 0;
     }

@@ -1,6 +1,7 @@
 //! The stored usage records of every contract, in creation order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -40,23 +41,72 @@ pub struct UsageQuery {
     pub until_date_time: Option<DateTime<Utc>>,
 }
 
+/// A usage record as kept in memory: ids are derived from the sequence, repeated strings
+/// (contract, component) are shared, and the memo is shared with the per-key count. About 200
+/// bytes a record, so a long benchmark does not make the emulator swap.
+struct StoredUsage {
+    sequence: u64,
+    contract_id: Arc<str>,
+    component_id: Arc<str>,
+    quantity: Decimal,
+    due_date: DateTime<Utc>,
+    created_at: DateTime<Utc>,
+    memo: Option<Arc<str>>,
+    product_override: Option<Box<ProductOverride>>,
+}
+
+/// A record id: 8 hex characters of the run's prefix, then 16 of the sequence. As a number it
+/// orders like the creation order, which the `from` cursor relies on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct UsageId(u128);
+
+impl UsageId {
+    fn new(prefix: u32, sequence: u64) -> Self {
+        UsageId((u128::from(prefix) << 64) | u128::from(sequence))
+    }
+
+    /// `None` unless 24 hex characters.
+    pub fn parse(text: &str) -> Option<UsageId> {
+        if text.len() != 24 || !text.bytes().all(|byte| byte.is_ascii_hexdigit()) {
+            return None;
+        }
+        u128::from_str_radix(text, 16).ok().map(UsageId)
+    }
+
+    fn prefix(self) -> u32 {
+        (self.0 >> 64) as u32
+    }
+
+    fn sequence(self) -> u64 {
+        self.0 as u64
+    }
+}
+
+impl std::fmt::Display for UsageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:024x}", self.0)
+    }
+}
+
 #[derive(Default)]
 pub struct UsageLedger {
-    /// Creation order; `None` once deleted.
-    records: Vec<Option<BillwerkRecord>>,
-    index_by_id: HashMap<String, usize>,
-    indexes_by_contract: HashMap<String, Vec<usize>>,
-    records_per_memo: HashMap<String, u64>,
+    /// Creation order, indexed by `sequence - first_sequence`; `None` once deleted.
+    records: Vec<Option<StoredUsage>>,
+    first_sequence: u64,
+    live_records: u64,
+    indexes_by_contract: HashMap<Arc<str>, Vec<u32>>,
+    component_ids: HashSet<Arc<str>>,
+    records_per_memo: HashMap<Arc<str>, u64>,
     /// Never reset, so ids stay unique and ordered across `clear`.
     next_sequence: u64,
-    id_prefix: String,
+    id_prefix: u32,
 }
 
 impl UsageLedger {
-    /// `id_prefix` makes ids of different emulator runs distinct: 8 hex characters.
+    /// `id_prefix` makes ids of different emulator runs distinct.
     pub fn new(id_prefix: u32) -> Self {
         UsageLedger {
-            id_prefix: format!("{id_prefix:08x}"),
+            id_prefix,
             ..UsageLedger::default()
         }
     }
@@ -67,49 +117,86 @@ impl UsageLedger {
         request: UsageRequest,
         now: DateTime<Utc>,
     ) -> BillwerkRecord {
-        let id = format!("{}{:016x}", self.id_prefix, self.next_sequence);
+        let sequence = self.next_sequence;
         self.next_sequence += 1;
-        let record = BillwerkRecord {
-            id: id.clone(),
-            contract_id: contract_id.to_string(),
-            component_id: request.component_id,
-            quantity: request.quantity,
-            due_date: request.due_date.unwrap_or(now),
-            memo: request.memo,
-            product_override: request.product_override,
-            created_at: now,
+        let index = u32::try_from(self.records.len()).expect("fewer than 4 billion records");
+        let contract_id = match self.indexes_by_contract.get_key_value(contract_id) {
+            Some((shared, _)) => shared.clone(),
+            None => Arc::from(contract_id),
         };
-        let index = self.records.len();
-        if let Some(memo) = &record.memo {
-            *self.records_per_memo.entry(memo.clone()).or_default() += 1;
-        }
-        self.index_by_id.insert(id, index);
         self.indexes_by_contract
-            .entry(record.contract_id.clone())
+            .entry(contract_id.clone())
             .or_default()
             .push(index);
-        self.records.push(Some(record.clone()));
+        let component_id = match self.component_ids.get(request.component_id.as_str()) {
+            Some(shared) => shared.clone(),
+            None => {
+                let shared: Arc<str> = Arc::from(request.component_id);
+                self.component_ids.insert(shared.clone());
+                shared
+            }
+        };
+        let memo: Option<Arc<str>> = request.memo.map(Arc::from);
+        if let Some(memo) = &memo {
+            *self.records_per_memo.entry(memo.clone()).or_default() += 1;
+        }
+        let stored = StoredUsage {
+            sequence,
+            contract_id,
+            component_id,
+            quantity: request.quantity,
+            due_date: request.due_date.unwrap_or(now),
+            created_at: now,
+            memo,
+            product_override: request.product_override.map(Box::new),
+        };
+        let record = self.view(&stored);
+        self.records.push(Some(stored));
+        self.live_records += 1;
         record
+    }
+
+    fn view(&self, stored: &StoredUsage) -> BillwerkRecord {
+        BillwerkRecord {
+            id: UsageId::new(self.id_prefix, stored.sequence).to_string(),
+            contract_id: stored.contract_id.to_string(),
+            component_id: stored.component_id.to_string(),
+            quantity: stored.quantity,
+            due_date: stored.due_date,
+            memo: stored.memo.as_deref().map(str::to_string),
+            product_override: stored.product_override.as_deref().cloned(),
+            created_at: stored.created_at,
+        }
+    }
+
+    fn position(&self, usage_id: &str) -> Option<usize> {
+        let id = UsageId::parse(usage_id)?;
+        if id.prefix() != self.id_prefix {
+            return None;
+        }
+        let position = usize::try_from(id.sequence().checked_sub(self.first_sequence)?).ok()?;
+        (position < self.records.len()).then_some(position)
     }
 
     /// `false` when the contract has no record with that id.
     pub fn delete(&mut self, contract_id: &str, usage_id: &str) -> bool {
-        let Some(&index) = self.index_by_id.get(usage_id) else {
+        let Some(position) = self.position(usage_id) else {
             return false;
         };
         let belongs =
-            matches!(&self.records[index], Some(record) if record.contract_id == contract_id);
+            matches!(&self.records[position], Some(stored) if &*stored.contract_id == contract_id);
         if !belongs {
             return false;
         }
-        self.index_by_id.remove(usage_id);
-        if let Some(record) = self.records[index].take() {
-            if let Some(memo) = record.memo {
-                if let Some(count) = self.records_per_memo.get_mut(&memo) {
-                    *count -= 1;
-                    if *count == 0 {
-                        self.records_per_memo.remove(&memo);
-                    }
+        let Some(stored) = self.records[position].take() else {
+            return false;
+        };
+        self.live_records -= 1;
+        if let Some(memo) = stored.memo {
+            if let Some(count) = self.records_per_memo.get_mut(&memo) {
+                *count -= 1;
+                if *count == 0 {
+                    self.records_per_memo.remove(&memo);
                 }
             }
         }
@@ -120,40 +207,44 @@ impl UsageLedger {
         let Some(indexes) = self.indexes_by_contract.get(contract_id) else {
             return Vec::new();
         };
+        let after = query.after_id.as_deref().and_then(UsageId::parse);
         indexes
             .iter()
-            .filter_map(|&index| self.records[index].as_ref())
-            .filter(|record| match &query.after_id {
-                Some(after) => record.id.as_str() > after.as_str(),
-                None => true,
+            .filter_map(|&index| self.records[index as usize].as_ref())
+            .filter(|stored| {
+                after.is_none_or(|after| UsageId::new(self.id_prefix, stored.sequence) > after)
             })
-            .filter(|record| {
+            .filter(|stored| {
                 query
                     .from_date_time
-                    .is_none_or(|from| record.created_at >= from)
+                    .is_none_or(|from| stored.created_at >= from)
             })
-            .filter(|record| {
+            .filter(|stored| {
                 query
                     .until_date_time
-                    .is_none_or(|until| record.created_at < until)
+                    .is_none_or(|until| stored.created_at < until)
             })
             .skip(query.skip)
             .take(query.take)
-            .cloned()
+            .map(|stored| self.view(stored))
             .collect()
     }
 
     pub fn records(&self) -> Vec<BillwerkRecord> {
-        self.records.iter().flatten().cloned().collect()
+        self.records
+            .iter()
+            .flatten()
+            .map(|stored| self.view(stored))
+            .collect()
     }
 
     pub fn stats(&self) -> RecordStats {
         RecordStats {
-            records: self.index_by_id.len() as u64,
+            records: self.live_records,
             records_per_delivery_key: self
                 .records_per_memo
                 .iter()
-                .map(|(memo, count)| (memo.clone(), *count))
+                .map(|(memo, count)| (memo.to_string(), *count))
                 .collect(),
             duplicate_events_ignored: 0,
         }
@@ -161,8 +252,10 @@ impl UsageLedger {
 
     pub fn clear(&mut self) {
         self.records.clear();
-        self.index_by_id.clear();
+        self.first_sequence = self.next_sequence;
+        self.live_records = 0;
         self.indexes_by_contract.clear();
+        self.component_ids.clear();
         self.records_per_memo.clear();
     }
 }
@@ -262,5 +355,12 @@ mod tests {
         assert!(ledger.records().is_empty());
         let after = ledger.insert("a", usage("k"), at(1));
         assert!(after.id > before.id);
+        assert!(!ledger.delete("a", &before.id), "cleared records are gone");
+        assert!(!ledger.delete("a", "not-an-id"));
+        assert!(
+            !ledger.delete("a", "ffffffff0000000000000001"),
+            "another run's id"
+        );
+        assert!(ledger.delete("a", &after.id.to_uppercase()));
     }
 }

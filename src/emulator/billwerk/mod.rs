@@ -183,12 +183,12 @@ pub fn describe(options: &BillwerkOptions) -> String {
     let contracts = match (options.contracts.len(), options.accept_any_contract) {
         (0, Some(false)) => "no contracts seeded, none accepted".to_string(),
         (0, _) => "no contracts seeded: any well-formed contract id accepted".to_string(),
-        (n, Some(true)) => format!("{n} contracts seeded, any well-formed contract id accepted"),
-        (n, _) => format!("{n} contracts seeded: other contract ids answer 404"),
+        (n, Some(true)) => format!("contracts seeded: {n}; any well-formed contract id accepted"),
+        (n, _) => format!("contracts seeded: {n}; other contract ids answer 404"),
     };
     let components = match options.components.len() {
         0 => "any ComponentId accepted".to_string(),
-        n => format!("{n} components in the catalogue"),
+        n => format!("components in the catalogue: {n}"),
     };
     format!(
         "client id '{}', tokens valid {}; {contracts}; {components}",
