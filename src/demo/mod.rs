@@ -53,6 +53,13 @@ pub struct DemoArgs {
     /// Requests in flight at once.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
+    /// Delivery ledger: `sqlite` (a temporary file), `none`, or a `postgres://` URL.
+    #[arg(long, default_value = "sqlite")]
+    pub ledger: String,
+    /// Tell meterflow this many requests per window are allowed (for providers that send no
+    /// rate-limit headers, e.g. the emulator with `--limit 0`); 0 = let it probe.
+    #[arg(long, default_value_t = 0)]
+    pub assume_limit: u32,
     /// Give up waiting after this long.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -102,7 +109,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     if std::env::var("RUST_LOG").is_err() {
         crate::telemetry::init_logging(&crate::config::LogConfig {
             format: crate::config::LogFormat::Text,
-            level: "error".into(),
+            level: "error,rdkafka::client=off,librdkafka=off".into(),
         });
     } else {
         crate::telemetry::init_logging(&Default::default());
@@ -179,13 +186,24 @@ pub async fn run_demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
 
     // Run the real pipeline.
     let dir = tempfile::tempdir()?;
-    let config = Config::from_toml_str(&demo_config(
+    let ledger = match args.ledger.as_str() {
+        "sqlite" => format!("sqlite://{}", dir.path().join("ledger.db").display()),
+        other => other.to_string(),
+    };
+    let mut config_text = demo_config(
         &brokers,
         &emulator.base_url(),
-        &format!("sqlite://{}", dir.path().join("ledger.db").display()),
+        &ledger,
         args.concurrency,
         args.window,
-    ))?;
+    );
+    if args.assume_limit > 0 {
+        config_text = config_text.replace(
+            "headroom = 0.005",
+            &format!("headroom = 0.005\nlimit = {}", args.assume_limit),
+        );
+    }
+    let config = Config::from_toml_str(&config_text)?;
     let stats = Arc::new(RunStats::default());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let started = Instant::now();
@@ -251,6 +269,8 @@ pub async fn run_demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
     );
     let expected_dead = report.produced_invalid.values().sum::<usize>();
     report.dead_lettered = count_dead_letters(&brokers, expected_dead);
+    // Clients first, then the cluster they talk to (or librdkafka logs "all brokers down").
+    drop(producer);
     drop(cluster);
     Ok(report)
 }
