@@ -1,0 +1,408 @@
+//! The promise, tested by breaking things: a real Tansu broker (SQLite storage, so it survives
+//! its own restart), the billwerk emulator with faults on (5xx, answers slower than the client's
+//! timeout, and record-then-drop-the-connection), a stream with invalid events, and meterflow
+//! processes killed with SIGKILL at random moments and restarted. At the end: exactly one usage
+//! record per valid event, exactly one dead letter per invalid one, quantities summed per contract
+//! equal to what was produced.
+//!
+//! `METERFLOW_FAILURE_KILLS` sets the number of kills (default 4; the long local run uses more).
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rust_decimal::Decimal;
+use serde_json::json;
+
+use meterflow::emulator::billwerk::{self, BillwerkEmulator, BillwerkOptions};
+use meterflow::emulator::faults::FaultSettings;
+use meterflow::emulator::ratelimit::RateLimitSettings;
+use meterflow::event::DeliveryKey;
+
+const CONTRACTS: [&str; 3] = [
+    "5cd186af443e551fe8e4f5a1",
+    "5cd186af443e551fe8e4f5a2",
+    "5cd186af443e551fe8e4f5a3",
+];
+
+struct Stream {
+    payloads: Vec<Vec<u8>>,
+    valid_ids: Vec<String>,
+    invalid: usize,
+    sums: BTreeMap<String, Decimal>,
+}
+
+fn stream(run: u32, valid: usize, rng: &mut StdRng) -> Stream {
+    let mut s = Stream {
+        payloads: Vec::new(),
+        valid_ids: Vec::new(),
+        invalid: 0,
+        sums: BTreeMap::new(),
+    };
+    for i in 0..valid {
+        if i % 40 == 17 {
+            s.payloads
+                .push(format!("{{\"id\": \"broken_{run}_{i}\"").into_bytes());
+            s.invalid += 1;
+        }
+        let id = format!("fail_{run}_{i}");
+        let contract = CONTRACTS[i % CONTRACTS.len()];
+        let q = Decimal::new(rng.random_range(1..100_000), rng.random_range(0..4));
+        *s.sums.entry(contract.to_string()).or_default() += q;
+        s.payloads.push(
+            serde_json::to_vec(&json!({
+                "id": id, "contract_id": contract, "metric": "api_calls",
+                "quantity": q.to_string(), "timestamp": "2026-11-20T10:15:00Z"
+            }))
+            .unwrap(),
+        );
+        s.valid_ids.push(id);
+    }
+    s
+}
+
+fn write_config(
+    path: &Path,
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    dlq: &str,
+    base: &str,
+    ledger: &str,
+) {
+    let text = common::billwerk_config(brokers, group, topic, dlq, base, ledger)
+        .replace("request_timeout = \"2s\"", "request_timeout = \"1s\"")
+        .replace(
+            "[rate_limit]\nwindow = \"1s\"",
+            "[rate_limit]\nwindow = \"1s\"\nheadroom = 0.02",
+        )
+        .replace(
+            "[admin]\nlisten = \"\"",
+            "[admin]\nlisten = \"\"\n\n[log]\nformat = \"json\"",
+        );
+    std::fs::write(path, text).unwrap();
+}
+
+fn spawn_meterflow(config: &Path, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_meterflow"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info,librdkafka=warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("meterflow starts")
+}
+
+fn sigkill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// SIGTERM and wait for a clean exit.
+fn sigterm(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    unsafe_kill(child.id(), 15);
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+fn unsafe_kill(pid: u32, signal: i32) {
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// Waits until the emulator holds at least `n` records (or `timeout`).
+async fn wait_records(emulator: &BillwerkEmulator, n: usize, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if emulator.records().len() >= n {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+struct Verdict {
+    lost: usize,
+    duplicated: usize,
+    dead_letters: usize,
+    duplicate_dead_letters: usize,
+}
+
+fn verify(emulator: &BillwerkEmulator, s: &Stream, brokers: &str, dlq: &str) -> Verdict {
+    let records = emulator.records();
+    let mut per_key: HashMap<String, usize> = HashMap::new();
+    let mut sums: BTreeMap<String, Decimal> = BTreeMap::new();
+    for r in &records {
+        *per_key
+            .entry(r.memo.clone().unwrap_or_default())
+            .or_default() += 1;
+        *sums.entry(r.contract_id.clone()).or_default() += r.quantity;
+    }
+    let mut lost = 0;
+    let mut duplicated = 0;
+    for id in &s.valid_ids {
+        match per_key
+            .get(DeliveryKey::for_event(id).as_str())
+            .copied()
+            .unwrap_or(0)
+        {
+            0 => lost += 1,
+            1 => {}
+            n => duplicated += n - 1,
+        }
+    }
+    let letters = common::read_topic(brokers, dlq, s.invalid + 50, Duration::from_secs(10));
+    let unique: HashSet<(String, String)> = letters
+        .iter()
+        .map(|l| {
+            (
+                l.headers
+                    .get("meterflow.source.partition")
+                    .cloned()
+                    .unwrap_or_default(),
+                l.headers
+                    .get("meterflow.source.offset")
+                    .cloned()
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    if lost == 0 && duplicated == 0 {
+        assert_eq!(
+            sums, s.sums,
+            "quantities summed per contract equal what was produced"
+        );
+    }
+    Verdict {
+        lost,
+        duplicated,
+        dead_letters: unique.len(),
+        duplicate_dead_letters: letters.len() - unique.len(),
+    }
+}
+
+fn count_in_logs(log: &Path, needle: &str) -> usize {
+    std::fs::read_to_string(log)
+        .map(|t| t.lines().filter(|l| l.contains(needle)).count())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_nine_and_broker_restart_lose_nothing_and_bill_nothing_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut broker) = common::require_tansu(dir.path()) else {
+        return;
+    };
+    let brokers = broker.brokers();
+    let kills: usize = std::env::var("METERFLOW_FAILURE_KILLS")
+        .ok()
+        .and_then(|k| k.parse().ok())
+        .unwrap_or(4);
+    let run = rand::random::<u32>();
+    let mut rng = StdRng::seed_from_u64(u64::from(run));
+    let (topic, dlq, group) = (
+        format!("usage-{run}"),
+        format!("dlq-{run}"),
+        format!("g-{run}"),
+    );
+    common::create_topics(&brokers, &[(&topic, 4), (&dlq, 1)]).await;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let emulator = billwerk::start(
+        BillwerkOptions::default()
+            .with_limit(RateLimitSettings::per_window(400, Duration::from_secs(1)))
+            .with_faults(FaultSettings {
+                fail_rate: 0.03,
+                drop_rate: 0.03,
+                slow_rate: 0.01,
+                slow_duration: Duration::from_millis(1500),
+                ..FaultSettings::default()
+            }),
+        listener,
+    )
+    .await
+    .unwrap();
+
+    let valid = 400 * (kills + 2);
+    let s = stream(run, valid, &mut rng);
+    common::produce(&brokers, &topic, 4, &s.payloads).await;
+    let config = dir.path().join("meterflow.toml");
+    let log = dir.path().join("meterflow.log");
+    let ledger = format!("sqlite://{}", dir.path().join("ledger.db").display());
+    write_config(
+        &config,
+        &brokers,
+        &group,
+        &topic,
+        &dlq,
+        &emulator.base_url(),
+        &ledger,
+    );
+
+    let started = Instant::now();
+    let mut broker_restarts = 0;
+    for k in 0..kills {
+        let mut child = spawn_meterflow(&config, &log);
+        let before = emulator.records().len();
+        // Kill once it is delivering: after some records, at a random moment.
+        let target = before + rng.random_range(20..200);
+        wait_records(&emulator, target.min(valid), Duration::from_secs(60)).await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
+        sigkill(&mut child);
+        if k == kills / 2 {
+            broker.restart();
+            broker_restarts += 1;
+        }
+    }
+    // The last run finishes the stream and stops cleanly on SIGTERM.
+    let mut child = spawn_meterflow(&config, &log);
+    let done = wait_records(&emulator, valid, Duration::from_secs(120)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let status = sigterm(&mut child, Duration::from_secs(20));
+    let elapsed = started.elapsed();
+
+    let v = verify(&emulator, &s, &brokers, &dlq);
+    let stats = emulator.stats();
+    println!(
+        "failure test: events={} (valid {}, invalid {}), kills={kills}, broker restarts={broker_restarts}, \
+         faults injected: 5xx={} dropped-after-recording={} slow={}, reconciliations found={} not-found={}, \
+         lost={}, duplicated={}, dead letters={} (duplicates {}), elapsed={:.1}s",
+        s.payloads.len(),
+        valid,
+        s.invalid,
+        stats.faults_injected.fail,
+        stats.faults_injected.drop,
+        stats.faults_injected.slow,
+        count_in_logs(&log, "reconciled: the provider already has"),
+        count_in_logs(&log, "reconciled: not at the provider"),
+        v.lost,
+        v.duplicated,
+        v.dead_letters,
+        v.duplicate_dead_letters,
+        elapsed.as_secs_f64()
+    );
+    assert!(done, "every valid event delivered in time");
+    assert_eq!(v.lost, 0, "no valid event lost");
+    assert_eq!(v.duplicated, 0, "no valid event billed twice");
+    assert_eq!(
+        v.dead_letters, s.invalid,
+        "every invalid event dead-lettered"
+    );
+    assert_eq!(v.duplicate_dead_letters, 0, "no dead letter written twice");
+    assert!(
+        stats.faults_injected.drop > 0,
+        "the drop-after-recording fault was exercised"
+    );
+    let status = status.expect("exits on SIGTERM within the drain deadline");
+    assert!(status.success(), "SIGTERM exits 0, got {status:?}");
+}
+
+/// Two replicas in one group sharing the PostgreSQL ledger; one is killed mid-run and the other
+/// takes over its partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_with_postgres_ledger_survive_losing_one() {
+    let postgres = std::env::var("METERFLOW_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    if meterflow::ack::ledger::LedgerStore::connect(&postgres)
+        .await
+        .is_err()
+    {
+        assert!(
+            std::env::var("CI").is_err(),
+            "PostgreSQL must be reachable in CI"
+        );
+        eprintln!("skipping: PostgreSQL not reachable");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let Some(broker) = common::require_tansu(dir.path()) else {
+        return;
+    };
+    let brokers = broker.brokers();
+    let run = rand::random::<u32>();
+    let mut rng = StdRng::seed_from_u64(u64::from(run));
+    let (topic, dlq, group) = (
+        format!("usage-{run}"),
+        format!("dlq-{run}"),
+        format!("g-{run}"),
+    );
+    common::create_topics(&brokers, &[(&topic, 4), (&dlq, 1)]).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let emulator = billwerk::start(
+        BillwerkOptions::default()
+            .with_limit(RateLimitSettings::per_window(300, Duration::from_secs(1)))
+            .with_faults(FaultSettings {
+                fail_rate: 0.02,
+                drop_rate: 0.03,
+                ..FaultSettings::default()
+            }),
+        listener,
+    )
+    .await
+    .unwrap();
+    let valid = 2400;
+    let s = stream(run, valid, &mut rng);
+    common::produce(&brokers, &topic, 4, &s.payloads).await;
+    let config = dir.path().join("meterflow.toml");
+    write_config(
+        &config,
+        &brokers,
+        &group,
+        &topic,
+        &dlq,
+        &emulator.base_url(),
+        &postgres,
+    );
+    let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    let started = Instant::now();
+    let mut a = spawn_meterflow(&config, &log_a);
+    let mut b = spawn_meterflow(&config, &log_b);
+    wait_records(&emulator, valid / 3, Duration::from_secs(60)).await;
+    sigkill(&mut a);
+    let done = wait_records(&emulator, valid, Duration::from_secs(150)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let status = sigterm(&mut b, Duration::from_secs(20));
+    let v = verify(&emulator, &s, &brokers, &dlq);
+    let stats = emulator.stats();
+    println!(
+        "two replicas: events={} (valid {valid}, invalid {}), killed one replica, dropped-after-recording={}, \
+         reconciliations found={}, lost={}, duplicated={}, dead letters={} (duplicates {}), elapsed={:.1}s",
+        s.payloads.len(),
+        s.invalid,
+        stats.faults_injected.drop,
+        count_in_logs(&log_a, "reconciled: the provider already has")
+            + count_in_logs(&log_b, "reconciled: the provider already has"),
+        v.lost,
+        v.duplicated,
+        v.dead_letters,
+        v.duplicate_dead_letters,
+        started.elapsed().as_secs_f64()
+    );
+    assert!(done, "every valid event delivered in time");
+    assert_eq!(v.lost, 0);
+    assert_eq!(v.duplicated, 0);
+    assert_eq!(v.dead_letters, s.invalid);
+    assert!(status.expect("survivor exits on SIGTERM").success());
+    let _ = Decimal::from_str("0");
+}
