@@ -1,0 +1,235 @@
+//! Throughput: Kafka (a Tansu broker process, 4 partitions) → `meterflow run` (its own process)
+//! → `meterflow emulate billwerk` (its own process, no rate limit, answers at once). Broker,
+//! meterflow and emulator share the machine, as in the peer comparison in
+//! `shared/reference/lessons-from-peers.md`.
+//!
+//! Prints, per scenario: events, events/s (first to last record), meterflow's CPU µs per event,
+//! and its peak RSS.
+//!
+//! `cargo bench --bench throughput [-- --events N] [-- --only none|sqlite|postgres]`
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+}
+
+fn records(emulator: &str) -> u64 {
+    http_get(emulator, "/_emulator/stats?per_key=false")
+        .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["records"].as_u64())
+        .unwrap_or(0)
+}
+
+/// (user+system CPU seconds, peak RSS in KiB) of a process.
+fn usage(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = 100.0; // CLK_TCK on Linux x86_64
+    let cpu = fields
+        .get(11)
+        .zip(fields.get(12))
+        .map(|(u, s)| (u.parse::<f64>().unwrap_or(0.0) + s.parse::<f64>().unwrap_or(0.0)) / ticks)
+        .unwrap_or(0.0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (cpu, hwm)
+}
+
+fn meterflow() -> &'static str {
+    env!("CARGO_BIN_EXE_meterflow")
+}
+
+fn start_emulator(port: u16) -> Child {
+    let child = Command::new(meterflow())
+        .args([
+            "emulate",
+            "billwerk",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("emulator starts");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
+struct Row {
+    scenario: String,
+    events: u64,
+    rate: f64,
+    cpu_us: f64,
+    rss_mib: f64,
+}
+
+async fn scenario(name: &str, ledger: &str, events: usize, dir: &Path, brokers: &str) -> Row {
+    let port = common::free_port();
+    let mut emulator = start_emulator(port);
+    let emu_addr = format!("127.0.0.1:{port}");
+    let run = rand::random::<u32>();
+    let (topic, dlq, group) = (
+        format!("bench-{run}"),
+        format!("bench-dlq-{run}"),
+        format!("bench-{run}"),
+    );
+    common::create_topics(brokers, &[(&topic, 4), (&dlq, 1)]).await;
+    let payloads: Vec<Vec<u8>> = (0..events)
+        .map(|i| {
+            serde_json::to_vec(&json!({
+                "id": format!("b{run}_{i}"),
+                "contract_id": "5cd186af443e551fe8e4f5dd",
+                "metric": "api_calls",
+                "quantity": (i % 500) + 1,
+                "timestamp": "2026-11-20T10:15:00Z",
+                "attributes": {"plan": "enterprise", "region": "eu-west-1"}
+            }))
+            .unwrap()
+        })
+        .collect();
+    common::produce(brokers, &topic, 4, &payloads).await;
+    let config = dir.join(format!("{name}.toml"));
+    let text = common::billwerk_config(
+        brokers,
+        &group,
+        &topic,
+        &dlq,
+        &format!("http://{emu_addr}"),
+        ledger,
+    )
+    .replace("concurrency = 16", "concurrency = 64")
+    .replace("max_events = 200", "max_events = 500")
+    // The emulator without a limit sends no rate-limit headers: tell meterflow the budget.
+    .replace(
+        "[rate_limit]\nwindow = \"1s\"",
+        "[rate_limit]\nwindow = \"1s\"\nlimit = 10000000",
+    )
+    .replace(
+        "[admin]\nlisten = \"\"",
+        "[admin]\nlisten = \"\"\n\n[log]\nlevel = \"warn\"",
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut mf = Command::new(meterflow())
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("meterflow starts");
+    let pid = mf.id();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut first: Option<(Instant, u64, f64)> = None;
+    let last = loop {
+        let n = records(&emu_addr);
+        let now = Instant::now();
+        if first.is_none() && n > 0 {
+            first = Some((now, n, usage(pid).0));
+        }
+        if n >= events as u64 || now > deadline {
+            break (now, n, usage(pid).0);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (cpu_end, rss) = usage(pid);
+    let _ = Command::new("kill")
+        .arg("-15")
+        .arg(pid.to_string())
+        .status();
+    let _ = mf.wait();
+    let _ = emulator.kill();
+    let _ = emulator.wait();
+    let (t0, n0, cpu0) = first.unwrap_or(last);
+    let secs = (last.0 - t0).as_secs_f64().max(0.001);
+    let counted = last.1.saturating_sub(n0).max(1);
+    Row {
+        scenario: name.to_string(),
+        events: last.1,
+        rate: counted as f64 / secs,
+        cpu_us: (cpu_end.max(last.2) - cpu0) * 1e6 / counted as f64,
+        rss_mib: rss as f64 / 1024.0,
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let events: usize = arg("--events")
+        .and_then(|e| e.parse().ok())
+        .unwrap_or(200_000);
+    let only = arg("--only");
+    let dir = tempfile::tempdir().unwrap();
+    let Some(broker) = common::Tansu::start(dir.path()) else {
+        eprintln!("throughput bench needs tansu (cargo install tansu --version 0.6.0 --locked --features dynostore,libsql)");
+        std::process::exit(2);
+    };
+    let brokers = broker.brokers();
+    let postgres = std::env::var("METERFLOW_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let scenarios = [
+        ("ledger=none", "none".to_string()),
+        (
+            "ledger=sqlite",
+            format!("sqlite://{}", dir.path().join("ledger.db").display()),
+        ),
+        ("ledger=postgres", postgres),
+    ];
+    println!(
+        "load before: {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+    println!(
+        "{:<18} {:>9} {:>12} {:>14} {:>14}",
+        "scenario", "events", "events/s", "CPU µs/event", "peak RSS MiB"
+    );
+    for (name, ledger) in scenarios {
+        if only.as_deref().is_some_and(|o| !name.ends_with(o)) {
+            continue;
+        }
+        let row = scenario(name, &ledger, events, dir.path(), &brokers).await;
+        println!(
+            "{:<18} {:>9} {:>12.0} {:>14.1} {:>14.1}",
+            row.scenario, row.events, row.rate, row.cpu_us, row.rss_mib
+        );
+    }
+}
