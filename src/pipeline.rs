@@ -186,7 +186,15 @@ pub async fn run(
                     dispatch(&stages, &concurrency, &mut tasks, batch::group(due, grouping));
                 }
             }
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = joined {
+                    if e.is_panic() {
+                        // Its events stay unsettled: the partition holds there (lag alerts fire)
+                        // and a restart redelivers them. Never skipped.
+                        tracing::error!(error = %e, "a delivery task panicked; its partition cannot advance until a restart");
+                    }
+                }
+            }
             _ = &mut shutdown, if !stopping => {
                 stopping = true;
                 tracing::info!("shutting down: no new fetches; draining in-flight work");
