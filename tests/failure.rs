@@ -202,10 +202,18 @@ fn verify(emulator: &BillwerkEmulator, s: &Stream, brokers: &str, dlq: &str) -> 
     }
 }
 
+/// The last lines of a log, for a failure's diagnosis.
+fn tail(log: &Path, lines: usize) -> String {
+    let text = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 fn count_in_logs(log: &Path, needle: &str) -> usize {
-    std::fs::read_to_string(log)
-        .map(|t| t.lines().filter(|l| l.contains(needle)).count())
-        .unwrap_or(0)
+    String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default())
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -302,6 +310,9 @@ async fn kill_nine_and_broker_restart_lose_nothing_and_bill_nothing_twice() {
         v.duplicate_dead_letters,
         elapsed.as_secs_f64()
     );
+    if !done || v.lost > 0 {
+        eprintln!("--- meterflow log, last lines:\n{}", tail(&log, 80));
+    }
     assert!(done, "every valid event delivered in time");
     assert_eq!(v.lost, 0, "no valid event lost");
     assert_eq!(v.duplicated, 0, "no valid event billed twice");
@@ -399,6 +410,13 @@ async fn two_replicas_with_postgres_ledger_survive_losing_one() {
         v.duplicate_dead_letters,
         started.elapsed().as_secs_f64()
     );
+    if !done || v.lost > 0 {
+        eprintln!("--- replica a (killed), last lines:\n{}", tail(&log_a, 40));
+        eprintln!(
+            "--- replica b (survivor), last lines:\n{}",
+            tail(&log_b, 80)
+        );
+    }
     assert!(done, "every valid event delivered in time");
     assert_eq!(v.lost, 0);
     assert_eq!(v.duplicated, 0);
