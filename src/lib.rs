@@ -5,6 +5,7 @@
 //! retry) → [`ack`] (watermark, dead letters, ledger). [`pipeline`] wires them together.
 
 pub mod ack;
+pub mod admin;
 pub mod batch;
 pub mod cli;
 pub mod config;
