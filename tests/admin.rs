@@ -266,3 +266,69 @@ async fn readyz_reports_an_unreachable_broker() {
     stop.send(()).unwrap();
     let _ = tokio::time::timeout(Duration::from_secs(30), run).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meterflow_run_serves_the_admin_endpoints_and_stops_on_sigterm() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let emulator = billwerk::start(BillwerkOptions::default(), listener)
+        .await
+        .unwrap();
+    let port = common::free_port();
+    // No broker listens on port 1: the service runs, alive but never ready.
+    let config = common::billwerk_config(
+        "127.0.0.1:1",
+        "meterflow-admin-cli",
+        "usage",
+        "usage-dlq",
+        &emulator.base_url(),
+        "none",
+    )
+    .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meterflow.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_meterflow"))
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = reqwest::get(format!("{base}/healthz")).await {
+            assert_eq!(r.status().as_u16(), 200);
+            break;
+        }
+        assert!(Instant::now() < deadline, "admin server never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, _, body) = get(&format!("{base}/readyz")).await;
+    assert_eq!(status, 503);
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(report["checks"]["partitions"]["ok"], false, "{body}");
+    assert_eq!(report["checks"]["broker"]["ok"], false, "{body}");
+    let (_, _, metrics) = get(&format!("{base}/metrics")).await;
+    assert!(metrics.contains("meterflow_build_info"), "{metrics}");
+    assert!(!metrics.contains(SECRET));
+
+    let pid = child.id().unwrap().to_string();
+    let signalled = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("stops within 20 s of SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        reqwest::get(format!("{base}/healthz")).await.is_err(),
+        "the admin server stops with the process"
+    );
+}
