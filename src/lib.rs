@@ -12,6 +12,7 @@ pub mod config;
 pub mod decode;
 pub mod deliver;
 pub mod demo;
+pub mod dlq;
 pub mod emulator;
 pub mod event;
 pub mod pipeline;
