@@ -107,11 +107,6 @@ struct Selected {
 const CHUNK: usize = 500;
 /// Metadata and watermark requests.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
-/// How much earlier than `--since` to start reading: a letter's Kafka timestamp is taken by
-/// the writing process just after its `dead_lettered_at`, or by the broker (LogAppendTime),
-/// whose clock may differ. The filter itself uses the header.
-const SEEK_MARGIN: chrono::Duration = chrono::Duration::minutes(10);
-
 /// Runs a replay; `line` receives one line per selected letter (what was or would be done).
 pub async fn replay(
     config: &Config,
@@ -125,7 +120,7 @@ pub async fn replay(
     };
     let consumer = consumer(config)?;
     // The calls below block for at most METADATA_TIMEOUT each; nothing else runs meanwhile.
-    let ends = partition_ends(&consumer, &topic, options.filter.since)?;
+    let ends = partition_ends(&consumer, &topic)?;
     let mut unfinished: HashMap<i32, i64> = ends
         .iter()
         .filter(|(_, (start, end))| start < end)
@@ -373,12 +368,13 @@ fn select(
     })
 }
 
-/// Per partition: where to start reading (the low watermark, or the first offset near
-/// `--since`) and the high watermark now, which is where the replay stops.
+/// Per partition: the low watermark, where reading starts, and the high watermark now, where
+/// the replay stops. Always from the beginning: seeking by time (`offsets_for_times`) would be
+/// faster on a long topic, but a broker that answers it wrongly (librdkafka's mock cluster says
+/// "end" for every time) would make the replay skip letters without a word.
 fn partition_ends(
     consumer: &StreamConsumer,
     topic: &str,
-    since: Option<chrono::DateTime<chrono::Utc>>,
 ) -> Result<BTreeMap<i32, (i64, i64)>, ReplayError> {
     let unreachable = |source| ReplayError::Unreachable {
         topic: topic.to_string(),
@@ -399,31 +395,6 @@ fn partition_ends(
             .fetch_watermarks(topic, *p, METADATA_TIMEOUT)
             .map_err(unreachable)?;
         ends.insert(*p, (low, high));
-    }
-    if let Some(since) = since {
-        let at = (since - SEEK_MARGIN).timestamp_millis().max(0);
-        let mut tpl = TopicPartitionList::new();
-        for p in &partitions {
-            let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(at));
-        }
-        match consumer.offsets_for_times(tpl, METADATA_TIMEOUT) {
-            Ok(found) => {
-                for e in found.elements() {
-                    if let Some((low, high)) = ends.get_mut(&e.partition()) {
-                        match e.offset() {
-                            Offset::Offset(o) => *low = o.clamp(*low, *high),
-                            // Nothing at or after that time.
-                            Offset::End => *low = *high,
-                            _ => {}
-                        }
-                    }
-                }
-            }
-            // Only an optimisation: read from the beginning instead.
-            Err(e) => {
-                tracing::warn!(error = %e, "offsets by time unavailable; reading from the beginning")
-            }
-        }
     }
     Ok(ends)
 }
