@@ -167,3 +167,39 @@ pub fn summary(report: &ReplayReport, dry_run: bool) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_counts_by_reason() {
+        let report = ReplayReport {
+            dead_letter_topic: "usage-dlq".into(),
+            scanned: 120,
+            selected: [
+                ("unknown_metric".into(), 10),
+                ("provider_rejected".into(), 2),
+            ]
+            .into(),
+            replayed: [
+                ("unknown_metric".into(), 10),
+                ("provider_rejected".into(), 2),
+            ]
+            .into(),
+            rejections_forgotten: 2,
+            failures: Vec::new(),
+        };
+        assert_eq!(
+            summary(&report, false),
+            "dead-letter topic usage-dlq: scanned 120, selected 12, replayed 12, failed 0\n\
+             \x20 reason             selected  replayed\n\
+             \x20 provider_rejected         2         2\n\
+             \x20 unknown_metric           10        10\n\
+             delivery ledger: forgot 2 earlier provider refusals, so those events are sent again\n"
+        );
+        let dry = summary(&report, true);
+        assert!(dry.contains("would replay 12"), "{dry}");
+        assert!(dry.ends_with("dry run: nothing was produced, the ledger was not changed\n"));
+    }
+}
