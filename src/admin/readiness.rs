@@ -216,7 +216,7 @@ impl ProviderProbe {
         match self.client.get(&self.url).send().await {
             Ok(_) => true,
             Err(e) => {
-                tracing::debug!(error = %crate::deliver::billwerk::without_url(&e), "provider readiness probe got no answer");
+                tracing::debug!(error = %e.without_url(), "provider readiness probe got no answer");
                 false
             }
         }
