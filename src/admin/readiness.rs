@@ -22,6 +22,9 @@ pub const STALE_AFTER: Duration = Duration::from_secs(30);
 /// How often [`watch`] asks the broker, and how old the provider's last answer may get before
 /// it asks the provider itself.
 pub const PROBE_EVERY: Duration = Duration::from_secs(5);
+/// How long a broker probe may block: it also bounds how long a probe in progress holds the
+/// consumer (and the runtime's exit) after the pipeline stopped.
+const BROKER_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What `/readyz` reports; updated by the source, the sink and [`watch`].
 #[derive(Debug)]
@@ -245,7 +248,7 @@ pub fn watch(
                 let source = source.clone();
                 // librdkafka's metadata call blocks; keep it off the async workers.
                 let answered =
-                    tokio::task::spawn_blocking(move || source.probe_broker(PROBE_EVERY))
+                    tokio::task::spawn_blocking(move || source.probe_broker(BROKER_PROBE_TIMEOUT))
                         .await
                         .unwrap_or(false);
                 if answered {
