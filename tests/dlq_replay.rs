@@ -479,7 +479,7 @@ async fn dry_run_lists_what_would_be_replayed_and_produces_nothing() {
         "{stdout}"
     );
     assert!(
-        stdout.contains("scanned 2, selected 1, would replay 1, failed 0"),
+        stdout.contains("scanned 2, selected 1, would replay 1, problems 0"),
         "{stdout}"
     );
     assert!(stdout.contains("dry run: nothing was produced"), "{stdout}");
@@ -503,7 +503,7 @@ async fn dry_run_lists_what_would_be_replayed_and_produces_nothing() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(
-        stdout.contains("scanned 2, selected 2, replayed 2, failed 0"),
+        stdout.contains("scanned 2, selected 2, replayed 2, problems 0"),
         "{stdout}"
     );
     assert!(stdout.contains("invalid_json"), "{stdout}");
@@ -668,4 +668,36 @@ async fn an_unreachable_broker_fails_within_seconds_and_names_the_fix() {
     assert!(started.elapsed() < Duration::from_secs(20), "bounded");
     assert!(matches!(err, ReplayError::Unreachable { .. }), "{err}");
     assert!(err.to_string().contains("kafka.brokers"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_read_ends_with_a_problem_not_a_hang() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("usage", 1, 1).unwrap();
+    cluster.create_topic("usage-dlq", 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    write(
+        &writer(&brokers),
+        &raw(1, "k1", br#"{"id":"evt_1"}"#, &[]),
+        RejectReason::UnknownMetric,
+        None,
+    )
+    .await;
+    // Every answer now takes 3 s: metadata still fits its 10 s, the fetch outlasts --idle-timeout.
+    cluster
+        .broker_round_trip_time(1, Duration::from_secs(3))
+        .unwrap();
+    let config = config(&brokers, "http://127.0.0.1:1", "none");
+    let mut short = options(Filter::default());
+    short.idle_timeout = Duration::from_millis(500);
+    let started = Instant::now();
+    let report = replay(&config, &short, |_| {}).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(40), "bounded");
+    assert_eq!(report.replayed_total(), 0);
+    assert_eq!(report.failures.len(), 1, "{:?}", report.failures);
+    assert!(
+        report.failures[0].contains("--idle-timeout") && report.failures[0].contains("[0]"),
+        "{:?}",
+        report.failures
+    );
 }

@@ -116,7 +116,7 @@ async fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
             eprintln!("not replayed: {failure}");
         }
         anyhow::bail!(
-            "{} selected dead letters were not replayed (listed above); fix that and run the same \
+            "the replay is incomplete ({} problems, listed above); fix them and run the same \
              command again: events replayed already are recognised by their delivery keys and \
              not billed twice",
             report.failures.len()
@@ -128,7 +128,7 @@ async fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
 /// The closing table: scanned, selected, replayed, by reason.
 pub fn summary(report: &ReplayReport, dry_run: bool) -> String {
     let mut out = format!(
-        "dead-letter topic {}: scanned {}, selected {}, {} {}, failed {}\n",
+        "dead-letter topic {}: scanned {}, selected {}, {} {}, problems {}\n",
         report.dead_letter_topic,
         report.scanned,
         report.selected_total(),
@@ -192,7 +192,7 @@ mod tests {
         };
         assert_eq!(
             summary(&report, false),
-            "dead-letter topic usage-dlq: scanned 120, selected 12, replayed 12, failed 0\n\
+            "dead-letter topic usage-dlq: scanned 120, selected 12, replayed 12, problems 0\n\
              \x20 reason             selected  replayed\n\
              \x20 provider_rejected         2         2\n\
              \x20 unknown_metric           10        10\n\

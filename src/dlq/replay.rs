@@ -47,7 +47,7 @@ pub struct ReplayReport {
     pub replayed: BTreeMap<String, u64>,
     /// Provider refusals removed from the delivery ledger so the events are sent again.
     pub rejections_forgotten: u64,
-    /// One line per letter that was selected but not replayed.
+    /// One line per letter that was selected but not replayed, and one if reading stalled.
     pub failures: Vec<String>,
 }
 
@@ -61,7 +61,8 @@ impl ReplayReport {
     }
 }
 
-/// Why a replay could not run at all (per-letter problems are in [`ReplayReport::failures`]).
+/// Why a replay could not run at all. Per-letter problems, and a stall part-way, are in
+/// [`ReplayReport::failures`], so the summary still says what was replayed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
     #[error("cannot set up a Kafka client: {0}; check kafka.brokers and kafka.properties")]
@@ -127,10 +128,7 @@ pub async fn replay(
         .map(|(p, (_, end))| (*p, *end))
         .collect();
     if unfinished.is_empty() {
-        tracing::info!(
-            topic,
-            "nothing to read: the dead-letter topic is empty in that range"
-        );
+        tracing::info!(topic, "nothing to read: the dead-letter topic is empty");
         return Ok(report);
     }
     let mut tpl = TopicPartitionList::new();
@@ -156,12 +154,19 @@ pub async fn replay(
         let wait = options.idle_timeout.saturating_sub(last_progress.elapsed());
         let message = match tokio::time::timeout(wait, consumer.recv()).await {
             Err(_) => {
+                // Stop reading, but finish what was selected so far: the summary must say
+                // what was replayed before the stall.
                 let mut stalled: Vec<i32> = unfinished.keys().copied().collect();
                 stalled.sort_unstable();
-                return Err(ReplayError::Stalled {
+                let stall = ReplayError::Stalled {
                     idle: options.idle_timeout,
                     unfinished: stalled,
-                });
+                };
+                report.failures.push(format!(
+                    "{stall}; the letters after that point were not read (run the same command \
+                     again)"
+                ));
+                break;
             }
             Ok(Err(KafkaError::PartitionEOF(p))) => {
                 unfinished.remove(&p);
