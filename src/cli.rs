@@ -35,4 +35,6 @@ pub enum Command {
     Demo(crate::demo::DemoArgs),
     /// Run a provider emulator.
     Emulate(crate::emulator::EmulateArgs),
+    /// Work with the dead-letter topic: `dlq replay`.
+    Dlq(crate::dlq::DlqArgs),
 }

@@ -5,12 +5,14 @@
 //! retry) → [`ack`] (watermark, dead letters, ledger). [`pipeline`] wires them together.
 
 pub mod ack;
+pub mod admin;
 pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod decode;
 pub mod deliver;
 pub mod demo;
+pub mod dlq;
 pub mod emulator;
 pub mod event;
 pub mod pipeline;

@@ -16,6 +16,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => runtime.block_on(meterflow::demo::run(args)),
         Command::Emulate(args) => runtime.block_on(meterflow::emulator::run(args)),
+        Command::Dlq(args) => runtime.block_on(meterflow::dlq::run(args)),
         Command::Run { config } => runtime.block_on(meterflow::service::run(&config)),
         Command::Validate { config, connect } => {
             let code = runtime.block_on(meterflow::validate::run(&config, connect));

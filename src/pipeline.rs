@@ -11,6 +11,7 @@ use tokio::task::JoinSet;
 
 use crate::ack::deadletter::{DeadLetter, DeadLetterWriter};
 use crate::ack::ledger::{Claim, Ledger, LedgerStore};
+use crate::admin::readiness::{ProviderProbe, Readiness};
 use crate::batch::{self, Batcher, Bucket, Grouping};
 use crate::config::{Config, SinkKind};
 use crate::decode::EventDecoder;
@@ -22,13 +23,15 @@ use crate::event::{DeliveryKey, RawMessage, RejectReason, Rejection};
 use crate::pricing::PriceBook;
 use crate::source::{KafkaSource, SourceHandle, SourceOptions};
 
-/// What a run did, for the demo's reconciliation table and for tests.
+/// What a run did, for the demo's reconciliation table and for tests; and how it is doing now,
+/// for `/readyz`.
 #[derive(Debug, Default)]
 pub struct RunStats {
     pub consumed: AtomicU64,
     pub delivered: AtomicU64,
     pub already_delivered: AtomicU64,
     pub dead_lettered: AtomicU64,
+    pub readiness: Arc<Readiness>,
 }
 
 impl RunStats {
@@ -99,7 +102,10 @@ pub async fn run(
     })?;
     let limiter = Arc::new(RateLimiter::new(&config.rate_limit));
     let sink: Arc<dyn Sink> = match config.sink.kind {
-        SinkKind::Billwerk => Arc::new(BillwerkSink::new(&config.sink, limiter.clone())?),
+        SinkKind::Billwerk => Arc::new(
+            BillwerkSink::new(&config.sink, limiter.clone())?
+                .with_readiness(stats.readiness.clone()),
+        ),
         SinkKind::Billingrails => anyhow::bail!("the billingrails sink is not available yet"),
     };
     let grouping = grouping_for(&config);
@@ -127,6 +133,11 @@ pub async fn run(
     })?;
     let source_handle = source.handle();
     let ledger = open_ledger(&config).await?;
+    let readiness_watch = crate::admin::readiness::watch(
+        stats.readiness.clone(),
+        source_handle.clone(),
+        ProviderProbe::new(&config.sink)?,
+    );
 
     // A closed 429 gate pauses the partitions instead of buffering.
     let mut gate = limiter.gate().subscribe();
@@ -224,6 +235,7 @@ pub async fn run(
         );
     }
     gate_watch.abort();
+    readiness_watch.abort();
     stages.dead_letters.flush(Duration::from_secs(5));
     tracing::info!("stopped");
     Ok(())

@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::admin::AdminServer;
 use crate::config::Config;
 use crate::pipeline::{self, RunStats};
 
@@ -19,7 +20,22 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         "meterflow starting"
     );
     let stats = Arc::new(RunStats::default());
-    pipeline::run(config, stats, shutdown_signal()).await
+    // Bound before the pipeline starts: a taken port fails the start, not the first scrape.
+    let admin = match config.admin.listen.as_str() {
+        "" => None,
+        listen => Some(AdminServer::start(listen, stats.readiness.clone()).await?),
+    };
+    let readiness = stats.readiness.clone();
+    let shutdown = async move {
+        shutdown_signal().await;
+        readiness.set_stopping();
+    };
+    // The admin server outlives the drain: liveness keeps answering while in-flight work ends.
+    let result = pipeline::run(config, stats, shutdown).await;
+    if let Some(admin) = admin {
+        admin.stop().await;
+    }
+    result
 }
 
 /// Resolves on the first SIGTERM or SIGINT.

@@ -153,7 +153,8 @@ impl DeadLetterWriter {
     }
 }
 
-fn is_consumer_only(key: &str) -> bool {
+/// librdkafka refuses to create a producer with these (shared by the dead-letter replay).
+pub(crate) fn is_consumer_only(key: &str) -> bool {
     key.starts_with("fetch.")
         || key.starts_with("group.")
         || key.starts_with("session.")

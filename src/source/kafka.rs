@@ -305,6 +305,20 @@ impl SourceHandle {
         self.shared.assigned.lock().unwrap().len()
     }
 
+    /// Asks a broker for the first subscribed topic's metadata; true when one answered within
+    /// `timeout`. Blocks (call it off the async workers). For `/readyz`: librdkafka reconnects
+    /// quietly, so "a broker answered just now" is the reliable signal.
+    pub fn probe_broker(&self, timeout: Duration) -> bool {
+        let topic = self
+            .consumer
+            .subscription()
+            .ok()
+            .and_then(|s| s.elements().first().map(|e| e.topic().to_string()));
+        self.consumer
+            .fetch_metadata(topic.as_deref(), timeout)
+            .is_ok()
+    }
+
     /// Asks the consumer thread to drain and stop (same as [`KafkaSource::shutdown`], without
     /// joining).
     pub fn request_shutdown(&self) {

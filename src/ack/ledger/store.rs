@@ -79,6 +79,26 @@ impl LedgerStore {
         Ok(a + b)
     }
 
+    /// Forgets the provider's refusal of these keys, so that a replayed event is sent again
+    /// instead of being dead-lettered on the ledger's word (`meterflow dlq replay`, after the
+    /// cause was fixed). Only `rejected` rows go: a delivered or in-flight key stays, and with it
+    /// the protection against billing twice.
+    pub async fn forget_rejections(&self, keys: &[String]) -> Result<u64, LedgerError> {
+        let mut tx = self.pool.begin().await?;
+        let mut forgotten = 0;
+        for key in keys {
+            forgotten += sqlx::query(
+                "DELETE FROM meterflow_deliveries WHERE delivery_key = $1 AND state = 'rejected'",
+            )
+            .bind(key.as_str())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(forgotten)
+    }
+
     /// Every delivery row, for tests and reports: (key, state, receipt).
     pub async fn deliveries(&self) -> Result<Vec<(String, String, Option<String>)>, LedgerError> {
         let rows = sqlx::query("SELECT delivery_key, state, receipt FROM meterflow_deliveries")
@@ -312,6 +332,41 @@ mod tests {
             }
         );
         assert_eq!(store.deliveries().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn forgetting_rejections_leaves_delivered_and_sending_keys_alone() {
+        let (ledger, store, _dir) = sqlite().await;
+        let rejected = DeliveryKey::for_event("evt_rejected");
+        let delivered = DeliveryKey::for_event("evt_delivered");
+        let sending = DeliveryKey::for_event("evt_sending");
+        for k in [&rejected, &delivered, &sending] {
+            ledger.claim(k, 1).await.unwrap();
+        }
+        ledger.finish(&rejected, false, "422 no such component".into());
+        ledger.finish(&delivered, true, "usage-1".into());
+        // `finish` is not awaited: a claim behind it in the queue sees its effect.
+        assert!(matches!(
+            ledger.claim(&rejected, 1).await.unwrap(),
+            Claim::Rejected { .. }
+        ));
+        let keys: Vec<String> = [&rejected, &delivered, &sending]
+            .iter()
+            .map(|k| k.as_str().to_string())
+            .collect();
+        assert_eq!(store.forget_rejections(&keys).await.unwrap(), 1);
+        assert!(matches!(
+            ledger.claim(&rejected, 1).await.unwrap(),
+            Claim::Claimed { .. }
+        ));
+        assert!(matches!(
+            ledger.claim(&delivered, 1).await.unwrap(),
+            Claim::Delivered { .. }
+        ));
+        assert!(matches!(
+            ledger.claim(&sending, 1).await.unwrap(),
+            Claim::Sending { .. }
+        ));
     }
 
     #[tokio::test]

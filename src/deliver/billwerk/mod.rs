@@ -18,6 +18,7 @@ pub(crate) use auth::without_url;
 pub use auth::{TokenError, TokenSource};
 use contracts::ContractCache;
 
+use crate::admin::Readiness;
 use crate::config::SinkConfig;
 use crate::deliver::ratelimit::RateLimiter;
 use crate::deliver::{Attempt, Delivery, RateSignals, Reconciled, RetryCause, Sink};
@@ -36,6 +37,7 @@ pub struct BillwerkSink {
     tokens: TokenSource,
     contracts: ContractCache,
     limiter: Arc<RateLimiter>,
+    readiness: Arc<Readiness>,
 }
 
 /// How a contract reference resolved.
@@ -69,7 +71,14 @@ impl BillwerkSink {
             legal_entity_id: config.legal_entity_id.clone(),
             contracts: ContractCache::new(config.contract_cache_size),
             limiter,
+            readiness: Arc::default(),
         })
+    }
+
+    /// Every HTTP answer (any status) refreshes `/readyz`'s "provider reachable" check.
+    pub fn with_readiness(mut self, readiness: Arc<Readiness>) -> Self {
+        self.readiness = readiness;
+        self
     }
 
     /// A request with the bearer token and legal-entity header. On 401 the token is renewed
@@ -89,6 +98,9 @@ impl BillwerkSink {
             let started = Instant::now();
             let result = request.send().await;
             record_request(endpoint, &result, started.elapsed());
+            if result.is_ok() {
+                self.readiness.provider_answered();
+            }
             let response = result.map_err(CallError::Transport)?;
             if response.status() == StatusCode::UNAUTHORIZED && !renewed {
                 self.tokens.invalidate(&token).await;
