@@ -6,7 +6,10 @@
 //! Prints, per scenario: events, events/s (first to last record), meterflow's CPU µs per event,
 //! and its peak RSS.
 //!
-//! `cargo bench --bench throughput [-- --events N] [-- --only none|sqlite|postgres]`
+//! `cargo bench --bench throughput [-- --events N] [-- --only none|sqlite|postgres] [-- --tansu]`
+//!
+//! The broker is librdkafka's mock cluster (in the bench process, on real TCP ports) unless
+//! `--tansu` asks for a Tansu process (its produce path is slow to fill on this machine).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -103,7 +106,14 @@ struct Row {
     rss_mib: f64,
 }
 
-async fn scenario(name: &str, ledger: &str, events: usize, dir: &Path, brokers: &str) -> Row {
+async fn scenario(
+    name: &str,
+    ledger: &str,
+    events: usize,
+    dir: &Path,
+    brokers: &str,
+    mock: Option<&rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>>,
+) -> Row {
     let port = common::free_port();
     let mut emulator = start_emulator(port);
     let emu_addr = format!("127.0.0.1:{port}");
@@ -113,7 +123,13 @@ async fn scenario(name: &str, ledger: &str, events: usize, dir: &Path, brokers: 
         format!("bench-dlq-{run}"),
         format!("bench-{run}"),
     );
-    common::create_topics(brokers, &[(&topic, 4), (&dlq, 1)]).await;
+    match mock {
+        Some(m) => {
+            m.create_topic(&topic, 4, 1).unwrap();
+            m.create_topic(&dlq, 1, 1).unwrap();
+        }
+        None => common::create_topics(brokers, &[(&topic, 4), (&dlq, 1)]).await,
+    }
     let payloads: Vec<Vec<u8>> = (0..events)
         .map(|i| {
             serde_json::to_vec(&json!({
@@ -197,11 +213,29 @@ async fn main() {
         .unwrap_or(200_000);
     let only = arg("--only");
     let dir = tempfile::tempdir().unwrap();
-    let Some(broker) = common::Tansu::start(dir.path()) else {
-        eprintln!("throughput bench needs tansu (cargo install tansu --version 0.6.0 --locked --features dynostore,libsql)");
-        std::process::exit(2);
+    let use_tansu = std::env::args().any(|a| a == "--tansu");
+    let mock = if use_tansu {
+        None
+    } else {
+        Some(rdkafka::mocking::MockCluster::new(1).expect("mock cluster"))
     };
-    let brokers = broker.brokers();
+    let broker = if use_tansu {
+        match common::Tansu::start_with_storage(dir.path(), "memory://tansu/") {
+            Some(t) => Some(t),
+            None => {
+                eprintln!("--tansu needs tansu (cargo install tansu --version 0.6.0 --locked --features dynostore,libsql)");
+                std::process::exit(2);
+            }
+        }
+    } else {
+        None
+    };
+    let brokers = match (&broker, &mock) {
+        (Some(t), _) => t.brokers(),
+        (None, Some(m)) => m.bootstrap_servers(),
+        _ => unreachable!(),
+    };
+    println!("broker: {}", if use_tansu { "tansu (memory storage), 4 partitions" } else { "librdkafka mock cluster, 4 partitions" });
     let postgres = std::env::var("METERFLOW_TEST_POSTGRES")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let scenarios = [
@@ -226,7 +260,7 @@ async fn main() {
         if only.as_deref().is_some_and(|o| !name.ends_with(o)) {
             continue;
         }
-        let row = scenario(name, &ledger, events, dir.path(), &brokers).await;
+        let row = scenario(name, &ledger, events, dir.path(), &brokers, mock.as_ref()).await;
         println!(
             "{:<18} {:>9} {:>12.0} {:>14.1} {:>14.1}",
             row.scenario, row.events, row.rate, row.cpu_us, row.rss_mib

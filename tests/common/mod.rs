@@ -224,12 +224,17 @@ impl Tansu {
 
     /// Starts a broker in `dir` with SQLite storage (it survives restarts).
     pub fn start(dir: &Path) -> Option<Tansu> {
+        Self::start_with_storage(dir, "sqlite://broker.db")
+    }
+
+    /// Starts a broker with the given `--storage-engine` (`memory://tansu/` for benchmarks).
+    pub fn start_with_storage(dir: &Path, storage: &str) -> Option<Tansu> {
         let port = free_port();
         let mut t = Tansu {
             child: None,
             port,
             dir: dir.to_path_buf(),
-            storage: "sqlite://broker.db".into(),
+            storage: storage.into(),
         };
         t.spawn()?;
         Some(t)
