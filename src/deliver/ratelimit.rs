@@ -367,12 +367,18 @@ impl RateLimiter {
             Pace::Rate(rate) => {
                 let current = self.paced.load().rate;
                 if (rate - current).abs() > current * 0.05 {
+                    tracing::debug!(rate, previous = current, "pace swapped");
                     self.paced.store(Arc::new(paced(rate)));
                 }
             }
             Pace::WaitUntil(end) => {
                 let until = now_tokio + end.saturating_duration_since(now);
-                self.gate.close_until(until);
+                if self.gate.close_until(until) {
+                    tracing::debug!(
+                        wait_ms = end.saturating_duration_since(now).as_millis() as u64,
+                        "window budget spent: all senders wait for the window's end"
+                    );
+                }
             }
         }
         self.publish();
