@@ -99,6 +99,15 @@ fn scenarios() -> Vec<Scenario> {
             )
         },
         Scenario {
+            headers: false,
+            retry_after: true,
+            configured_limit: Some(1.2),
+            ..Scenario::new(
+                "retry-after-over",
+                "no headers, Retry-After on 429, limit 20% too high",
+            )
+        },
+        Scenario {
             replicas: 2,
             ..Scenario::new("two-replicas", "two pipelines, one group, one budget")
         },
