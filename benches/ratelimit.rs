@@ -50,6 +50,20 @@ struct Scenario {
     replicas: usize,
     /// Halve the limit this many measured windows in, half-way through a window.
     halve_after: Option<usize>,
+    target: Target,
+}
+
+/// What issue 4 asks of a scenario.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    /// Utilisation at least this (%), 429s at most this share of requests (%).
+    Pace {
+        utilisation: f64,
+        refused: f64,
+    },
+    /// 429s come in at most this many episodes (one sink-wide pause each) per window.
+    Episodes(usize),
+    None,
 }
 
 impl Scenario {
@@ -63,6 +77,10 @@ impl Scenario {
             configured_limit: None,
             replicas: 1,
             halve_after: None,
+            target: Target::Pace {
+                utilisation: 99.0,
+                refused: 0.5,
+            },
         }
     }
 }
@@ -93,6 +111,7 @@ fn scenarios() -> Vec<Scenario> {
         Scenario {
             headers: false,
             configured_limit: Some(1.2),
+            target: Target::Episodes(2),
             ..Scenario::new(
                 "no-headers-over",
                 "no headers, [rate_limit] limit 20% too high",
@@ -102,6 +121,7 @@ fn scenarios() -> Vec<Scenario> {
             headers: false,
             retry_after: true,
             configured_limit: Some(1.2),
+            target: Target::None,
             ..Scenario::new(
                 "retry-after-over",
                 "no headers, Retry-After on 429, limit 20% too high",
@@ -109,6 +129,10 @@ fn scenarios() -> Vec<Scenario> {
         },
         Scenario {
             replicas: 2,
+            target: Target::Pace {
+                utilisation: 97.0,
+                refused: 1.0,
+            },
             ..Scenario::new("two-replicas", "two pipelines, one group, one budget")
         },
     ]
@@ -537,9 +561,15 @@ fn series(windows: &[WindowTally]) -> String {
 fn print_details(settings: &Settings, o: &Outcome) {
     let _ = settings;
     println!("{} — {}", o.scenario.name, o.scenario.about);
+    // Wall-clock time of the warm-up window's start, to find a window in meterflow's logs.
+    let began = chrono::Utc::now()
+        - chrono::Duration::from_std(o.warm_up.started.elapsed()).unwrap_or_default();
     println!(
-        "  warm-up window: {} × 2xx, {} × 429 (limit {})",
-        o.warm_up.admitted, o.warm_up.refused, o.warm_up.limit
+        "  warm-up window: {} × 2xx, {} × 429 (limit {}), began {}",
+        o.warm_up.admitted,
+        o.warm_up.refused,
+        o.warm_up.limit,
+        began.format("%H:%M:%S%.3f")
     );
     if !o.before_change.is_empty() {
         println!(
@@ -567,16 +597,30 @@ fn print_details(settings: &Settings, o: &Outcome) {
 
 fn print_table(settings: &Settings, outcomes: &[Outcome]) {
     println!(
-        "| scenario | windows | budget | requests | 2xx | 429s | utilisation | 429 % | warm-up 2xx / 429s | events delivered | duration |"
+        "| scenario | windows | budget | requests | 2xx | 429s | utilisation | 429 % | warm-up 2xx / 429s | events delivered | duration | target |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for o in outcomes {
         let mut t = Totals::default();
         for w in &o.measured {
             t.add(w);
         }
+        let target = match o.scenario.target {
+            Target::Pace {
+                utilisation,
+                refused,
+            } => format!(
+                "≥ {utilisation} %, ≤ {refused} % 429s: {}",
+                met(t.utilisation() >= utilisation && t.refused_share() <= refused)
+            ),
+            Target::Episodes(most) => format!(
+                "≤ {most} pauses a window: {}",
+                met(o.measured.iter().all(|w| episodes(w) <= most))
+            ),
+            Target::None => "—".to_string(),
+        };
         println!(
-            "| {} | {} | {} | {} | {} | {} | {:.2} % | {:.2} % | {} / {} | {} | {:.1} s |",
+            "| {} | {} | {} | {} | {} | {} | {:.2} % | {:.2} % | {} / {} | {} | {:.1} s | {target} |",
             o.scenario.name,
             t.windows,
             t.budget,
@@ -590,6 +634,14 @@ fn print_table(settings: &Settings, outcomes: &[Outcome]) {
             o.delivered.iter().sum::<u64>(),
             settings.window.as_secs_f64() * t.windows as f64,
         );
+    }
+}
+
+fn met(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "MISSED"
     }
 }
 

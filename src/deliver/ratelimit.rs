@@ -108,10 +108,8 @@ impl PaceModel {
         sent_at: Option<Instant>,
         now: Instant,
     ) -> bool {
-        if let (Some(sent), Some(began)) = (sent_at, self.window_began_sent) {
-            if sent < began {
-                return false;
-            }
+        if self.speaks_of_previous_window(signals, throttled, sent_at) {
+            return false;
         }
         match (signals.limit, signals.remaining) {
             (Some(limit), Some(remaining)) => {
@@ -133,9 +131,12 @@ impl PaceModel {
                         .is_some_and(|previous| remaining > previous.saturating_add(jump));
                 let window_passed = self.window_end.is_some_and(|end| now >= end);
                 if window_rolled {
-                    // It began at most now; where it ends is unknown: assume a whole window is
-                    // left (the slow side) until the next reset shows.
-                    self.window_end = Some(now + self.window);
+                    // It began before this request reached the server; assume a whole window
+                    // from its sending (the slow side) until the next reset shows. Counting from
+                    // the send rather than from the answer keeps the round trip (and any stall
+                    // before this answer was read) out of the estimate, and is still never early:
+                    // requests sent a window later reach the server a window after this one did.
+                    self.window_end = Some(sent_at.unwrap_or(now) + self.window);
                     self.window_began_sent = sent_at;
                 }
                 if window_rolled || window_passed || self.remaining.is_none() || first_sight {
@@ -168,6 +169,39 @@ impl PaceModel {
             self.remaining = Some(0);
         }
         true
+    }
+
+    /// Whether an answer speaks of the window before the current one. Certainly when its request
+    /// left before the one whose answer first showed the current window. Also when it left just
+    /// after that one (requests on different connections reach the server in a slightly
+    /// different order than they left) but its numbers belong to the old window: another limit,
+    /// a `Remaining` far below the fresh one, or a 429 while the fresh window is nearly full.
+    /// Taken as news, such an answer set the pace to a trickle (2 requests/s) right after a reset,
+    /// and with nothing more in flight to correct it, half a window went unused.
+    fn speaks_of_previous_window(
+        &self,
+        signals: &RateSignals,
+        throttled: bool,
+        sent_at: Option<Instant>,
+    ) -> bool {
+        let (Some(sent), Some(began)) = (sent_at, self.window_began_sent) else {
+            return false;
+        };
+        if sent < began {
+            return true;
+        }
+        let grace = (self.window / 50).max(Duration::from_millis(20));
+        if sent >= began + grace {
+            return false;
+        }
+        let (Some(limit), Some(current)) = (self.limit, self.remaining) else {
+            return false;
+        };
+        let jump = (limit / 10).max(2);
+        let far_below = |r: u32| r.saturating_add(jump) < current;
+        signals.limit.is_some_and(|l| l != limit)
+            || signals.remaining.is_some_and(far_below)
+            || (throttled && far_below(0))
     }
 
     /// The pace to send at now.
@@ -709,6 +743,51 @@ mod tests {
     }
 
     #[test]
+    fn the_window_is_counted_from_the_sending_of_the_request_that_showed_it() {
+        let t0 = Instant::now();
+        let ms = |n| Duration::from_millis(n);
+        let mut m = PaceModel::new(&config(1, 0.0, None));
+        m.observe_answer(&headers(2000, 1999), false, Some(t0), t0 + ms(3));
+        assert_eq!(m.window_end(), Some(t0 + ms(1000)));
+        m.observe_answer(&headers(2000, 5), false, Some(t0 + ms(990)), t0 + ms(991));
+        // The reset shows on a request sent at 1002 ms whose answer was read 15 ms later.
+        m.observe_answer(
+            &headers(2000, 1999),
+            false,
+            Some(t0 + ms(1002)),
+            t0 + ms(1017),
+        );
+        assert_eq!(m.window_end(), Some(t0 + ms(2002)));
+    }
+
+    #[test]
+    fn old_numbers_just_after_a_reset_are_the_old_window_even_if_sent_a_little_later() {
+        // Seen in the benchmark: the request that showed the reset left 1 ms before one that the
+        // server still counted in the old window. Its "Remaining: 12" paced the new window at
+        // 2 requests/s.
+        let t0 = Instant::now();
+        let ms = |n| Duration::from_millis(n);
+        let mut m = PaceModel::new(&config(1, 0.005, None));
+        m.observe_answer(&headers(2000, 1500), false, Some(t0), t0 + ms(1));
+        m.observe_answer(&headers(2000, 14), false, Some(t0 + ms(995)), t0 + ms(996));
+        let began = t0 + ms(1000);
+        assert!(m.observe_answer(&headers(2000, 1999), false, Some(began), began + ms(1)));
+        let a_little_later = Some(began + ms(1));
+        assert!(!m.observe_answer(&headers(2000, 12), false, a_little_later, began + ms(2)));
+        assert!(!m.observe_answer(&headers(2000, 0), true, a_little_later, began + ms(2)));
+        assert!(!m.observe_answer(&headers(1000, 3), false, a_little_later, began + ms(2)));
+        assert_eq!((m.limit(), m.remaining()), (Some(2000), Some(1999)));
+        assert!(rate(m.pace(began + ms(2))) > 1900.0);
+        // Numbers that fit the new window count; past the grace, so do low ones (another client
+        // may have spent them).
+        assert!(m.observe_answer(&headers(2000, 1996), false, a_little_later, began + ms(3)));
+        assert_eq!(m.remaining(), Some(1996));
+        let later = began + ms(300);
+        assert!(m.observe_answer(&headers(2000, 40), false, Some(later), later));
+        assert_eq!(m.remaining(), Some(40));
+    }
+
+    #[test]
     fn a_new_limit_starts_afresh_at_the_new_numbers() {
         // The limit halves mid-window with the old window's numbers still in the model: the
         // old remaining (990 of 2000) must not be spent at the new limit's expense.
@@ -744,6 +823,7 @@ mod tests {
         limiter.observe_sent(&headers(2000, 0), true, sent_old);
         assert!(!limiter.gate().is_closed());
         // A 429 for a request of the current window does pause everyone.
+        tokio::time::advance(Duration::from_millis(50)).await;
         limiter.observe_sent(&headers(2000, 0), true, tokio::time::Instant::now());
         assert!(limiter.gate().is_closed());
     }
