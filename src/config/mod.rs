@@ -249,7 +249,7 @@ impl Default for RateLimitConfig {
         RateLimitConfig {
             window: Duration::from_secs(60),
             limit: None,
-            headroom: 0.01,
+            headroom: 0.005,
             initial_rate: 10,
         }
     }

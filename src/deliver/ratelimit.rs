@@ -50,6 +50,9 @@ pub struct PaceModel {
     remaining: Option<u32>,
     /// When the current window ends, if known or estimated.
     window_end: Option<Instant>,
+    /// When the request was sent whose answer first showed the current window: answers to
+    /// requests sent before it speak of an earlier window (they arrive late, out of order).
+    window_began_sent: Option<Instant>,
     /// Whether the server sends rate-limit headers at all.
     headers_seen: bool,
     /// Rate used when no headers and no configured limit: starts low, halves on 429, creeps up.
@@ -68,6 +71,7 @@ impl PaceModel {
             limit: None,
             remaining: None,
             window_end: None,
+            window_began_sent: None,
             headers_seen: false,
             probe_rate: f64::from(config.initial_rate.max(1)),
             successes_since_throttle: 0,
@@ -87,38 +91,58 @@ impl PaceModel {
         self.window_end
     }
 
-    /// Takes in the rate-limit signals of one answer.
+    /// Takes in the rate-limit signals of one answer to a request sent at an unknown time (taken
+    /// as current).
     pub fn observe(&mut self, signals: &RateSignals, throttled: bool, now: Instant) {
-        if let Some(reset_after) = signals.reset_after {
-            self.window_end = Some(now + reset_after);
+        self.observe_answer(signals, throttled, None, now);
+    }
+
+    /// Takes in the rate-limit signals of one answer to a request sent at `sent_at`. Returns
+    /// false when the answer speaks of an earlier window than the current one (sent before the
+    /// request that first showed the current window): it changes nothing, and a 429 among such
+    /// answers must not pause anyone, since the window it refused in is over.
+    pub fn observe_answer(
+        &mut self,
+        signals: &RateSignals,
+        throttled: bool,
+        sent_at: Option<Instant>,
+        now: Instant,
+    ) -> bool {
+        if self.speaks_of_previous_window(signals, throttled, sent_at) {
+            return false;
         }
         match (signals.limit, signals.remaining) {
             (Some(limit), Some(remaining)) => {
                 self.headers_seen = true;
-                if self.limit != Some(limit) {
+                let limit_changed = self.limit != Some(limit);
+                if limit_changed {
                     tracing::info!(limit, previous = ?self.limit, "provider rate limit changed");
                 }
+                let first_sight = self.limit.is_none();
                 self.limit = Some(limit);
                 let jump = (limit / 10).max(2);
-                let window_rolled = match self.remaining {
-                    // A fresh window shows as Remaining jumping up; small increases are only
-                    // answers arriving out of order.
-                    Some(previous) => remaining > previous.saturating_add(jump),
-                    None => false,
-                };
+                // A fresh window shows as Remaining jumping up (small increases are only answers
+                // arriving out of order). A new limit makes the old numbers meaningless: take it
+                // as a fresh window too (billwerk may or may not restart its window; assuming it
+                // did is the slow side, and a later jump corrects it).
+                let window_rolled = limit_changed
+                    || self
+                        .remaining
+                        .is_some_and(|previous| remaining > previous.saturating_add(jump));
                 let window_passed = self.window_end.is_some_and(|end| now >= end);
-                if window_rolled && signals.reset_after.is_none() {
-                    self.window_end = Some(now + self.window);
+                if window_rolled {
+                    // It began before this request reached the server; assume a whole window
+                    // from its sending (the slow side) until the next reset shows. Counting from
+                    // the send rather than from the answer keeps the round trip (and any stall
+                    // before this answer was read) out of the estimate, and is still never early:
+                    // requests sent a window later reach the server a window after this one did.
+                    self.window_end = Some(sent_at.unwrap_or(now) + self.window);
+                    self.window_began_sent = sent_at;
                 }
-                if window_rolled || window_passed || self.remaining.is_none() {
+                if window_rolled || window_passed || self.remaining.is_none() || first_sight {
                     self.remaining = Some(remaining);
                 } else {
                     self.remaining = Some(remaining.min(self.remaining.unwrap_or(remaining)));
-                }
-                if self.window_end.is_none() {
-                    // Where the window stands is unknown: assume a whole window is left (the
-                    // slow side); the first reset we see fixes it.
-                    self.window_end = Some(now + self.window);
                 }
             }
             _ => {
@@ -138,9 +162,46 @@ impl PaceModel {
                 }
             }
         }
+        if let Some(reset_after) = signals.reset_after {
+            self.window_end = Some(reset_bound(self.window_end, reset_after, now));
+        }
         if throttled {
             self.remaining = Some(0);
         }
+        true
+    }
+
+    /// Whether an answer speaks of the window before the current one. Certainly when its request
+    /// left before the one whose answer first showed the current window. Also when it left just
+    /// after that one (requests on different connections reach the server in a slightly
+    /// different order than they left) but its numbers belong to the old window: another limit,
+    /// a `Remaining` far below the fresh one, or a 429 while the fresh window is nearly full.
+    /// Taken as news, such an answer set the pace to a trickle (2 requests/s) right after a reset,
+    /// and with nothing more in flight to correct it, half a window went unused.
+    fn speaks_of_previous_window(
+        &self,
+        signals: &RateSignals,
+        throttled: bool,
+        sent_at: Option<Instant>,
+    ) -> bool {
+        let (Some(sent), Some(began)) = (sent_at, self.window_began_sent) else {
+            return false;
+        };
+        if sent < began {
+            return true;
+        }
+        let grace = (self.window / 50).max(Duration::from_millis(20));
+        if sent >= began + grace {
+            return false;
+        }
+        let (Some(limit), Some(current)) = (self.limit, self.remaining) else {
+            return false;
+        };
+        let jump = (limit / 10).max(2);
+        let far_below = |r: u32| r.saturating_add(jump) < current;
+        signals.limit.is_some_and(|l| l != limit)
+            || signals.remaining.is_some_and(far_below)
+            || (throttled && far_below(0))
     }
 
     /// The pace to send at now.
@@ -171,16 +232,38 @@ impl PaceModel {
         Pace::Rate((spendable / time_left).min(ceiling).max(0.1))
     }
 
-    /// How long a 429 closes the gate when the server names no time.
+    /// How long a 429 closes the gate: `Retry-After` when the server sends it (an explicit
+    /// instruction, honoured as is), else until the window's end as far as the model knows it
+    /// (which a reset header has already bounded).
     pub fn pause_after_throttle(&self, signals: &RateSignals, now: Instant) -> Duration {
-        if let Some(d) = signals.retry_after.or(signals.reset_after) {
+        if let Some(d) = signals.retry_after {
             return d;
         }
         match self.window_end {
             Some(end) if end > now => end - now,
-            // No idea where the window stands: a tenth of it, at least 100 ms.
-            _ => (self.window / 10).max(Duration::from_millis(100)),
+            // The window should have ended and has not: a tenth of it, at least 100 ms (and no
+            // longer than a reset header says).
+            _ => {
+                let guess = (self.window / 10).max(Duration::from_millis(100));
+                signals.reset_after.map_or(guess, |reset| guess.min(reset))
+            }
         }
+    }
+}
+
+/// Where the window ends, given the model's estimate and a reset header (`reset` from now).
+/// Servers send whole seconds, rounded either way: the end then lies within a second of
+/// `now + reset`, and an estimate inside that span (from the last observed reset: finer than a
+/// second) is kept. Outside it, or with a fractional header, the header rules.
+fn reset_bound(estimate: Option<Instant>, reset: Duration, now: Instant) -> Instant {
+    let said = now + reset;
+    if reset.subsec_nanos() != 0 {
+        return said;
+    }
+    let second = Duration::from_secs(1);
+    match estimate {
+        Some(e) if e + second > said && e < said + second => e,
+        _ => said,
     }
 }
 
@@ -343,19 +426,43 @@ impl RateLimiter {
         }
     }
 
-    /// Feeds one answer's signals into the model; swaps the limiter when the pace moved, closes
-    /// the gate on 429 or when the window's budget is spent.
+    /// Feeds one answer's signals into the model (for a request sent at an unknown time,
+    /// taken as current); see [`RateLimiter::observe_sent`].
     pub fn observe(&self, signals: &RateSignals, throttled: bool) {
+        self.observe_inner(signals, throttled, None);
+    }
+
+    /// Feeds the signals of the answer to a request sent at `sent_at` into the model; swaps
+    /// the limiter when the pace moved, closes the gate on 429 or when the window's budget is
+    /// spent. An answer that speaks of an earlier window (it overtook nothing: it came late)
+    /// changes nothing, and its 429 pauses no one.
+    pub fn observe_sent(
+        &self,
+        signals: &RateSignals,
+        throttled: bool,
+        sent_at: tokio::time::Instant,
+    ) {
+        self.observe_inner(signals, throttled, Some(sent_at.into_std()));
+    }
+
+    fn observe_inner(&self, signals: &RateSignals, throttled: bool, sent_at: Option<Instant>) {
         let now_tokio = tokio::time::Instant::now();
         let now = now_tokio.into_std();
+        if throttled {
+            metrics::counter!("meterflow_throttled_responses_total").increment(1);
+        }
         let (pace, pause) = {
             let mut model = self.model.lock().unwrap();
-            model.observe(signals, throttled, now);
+            if !model.observe_answer(signals, throttled, sent_at, now) {
+                if throttled {
+                    tracing::debug!("429 for a request sent in an earlier window: no pause");
+                }
+                return;
+            }
             let pause = throttled.then(|| model.pause_after_throttle(signals, now));
             (model.pace(now), pause)
         };
         if let Some(pause) = pause {
-            metrics::counter!("meterflow_throttled_responses_total").increment(1);
             if self.gate.close_until(now_tokio + pause) {
                 tracing::warn!(
                     pause_ms = pause.as_millis() as u64,
@@ -367,12 +474,18 @@ impl RateLimiter {
             Pace::Rate(rate) => {
                 let current = self.paced.load().rate;
                 if (rate - current).abs() > current * 0.05 {
+                    tracing::debug!(rate, previous = current, "pace swapped");
                     self.paced.store(Arc::new(paced(rate)));
                 }
             }
             Pace::WaitUntil(end) => {
                 let until = now_tokio + end.saturating_duration_since(now);
-                self.gate.close_until(until);
+                if self.gate.close_until(until) {
+                    tracing::debug!(
+                        wait_ms = end.saturating_duration_since(now).as_millis() as u64,
+                        "window budget spent: all senders wait for the window's end"
+                    );
+                }
             }
         }
         self.publish();
@@ -555,6 +668,164 @@ mod tests {
             m.pause_after_throttle(&RateSignals::default(), t0 + Duration::from_secs(20)),
             Duration::from_secs(40)
         );
+    }
+
+    fn with_reset(limit: u32, remaining: u32, reset: Duration) -> RateSignals {
+        RateSignals {
+            reset_after: Some(reset),
+            ..headers(limit, remaining)
+        }
+    }
+
+    #[test]
+    fn a_whole_second_reset_header_bounds_the_estimate_without_replacing_it() {
+        // The emulator (like many servers) rounds the reset up to whole seconds: with a 1 s
+        // window every answer says "1". Taking that literally paced each answer as if a whole
+        // window were left: 63 % utilisation.
+        let t0 = Instant::now();
+        let ms = |n| Duration::from_millis(n);
+        let mut m = PaceModel::new(&config(1, 0.0, None));
+        m.observe(&with_reset(2000, 1999, Duration::from_secs(1)), false, t0);
+        assert_eq!(m.window_end(), Some(t0 + ms(1000)));
+        let t1 = t0 + ms(500);
+        m.observe(&with_reset(2000, 1000, Duration::from_secs(1)), false, t1);
+        assert_eq!(m.window_end(), Some(t0 + ms(1000)), "estimate kept");
+        let r = rate(m.pace(t1));
+        assert!((r - 2000.0).abs() < 1.0, "1000 left over 0.5 s: {r}");
+        // A header that contradicts the estimate by more than its rounding wins.
+        let t2 = t0 + ms(600);
+        m.observe(&with_reset(2000, 900, Duration::from_secs(5)), false, t2);
+        assert_eq!(m.window_end(), Some(t2 + ms(5000)));
+        // A fractional header is exact.
+        m.observe(&with_reset(2000, 890, ms(250)), false, t2);
+        assert_eq!(m.window_end(), Some(t2 + ms(250)));
+    }
+
+    #[test]
+    fn the_pause_after_a_429_uses_the_refined_window_end_not_the_rounded_header() {
+        let t0 = Instant::now();
+        let ms = |n| Duration::from_millis(n);
+        let mut m = PaceModel::new(&config(1, 0.0, None));
+        m.observe(&with_reset(100, 99, Duration::from_secs(1)), false, t0);
+        let t1 = t0 + ms(900);
+        let refused = with_reset(100, 0, Duration::from_secs(1));
+        m.observe(&refused, true, t1);
+        assert_eq!(m.pause_after_throttle(&refused, t1), ms(100));
+        // Retry-After is an instruction: honoured as sent.
+        let told = RateSignals {
+            retry_after: Some(Duration::from_secs(1)),
+            ..refused
+        };
+        assert_eq!(m.pause_after_throttle(&told, t1), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn late_answers_from_the_previous_window_are_ignored() {
+        let t0 = Instant::now();
+        let ms = |n| Duration::from_millis(n);
+        let mut m = PaceModel::new(&config(1, 0.005, None));
+        assert!(m.observe_answer(&headers(2000, 1500), false, Some(t0), t0 + ms(1)));
+        m.observe_answer(&headers(2000, 12), false, Some(t0 + ms(740)), t0 + ms(741));
+        // The window rolls: the answer to a request sent at 1000 ms shows it.
+        let t1 = t0 + ms(1001);
+        assert!(m.observe_answer(&headers(2000, 1999), false, Some(t0 + ms(1000)), t1));
+        // Requests sent just before the roll answer after it: remaining 8, or a 429. Taken as
+        // news, either would close the gate for the whole new window.
+        let late = t1 + ms(1);
+        assert!(!m.observe_answer(&headers(2000, 8), false, Some(t0 + ms(999)), late));
+        assert!(!m.observe_answer(&headers(2000, 0), true, Some(t0 + ms(999)), late));
+        assert_eq!(m.remaining(), Some(1999));
+        let r = rate(m.pace(late));
+        assert!(r > 1900.0, "still pacing the fresh window: {r}");
+        // Answers to requests sent in the new window still count, in any order.
+        assert!(m.observe_answer(&headers(2000, 1990), false, Some(t1), late));
+        assert_eq!(m.remaining(), Some(1990));
+    }
+
+    #[test]
+    fn the_window_is_counted_from_the_sending_of_the_request_that_showed_it() {
+        let t0 = Instant::now();
+        let ms = |n| Duration::from_millis(n);
+        let mut m = PaceModel::new(&config(1, 0.0, None));
+        m.observe_answer(&headers(2000, 1999), false, Some(t0), t0 + ms(3));
+        assert_eq!(m.window_end(), Some(t0 + ms(1000)));
+        m.observe_answer(&headers(2000, 5), false, Some(t0 + ms(990)), t0 + ms(991));
+        // The reset shows on a request sent at 1002 ms whose answer was read 15 ms later.
+        m.observe_answer(
+            &headers(2000, 1999),
+            false,
+            Some(t0 + ms(1002)),
+            t0 + ms(1017),
+        );
+        assert_eq!(m.window_end(), Some(t0 + ms(2002)));
+    }
+
+    #[test]
+    fn old_numbers_just_after_a_reset_are_the_old_window_even_if_sent_a_little_later() {
+        // Seen in the benchmark: the request that showed the reset left 1 ms before one that the
+        // server still counted in the old window. Its "Remaining: 12" paced the new window at
+        // 2 requests/s.
+        let t0 = Instant::now();
+        let ms = |n| Duration::from_millis(n);
+        let mut m = PaceModel::new(&config(1, 0.005, None));
+        m.observe_answer(&headers(2000, 1500), false, Some(t0), t0 + ms(1));
+        m.observe_answer(&headers(2000, 14), false, Some(t0 + ms(995)), t0 + ms(996));
+        let began = t0 + ms(1000);
+        assert!(m.observe_answer(&headers(2000, 1999), false, Some(began), began + ms(1)));
+        let a_little_later = Some(began + ms(1));
+        assert!(!m.observe_answer(&headers(2000, 12), false, a_little_later, began + ms(2)));
+        assert!(!m.observe_answer(&headers(2000, 0), true, a_little_later, began + ms(2)));
+        assert!(!m.observe_answer(&headers(1000, 3), false, a_little_later, began + ms(2)));
+        assert_eq!((m.limit(), m.remaining()), (Some(2000), Some(1999)));
+        assert!(rate(m.pace(began + ms(2))) > 1900.0);
+        // Numbers that fit the new window count; past the grace, so do low ones (another client
+        // may have spent them).
+        assert!(m.observe_answer(&headers(2000, 1996), false, a_little_later, began + ms(3)));
+        assert_eq!(m.remaining(), Some(1996));
+        let later = began + ms(300);
+        assert!(m.observe_answer(&headers(2000, 40), false, Some(later), later));
+        assert_eq!(m.remaining(), Some(40));
+    }
+
+    #[test]
+    fn a_new_limit_starts_afresh_at_the_new_numbers() {
+        // The limit halves mid-window with the old window's numbers still in the model: the
+        // old remaining (990 of 2000) must not be spent at the new limit's expense.
+        let t0 = Instant::now();
+        let ms = |n| Duration::from_millis(n);
+        let mut m = PaceModel::new(&config(1, 0.0, None));
+        m.observe(&headers(2000, 1999), false, t0);
+        let t1 = t0 + ms(500);
+        m.observe(&headers(2000, 990), false, t1);
+        assert_eq!(m.window_end(), Some(t0 + ms(1000)));
+        m.observe(&headers(1000, 999), false, t1);
+        assert_eq!(m.limit(), Some(1000));
+        assert_eq!(m.remaining(), Some(999));
+        assert_eq!(
+            m.window_end(),
+            Some(t1 + ms(1000)),
+            "a whole window assumed left"
+        );
+        let r = rate(m.pace(t1));
+        assert!(r <= 1000.0, "{r}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_429_from_the_previous_window_pauses_no_one() {
+        let limiter = RateLimiter::new(&config(1, 0.005, None));
+        let sent_old = tokio::time::Instant::now();
+        tokio::time::advance(Duration::from_millis(2)).await;
+        let sent_new = tokio::time::Instant::now();
+        limiter.observe_sent(&headers(2000, 1500), false, sent_old);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        // The fresh window shows on the newer request; the older one's 429 arrives after it.
+        limiter.observe_sent(&headers(2000, 1999), false, sent_new);
+        limiter.observe_sent(&headers(2000, 0), true, sent_old);
+        assert!(!limiter.gate().is_closed());
+        // A 429 for a request of the current window does pause everyone.
+        tokio::time::advance(Duration::from_millis(50)).await;
+        limiter.observe_sent(&headers(2000, 0), true, tokio::time::Instant::now());
+        assert!(limiter.gate().is_closed());
     }
 
     #[tokio::test(start_paused = true)]

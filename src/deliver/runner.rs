@@ -99,6 +99,8 @@ impl DeliveryRunner {
             }
             self.limiter.until_ready().await;
             let sent_at = Utc::now();
+            // When it left, so that a late answer is not mistaken for news of the current window.
+            let sent = tokio::time::Instant::now();
             let (attempt, signals) = self.sink.send(&current).await;
             let throttled = matches!(
                 attempt,
@@ -107,7 +109,7 @@ impl DeliveryRunner {
                     ..
                 }
             );
-            self.limiter.observe(&signals, throttled);
+            self.limiter.observe_sent(&signals, throttled, sent);
             match attempt {
                 Attempt::Accepted { receipt } => {
                     for &i in &open {

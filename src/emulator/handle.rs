@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::control::Control;
 use super::error::EmulatorError;
 use super::faults::FaultSettings;
-use super::ratelimit::RateLimitSettings;
+use super::ratelimit::{RateLimitSettings, WindowTally};
 use super::server::RunningServer;
 use super::stats::{EmulatorStats, RecordStats};
 
@@ -79,6 +79,12 @@ impl<P: EmulatedProvider> EmulatorHandle<P> {
 
     pub fn limit(&self) -> LimitStatus {
         limit_status(&self.control)
+    }
+
+    /// Admitted and refused answers of every rate-limit window that saw any, oldest first (the
+    /// current window last). Cheap: for benchmarks that sample while a client runs.
+    pub fn windows(&self) -> Vec<WindowTally> {
+        self.control.limiter.tallies()
     }
 
     /// Replaces the rate limit and starts a fresh window now.

@@ -5,6 +5,7 @@
 //! all). Billingrails documents a token bucket per client IP and no headers. So the window, the
 //! limit and every header variant are settings, changeable while running because real limits change.
 
+use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -90,6 +91,29 @@ impl Admission {
     }
 }
 
+/// What one window saw: the ground truth a pacing benchmark measures against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowTally {
+    /// When the window began.
+    pub started: Instant,
+    /// Its length (the setting; a limit change may have ended it early, see `ended_early`).
+    pub length: Duration,
+    pub limit: u32,
+    /// Answers counted against the limit.
+    pub admitted: u32,
+    /// Answers refused with 429.
+    pub refused: u32,
+    /// When each refusal came, from the window's start (the first [`REFUSALS_KEPT`]).
+    pub refused_at: Vec<Duration>,
+    /// A limit change ended the window before its time.
+    pub ended_early: bool,
+}
+
+/// Refusal times kept per window: enough to see a storm, bounded if a client hammers.
+pub const REFUSALS_KEPT: usize = 1000;
+/// Windows kept in the history (only windows that saw answers are kept).
+const WINDOWS_KEPT: usize = 100_000;
+
 /// A fixed-window counter. Pure: the caller passes the clock.
 #[derive(Debug, Clone)]
 pub struct FixedWindow {
@@ -98,6 +122,10 @@ pub struct FixedWindow {
     anchor: Instant,
     window_index: u128,
     used: u32,
+    refused: u32,
+    refused_at: Vec<Duration>,
+    /// Earlier windows that saw answers, oldest first.
+    history: VecDeque<WindowTally>,
 }
 
 impl FixedWindow {
@@ -109,6 +137,57 @@ impl FixedWindow {
             anchor,
             window_index: 0,
             used: 0,
+            refused: 0,
+            refused_at: Vec::new(),
+            history: VecDeque::new(),
+        }
+    }
+
+    /// The current window's tally so far.
+    fn current_tally(&self) -> WindowTally {
+        let offset = self.window.as_nanos() * self.window_index;
+        WindowTally {
+            started: self.anchor + Duration::from_nanos(u64::try_from(offset).unwrap_or(u64::MAX)),
+            length: self.window,
+            limit: self.limit,
+            admitted: self.used,
+            refused: self.refused,
+            refused_at: self.refused_at.clone(),
+            ended_early: false,
+        }
+    }
+
+    /// Moves the current window into the history (if it saw anything) and empties it.
+    fn close_current(&mut self, ended_early: bool) {
+        if self.used > 0 || self.refused > 0 {
+            let mut tally = self.current_tally();
+            tally.ended_early = ended_early;
+            if self.history.len() == WINDOWS_KEPT {
+                self.history.pop_front();
+            }
+            self.history.push_back(tally);
+        }
+        self.used = 0;
+        self.refused = 0;
+        self.refused_at.clear();
+    }
+
+    /// Every window that saw answers, oldest first, the current one last (if it saw any).
+    pub fn tallies(&self) -> Vec<WindowTally> {
+        let mut all: Vec<WindowTally> = self.history.iter().cloned().collect();
+        if self.used > 0 || self.refused > 0 {
+            all.push(self.current_tally());
+        }
+        all
+    }
+
+    /// A new limit from `now` on: a fresh window that keeps this one's history.
+    pub fn replaced(mut self, limit: u32, window: Duration, now: Instant) -> FixedWindow {
+        self.roll_to(now);
+        self.close_current(true);
+        FixedWindow {
+            history: std::mem::take(&mut self.history),
+            ..FixedWindow::new(limit, window, now)
         }
     }
 
@@ -117,8 +196,8 @@ impl FixedWindow {
         let window_nanos = self.window.as_nanos().max(1);
         let index = elapsed.as_nanos() / window_nanos;
         if index != self.window_index {
+            self.close_current(false);
             self.window_index = index;
-            self.used = 0;
         }
         let window_end_nanos = (index + 1) * window_nanos;
         let resets_in_nanos = window_end_nanos - elapsed.as_nanos();
@@ -131,6 +210,11 @@ impl FixedWindow {
         let admitted = self.used < self.limit;
         if admitted {
             self.used += 1;
+        } else {
+            self.refused += 1;
+            if self.refused_at.len() < REFUSALS_KEPT {
+                self.refused_at.push(self.window.saturating_sub(resets_in));
+            }
         }
         Admission {
             admitted,
@@ -172,11 +256,20 @@ impl RateLimiter {
         self.settings.load_full()
     }
 
-    /// Replaces the settings and starts a fresh window at `now`.
+    /// Replaces the settings and starts a fresh window at `now` (the history stays).
     pub fn replace(&self, settings: RateLimitSettings, now: Instant) {
         let mut window = self.window.lock().expect("rate-limit lock poisoned");
-        *window = FixedWindow::new(settings.limit, settings.window, now);
+        let old = std::mem::replace(&mut *window, FixedWindow::new(0, settings.window, now));
+        *window = old.replaced(settings.limit, settings.window, now);
         self.settings.store(Arc::new(settings));
+    }
+
+    /// Every window that saw answers, oldest first (empty while unlimited).
+    pub fn tallies(&self) -> Vec<WindowTally> {
+        self.window
+            .lock()
+            .expect("rate-limit lock poisoned")
+            .tallies()
     }
 
     /// `None` when unlimited.
@@ -269,6 +362,40 @@ mod tests {
         let fresh = limiter.admit(later).unwrap();
         assert!(fresh.admitted);
         assert_eq!(fresh.resets_in, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn tallies_count_each_window_and_survive_a_limit_change() {
+        let start = Instant::now();
+        let limiter = RateLimiter::new(
+            RateLimitSettings::per_window(2, Duration::from_secs(1)),
+            start,
+        );
+        let at = |ms| start + Duration::from_millis(ms);
+        for ms in [10, 20, 30, 40] {
+            limiter.admit(at(ms));
+        }
+        // Window 1 sees nothing; window 2 one answer.
+        limiter.admit(at(2_100));
+        limiter.replace(
+            RateLimitSettings::per_window(1, Duration::from_secs(1)),
+            at(2_500),
+        );
+        limiter.admit(at(2_600));
+        let tallies = limiter.tallies();
+        assert_eq!(tallies.len(), 3, "{tallies:?}");
+        assert_eq!(tallies[0].started, start);
+        assert_eq!((tallies[0].admitted, tallies[0].refused), (2, 2));
+        assert_eq!(
+            tallies[0].refused_at,
+            vec![Duration::from_millis(30), Duration::from_millis(40)]
+        );
+        assert_eq!(tallies[1].started, at(2_000));
+        assert!(tallies[1].ended_early);
+        assert_eq!(tallies[1].admitted, 1);
+        assert_eq!(tallies[2].started, at(2_500));
+        assert_eq!((tallies[2].limit, tallies[2].admitted), (1, 1));
+        assert!(!tallies[2].ended_early);
     }
 
     #[test]

@@ -120,6 +120,7 @@ impl BillwerkSink {
             return Ok(Contract::Id(id));
         }
         self.limiter.until_ready().await;
+        let sent = tokio::time::Instant::now();
         let response = self
             .call("contracts", |c, api| {
                 c.get(format!("{api}/contracts"))
@@ -134,11 +135,11 @@ impl BillwerkSink {
         let status = response.status();
         if !status.is_success() {
             let throttled = status == StatusCode::TOO_MANY_REQUESTS;
-            self.limiter.observe(&signals, throttled);
+            self.limiter.observe_sent(&signals, throttled, sent);
             let body = response.text().await.unwrap_or_default();
             return Err((classify_failure(status, &body), RateSignals::default()));
         }
-        self.limiter.observe(&signals, false);
+        self.limiter.observe_sent(&signals, false, sent);
         #[derive(Deserialize)]
         struct ContractView {
             #[serde(alias = "id", alias = "ID")]
@@ -259,6 +260,7 @@ impl BillwerkSink {
         let mut cursor: Option<String> = None;
         loop {
             self.limiter.until_ready().await;
+            let sent = tokio::time::Instant::now();
             let cursor_now = cursor.clone();
             let response = self
                 .call("usage_list", |c, api| {
@@ -276,7 +278,7 @@ impl BillwerkSink {
             let signals = rate_signals(response.headers());
             let status = response.status();
             self.limiter
-                .observe(&signals, status == StatusCode::TOO_MANY_REQUESTS);
+                .observe_sent(&signals, status == StatusCode::TOO_MANY_REQUESTS, sent);
             if !status.is_success() {
                 return Err(format!("listing usage answered {status}"));
             }
