@@ -169,18 +169,18 @@ pub async fn run_demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
             (format!("{i}"), event.payload)
         })
         .collect();
-    for chunk in events.chunks(1000) {
-        let pending: Vec<_> = chunk
-            .iter()
-            .map(|(key, payload)| {
-                producer.send(
-                    FutureRecord::to("usage").payload(payload).key(key),
-                    Duration::from_secs(10),
-                )
-            })
-            .collect();
+    // `send_result` enqueues at once; `send` only when its future is polled, so awaiting sends
+    // one after another costs a linger wait per message.
+    for chunk in events.chunks(5000) {
+        let mut pending = Vec::with_capacity(chunk.len());
+        for (key, payload) in chunk {
+            match producer.send_result(FutureRecord::to("usage").payload(payload).key(key)) {
+                Ok(delivery) => pending.push(delivery),
+                Err((e, _)) => anyhow::bail!("cannot enqueue a demo event: {e}"),
+            }
+        }
         for f in pending {
-            f.await.map_err(|(e, _)| e)?;
+            f.await?.map_err(|(e, _)| e)?;
         }
     }
 

@@ -42,21 +42,22 @@ pub fn producer(brokers: &str) -> FutureProducer {
 pub async fn produce(brokers: &str, topic: &str, partitions: i32, payloads: &[Vec<u8>]) {
     let p = producer(brokers);
     let keys: Vec<String> = (0..payloads.len()).map(|i| format!("k{i}")).collect();
-    for (chunk, keys) in payloads.chunks(1000).zip(keys.chunks(1000)) {
-        let pending: Vec<_> = chunk
-            .iter()
-            .zip(keys)
-            .enumerate()
-            .map(|(i, (payload, key))| {
-                let record = FutureRecord::to(topic)
-                    .payload(payload)
-                    .key(key)
-                    .partition(i as i32 % partitions);
-                p.send(record, Duration::from_secs(10))
-            })
-            .collect();
+    // `send_result` enqueues at once; `send` only when its future is polled, so awaiting sends
+    // one after another costs a linger wait per message.
+    for (c, (chunk, keys)) in payloads.chunks(5000).zip(keys.chunks(5000)).enumerate() {
+        let mut pending = Vec::with_capacity(chunk.len());
+        for (i, (payload, key)) in chunk.iter().zip(keys).enumerate() {
+            let record = FutureRecord::to(topic)
+                .payload(payload)
+                .key(key)
+                .partition(((c * 5000 + i) % partitions as usize) as i32);
+            match p.send_result(record) {
+                Ok(delivery) => pending.push(delivery),
+                Err((e, _)) => panic!("cannot enqueue: {e}"),
+            }
+        }
         for f in pending {
-            f.await.expect("produce acknowledged");
+            f.await.expect("delivery reported").expect("produce acknowledged");
         }
     }
 }
