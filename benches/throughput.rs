@@ -112,7 +112,9 @@ async fn scenario(
     events: usize,
     dir: &Path,
     brokers: &str,
-    mock: Option<&rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>>,
+    mock: Option<
+        &rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    >,
 ) -> Row {
     let port = common::free_port();
     let mut emulator = start_emulator(port);
@@ -235,7 +237,14 @@ async fn main() {
         (None, Some(m)) => m.bootstrap_servers(),
         _ => unreachable!(),
     };
-    println!("broker: {}", if use_tansu { "tansu (memory storage), 4 partitions" } else { "librdkafka mock cluster, 4 partitions" });
+    println!(
+        "broker: {}",
+        if use_tansu {
+            "tansu (memory storage), 4 partitions"
+        } else {
+            "librdkafka mock cluster, 4 partitions"
+        }
+    );
     let postgres = std::env::var("METERFLOW_TEST_POSTGRES")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let scenarios = [

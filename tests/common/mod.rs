@@ -57,7 +57,9 @@ pub async fn produce(brokers: &str, topic: &str, partitions: i32, payloads: &[Ve
             }
         }
         for f in pending {
-            f.await.expect("delivery reported").expect("produce acknowledged");
+            f.await
+                .expect("delivery reported")
+                .expect("produce acknowledged");
         }
     }
 }
