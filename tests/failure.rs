@@ -391,7 +391,7 @@ async fn two_replicas_with_postgres_ledger_survive_losing_one() {
     let mut b = spawn_meterflow(&config, &log_b);
     wait_records(&emulator, valid / 3, Duration::from_secs(60)).await;
     sigkill(&mut a);
-    let done = wait_records(&emulator, valid, Duration::from_secs(150)).await;
+    let done = wait_records(&emulator, valid, Duration::from_secs(90)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let status = sigterm(&mut b, Duration::from_secs(20));
     let v = verify(&emulator, &s, &brokers, &dlq);
