@@ -10,11 +10,12 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::ack::deadletter::{DeadLetter, DeadLetterWriter};
-use crate::ack::ledger::{Claim, Ledger, LedgerStore};
+use crate::ack::ledger::{AggregateClaim, Claim, EarlierAggregate, Ledger, LedgerStore};
 use crate::admin::readiness::{ProviderProbe, Readiness};
 use crate::batch::{self, Batcher, Bucket, Grouping};
 use crate::config::{Config, SinkKind};
 use crate::decode::EventDecoder;
+use crate::deliver::billingrails::BillingrailsSink;
 use crate::deliver::billwerk::BillwerkSink;
 use crate::deliver::ratelimit::RateLimiter;
 use crate::deliver::runner::{AttemptGuard, DeliveryRunner};
@@ -22,6 +23,8 @@ use crate::deliver::{Delivery, DeliveryItem, ItemOutcome, Sink};
 use crate::event::{DeliveryKey, RawMessage, RejectReason, Rejection};
 use crate::pricing::PriceBook;
 use crate::source::{KafkaSource, SourceHandle, SourceOptions};
+
+mod aggregate;
 
 /// What a run did, for the demo's reconciliation table and for tests; and how it is doing now,
 /// for `/readyz`.
@@ -53,6 +56,8 @@ struct Stages {
     source: SourceHandle,
     stats: Arc<RunStats>,
     per_contract_metrics: bool,
+    /// Deliveries are pre-aggregated: the ledger maps each event to its aggregate.
+    aggregating: bool,
 }
 
 /// The lease on a claimed delivery key, renewed (compare-and-set) before every re-send.
@@ -83,6 +88,14 @@ impl AttemptGuard for LedgerLease<'_> {
     }
 }
 
+/// How a delivery through the ledger ended.
+enum Ledgered {
+    /// One outcome per item; `None` when another owner took the delivery over.
+    Outcomes(Option<Vec<ItemOutcome>>),
+    /// An aggregate some of whose events were sent earlier in these aggregates; nothing sent.
+    Earlier(Vec<EarlierAggregate>),
+}
+
 /// Runs the pipeline until `shutdown` resolves, then drains and returns.
 pub async fn run(
     config: Config,
@@ -106,7 +119,10 @@ pub async fn run(
             BillwerkSink::new(&config.sink, limiter.clone())?
                 .with_readiness(stats.readiness.clone()),
         ),
-        SinkKind::Billingrails => anyhow::bail!("the billingrails sink is not available yet"),
+        SinkKind::Billingrails => Arc::new(
+            BillingrailsSink::new(&config.sink, limiter.clone())?
+                .with_readiness(stats.readiness.clone()),
+        ),
     };
     let grouping = grouping_for(&config);
     let properties: Vec<(String, String)> = config
@@ -159,6 +175,7 @@ pub async fn run(
         source: source_handle.clone(),
         stats: stats.clone(),
         per_contract_metrics: config.admin.per_contract_metrics,
+        aggregating: matches!(grouping, Grouping::Aggregate { .. }),
     });
     let concurrency = Arc::new(Semaphore::new(config.sink.concurrency.max(1)));
     let mut tasks = JoinSet::new();
@@ -308,6 +325,11 @@ fn dispatch(
 
 impl Stages {
     async fn deliver(&self, delivery: Delivery) {
+        if self.aggregating {
+            if let Some(ledger) = &self.ledger {
+                return self.deliver_aggregate(ledger, delivery).await;
+            }
+        }
         let key = delivery.key.clone();
         let items = delivery.items.clone();
         let outcomes = match &self.ledger {
@@ -318,15 +340,38 @@ impl Stages {
                 while !ledger.enter_local(&key) {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                let outcomes = self.deliver_with_ledger(ledger, delivery).await;
+                let outcomes = match self.deliver_with_ledger(ledger, delivery, false).await {
+                    Ledgered::Outcomes(outcomes) => outcomes,
+                    Ledgered::Earlier(_) => unreachable!("only aggregate claims name earlier ones"),
+                };
                 ledger.leave_local(&key);
                 outcomes
             }
         };
         // Another owner took the delivery over: its events are theirs to settle.
         let Some(outcomes) = outcomes else { return };
+        let final_state = self
+            .report(&key, items.iter().zip(outcomes.iter().cloned()))
+            .await;
+        // Written after every dead letter of the delivery is durable: a "delivered" entry must
+        // never hide an item that still owed its dead letter.
+        if let (Some(ledger), Some((delivered, receipt))) = (&self.ledger, final_state) {
+            ledger.finish(&key, delivered, receipt);
+        }
+        for item in &items {
+            self.source.settle(&item.raw.source, item.raw.generation);
+        }
+    }
+
+    /// Counts, logs and dead-letters each item by its outcome (not settling it yet); returns the
+    /// final state for the delivery's ledger entry.
+    async fn report<'i>(
+        &self,
+        key: &DeliveryKey,
+        outcomes: impl Iterator<Item = (&'i DeliveryItem, ItemOutcome)>,
+    ) -> Option<(bool, String)> {
         let mut final_state: Option<(bool, String)> = None;
-        for (item, outcome) in items.iter().zip(outcomes) {
+        for (item, outcome) in outcomes {
             match outcome {
                 ItemOutcome::Delivered { receipt } => {
                     self.stats.delivered.fetch_add(1, Ordering::Relaxed);
@@ -368,32 +413,47 @@ impl Stages {
                         &item.raw,
                         &rejection,
                         provider_answer.as_deref(),
-                        Some((&item.usage.event_id, &key)),
+                        Some((&item.usage.event_id, key)),
                     )
                     .await;
                 }
             }
         }
-        // Written after every dead letter of the delivery is durable: a "delivered" entry must
-        // never hide an item that still owed its dead letter.
-        if let (Some(ledger), Some((delivered, receipt))) = (&self.ledger, final_state) {
-            ledger.finish(&key, delivered, receipt);
-        }
-        for item in &items {
-            self.source.settle(&item.raw.source, item.raw.generation);
-        }
+        final_state
     }
 
     /// Claim the key, then: delivered → settle; rejected → dead-letter; sending (unknown
     /// outcome) → wait out the other owner's lease, take over, reconcile before re-sending.
+    ///
+    /// An aggregate's claim also maps its events to its key; when some were sent earlier in
+    /// other aggregates it answers `Earlier` without sending (see `aggregate.rs`).
     async fn deliver_with_ledger(
         &self,
         ledger: &Ledger,
         delivery: Delivery,
-    ) -> Option<Vec<ItemOutcome>> {
+        aggregate: bool,
+    ) -> Ledgered {
         let n = delivery.items.len();
         loop {
-            let claim = match ledger.claim(&delivery.key, n).await {
+            let claimed = if aggregate {
+                let event_keys = delivery
+                    .items
+                    .iter()
+                    .map(|i| DeliveryKey::for_event(&i.usage.event_id))
+                    .collect();
+                match ledger.claim_aggregate(&delivery.key, event_keys).await {
+                    Ok(AggregateClaim::Own(c)) => Ok(c),
+                    Ok(AggregateClaim::Earlier(earlier)) => return Ledgered::Earlier(earlier),
+                    Ok(AggregateClaim::Contended) => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                }
+            } else {
+                ledger.claim(&delivery.key, n).await
+            };
+            let claim = match claimed {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(error = %e, delivery_key = %delivery.key, "ledger unavailable; not sending until it answers");
@@ -406,20 +466,23 @@ impl Stages {
                 Claim::Delivered { receipt } => {
                     metrics::counter!("meterflow_events_deduplicated_total", "source" => "ledger")
                         .increment(n as u64);
-                    return Some(vec![ItemOutcome::AlreadyDelivered { receipt }; n]);
+                    return Ledgered::Outcomes(Some(vec![
+                        ItemOutcome::AlreadyDelivered { receipt };
+                        n
+                    ]));
                 }
                 Claim::Rejected { answer } => {
                     let rejection = Rejection::new(
                         RejectReason::ProviderRejected,
                         format!("refused earlier by the provider: {answer}"),
                     );
-                    return Some(vec![
+                    return Ledgered::Outcomes(Some(vec![
                         ItemOutcome::DeadLetter {
                             rejection,
                             provider_answer: Some(answer),
                         };
                         n
-                    ]);
+                    ]));
                 }
                 Claim::Sending {
                     first_sent_at,
@@ -447,10 +510,11 @@ impl Stages {
                 key: &delivery.key,
                 updated_at_ms: std::sync::Mutex::new(updated_at_ms),
             };
-            return self
-                .runner
-                .deliver(delivery.clone(), unknown_since, Some(&lease))
-                .await;
+            return Ledgered::Outcomes(
+                self.runner
+                    .deliver(delivery.clone(), unknown_since, Some(&lease))
+                    .await,
+            );
         }
     }
 

@@ -413,6 +413,26 @@ async fn rate_limited_requests_get_the_documented_429_body() {
 }
 
 #[tokio::test]
+async fn without_error_details_a_refused_batch_names_no_event() {
+    let emulator = start(BillingrailsOptions {
+        required_properties: vec!["region".into()],
+        error_details: false,
+        ..BillingrailsOptions::default()
+    })
+    .await;
+    let response = post(&batch_url(&emulator))
+        .json(&json!({ "events": [event("a"), event("b")] }))
+        .send()
+        .await
+        .unwrap();
+    let (status, code, details) = error_of(response).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(code, "validation_failed");
+    assert!(details.is_empty(), "{details:?}");
+    assert!(emulator.records().is_empty());
+}
+
+#[tokio::test]
 async fn the_path_prefix_is_configurable_and_legacy_paths_are_served() {
     let emulator = start(BillingrailsOptions {
         path_prefix: "/api/v2/".into(),

@@ -191,6 +191,8 @@ pub struct BillingrailsConfig {
     pub batch_size: usize,
     /// Property carrying the customer (the meter's account mapping).
     pub account_property: String,
+    /// Property carrying the event's quantity (an exact JSON number), the value a meter sums.
+    pub quantity_property: String,
     /// `event_name` template; `{metric}` by default.
     pub event_name: String,
     /// Carry price/description overrides as these properties when set.
@@ -205,6 +207,7 @@ impl Default for BillingrailsConfig {
             batch_path: "/events/batch".into(),
             batch_size: 100,
             account_property: "billingrails_account_id".into(),
+            quantity_property: "quantity".into(),
             event_name: "{metric}".into(),
             price_property: None,
             description_property: None,

@@ -583,6 +583,21 @@ fn billingrails_rules() {
         "sink.billingrails.price_property",
         "is empty",
     );
+    check(
+        |c| c.sink.billingrails.quantity_property = " ".into(),
+        "sink.billingrails.quantity_property",
+        "is empty",
+    );
+    check(
+        |c| c.sink.billingrails.price_property = Some("billingrails_account_id".into()),
+        "sink.billingrails.price_property",
+        "already sink.billingrails.account_property",
+    );
+    check(
+        |c| c.sink.aggregate.enabled = true,
+        "sink.aggregate.enabled",
+        "pre-aggregation is for billwerk",
+    );
 }
 
 #[test]

@@ -304,6 +304,36 @@ fn sink(config: &Config, p: &mut Problems) {
                      \"billingrails_account_id\"",
                 );
             }
+            if br.quantity_property.trim().is_empty() {
+                p.add(
+                    "sink.billingrails.quantity_property",
+                    "is empty: expected the event property the meter sums, e.g. \"quantity\"",
+                );
+            }
+            // Each carries something meterflow sets; two on one name would overwrite each other.
+            let named = [
+                ("account_property", Some(&br.account_property)),
+                ("quantity_property", Some(&br.quantity_property)),
+                ("price_property", br.price_property.as_ref()),
+                ("description_property", br.description_property.as_ref()),
+            ];
+            for (i, (key, name)) in named.iter().enumerate() {
+                let Some(name) = name.filter(|n| !n.trim().is_empty()) else {
+                    continue;
+                };
+                if let Some((earlier, _)) = named[..i]
+                    .iter()
+                    .find(|(_, other)| other.is_some_and(|o| o == name))
+                {
+                    p.add(
+                        format!("sink.billingrails.{key}"),
+                        format!(
+                            "{name:?} is already sink.billingrails.{earlier}: expected a property \
+                             name of its own"
+                        ),
+                    );
+                }
+            }
             match crate::pricing::Template::parse(&br.event_name) {
                 Ok(t) if t.is_empty() => p.add(
                     "sink.billingrails.event_name",
@@ -335,6 +365,14 @@ fn sink(config: &Config, p: &mut Problems) {
         p.add(
             "sink.request_timeout",
             "is 0: expected a positive timeout like \"10s\"",
+        );
+    }
+    if s.aggregate.enabled && s.kind == SinkKind::Billingrails {
+        p.add(
+            "sink.aggregate.enabled",
+            "pre-aggregation is for billwerk (one usage record per request): Billingrails takes \
+             batches of events (sink.billingrails.batch_size); remove [sink.aggregate] or set \
+             enabled = false",
         );
     }
     if !matches!(s.aggregate.bucket.as_str(), "hour" | "day") {

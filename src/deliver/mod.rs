@@ -47,6 +47,9 @@ pub struct RateSignals {
     pub reset_after: Option<Duration>,
     /// `Retry-After`.
     pub retry_after: Option<Duration>,
+    /// When the request these signals answer was sent, if it was not the runner's own request
+    /// (a sink that sends follow-up requests, such as a bisection, reports the last one's).
+    pub sent_at: Option<tokio::time::Instant>,
 }
 
 /// Why an attempt is retried: the `cause` label of `meterflow_retries_total`.
@@ -120,7 +123,9 @@ pub trait Sink: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Reconciled, String>>;
 }
 
+pub mod billingrails;
 pub mod billwerk;
+pub(crate) mod http;
 pub mod ratelimit;
 pub mod retry;
 pub mod runner;

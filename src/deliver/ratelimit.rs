@@ -598,6 +598,7 @@ mod tests {
                 remaining: Some(5),
                 reset_after: Some(Duration::from_secs(7)),
                 retry_after: None,
+                sent_at: None,
             },
             false,
             t0,

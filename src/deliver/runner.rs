@@ -42,6 +42,14 @@ impl DeliveryRunner {
         &self.limiter
     }
 
+    pub fn sink(&self) -> &Arc<dyn Sink> {
+        &self.sink
+    }
+
+    pub fn retry(&self) -> &RetryConfig {
+        &self.retry
+    }
+
     /// Delivers until every item has an outcome. `unknown_since` is set when an earlier attempt
     /// (in this process or, through the ledger, a previous one) may have reached the provider.
     /// `None` when the guard said another owner took the delivery over.
@@ -109,7 +117,8 @@ impl DeliveryRunner {
                     ..
                 }
             );
-            self.limiter.observe_sent(&signals, throttled, sent);
+            self.limiter
+                .observe_sent(&signals, throttled, signals.sent_at.unwrap_or(sent));
             match attempt {
                 Attempt::Accepted { receipt } => {
                     for &i in &open {

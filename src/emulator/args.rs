@@ -94,6 +94,10 @@ pub struct BillingrailsArgs {
     /// mapping `billingrails_account_id`. Events without it are refused with 422.
     #[arg(long = "require-property", value_name = "NAME")]
     pub required_properties: Vec<String>,
+    /// Refuse invalid batches without `details` (only type, code and message), as an error
+    /// that names no event: clients must find the bad events themselves.
+    #[arg(long)]
+    pub no_error_details: bool,
     #[command(flatten)]
     pub limit: RateLimitArgs,
     #[command(flatten)]
@@ -294,6 +298,7 @@ impl BillingrailsArgs {
             max_batch: self.max_batch,
             idempotency_ttl: self.idempotency_ttl,
             required_properties: self.required_properties.clone(),
+            error_details: !self.no_error_details,
             limit: self.limit.settings(),
             faults: self.faults.settings(),
         };

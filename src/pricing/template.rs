@@ -9,11 +9,23 @@
 //! - `{contract}` prints the contract id or the external id, whichever the event carried.
 //! - `{attributes.KEY}` prints the attribute; a missing attribute prints as empty text.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use chrono::SecondsFormat;
+use chrono::{DateTime, SecondsFormat, Utc};
+use rust_decimal::Decimal;
 
-use crate::event::{CustomerRef, UsageEvent};
+use crate::event::{BillableUsage, CustomerRef, UsageEvent};
+
+/// The fields a template may print, borrowed from a decoded or a priced event.
+struct Fields<'a> {
+    id: &'a str,
+    metric: &'a str,
+    quantity: Decimal,
+    timestamp: DateTime<Utc>,
+    customer: &'a CustomerRef,
+    attributes: &'a BTreeMap<String, String>,
+}
 
 /// A compiled template.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,19 +111,43 @@ impl Template {
 
     /// Renders the template for one event.
     pub fn render(&self, event: &UsageEvent) -> String {
+        self.render_fields(&Fields {
+            id: &event.id,
+            metric: &event.metric,
+            quantity: event.quantity,
+            timestamp: event.timestamp,
+            customer: &event.customer,
+            attributes: &event.attributes,
+        })
+    }
+
+    /// Renders the template for a priced event (the Billingrails `event_name`); `{timestamp}`
+    /// is its due date, which is the event's timestamp unless pre-aggregated.
+    pub fn render_usage(&self, usage: &BillableUsage) -> String {
+        self.render_fields(&Fields {
+            id: &usage.event_id,
+            metric: &usage.metric,
+            quantity: usage.quantity,
+            timestamp: usage.due_date,
+            customer: &usage.customer,
+            attributes: &usage.attributes,
+        })
+    }
+
+    fn render_fields(&self, event: &Fields<'_>) -> String {
         let mut out = String::with_capacity(64);
         for segment in self.segments.iter() {
             match segment {
                 Segment::Literal(s) => out.push_str(s),
-                Segment::Id => out.push_str(&event.id),
-                Segment::Metric => out.push_str(&event.metric),
+                Segment::Id => out.push_str(event.id),
+                Segment::Metric => out.push_str(event.metric),
                 Segment::Quantity => {
                     let _ = write!(out, "{}", event.quantity.normalize());
                 }
                 Segment::Timestamp => {
                     out.push_str(&event.timestamp.to_rfc3339_opts(SecondsFormat::AutoSi, true))
                 }
-                Segment::Contract => match &event.customer {
+                Segment::Contract => match event.customer {
                     CustomerRef::ContractId(s) | CustomerRef::ExternalId(s) => out.push_str(s),
                 },
                 Segment::Attribute(key) => {
@@ -230,5 +266,24 @@ mod tests {
         );
         e.quantity = Decimal::new(1500, 0);
         assert_eq!(Template::parse("{quantity}").unwrap().render(&e), "1500");
+    }
+
+    #[test]
+    fn renders_a_priced_event_like_the_event() {
+        let e = event();
+        let usage = BillableUsage {
+            event_id: e.id.clone(),
+            customer: e.customer.clone(),
+            metric: e.metric.clone(),
+            component_id: "c".into(),
+            quantity: e.quantity,
+            due_date: e.timestamp,
+            product_override: None,
+            attributes: e.attributes.clone(),
+        };
+        let t =
+            Template::parse("{id}|{metric}|{quantity}|{timestamp}|{contract}|{attributes.region}")
+                .unwrap();
+        assert_eq!(t.render_usage(&usage), t.render(&e));
     }
 }

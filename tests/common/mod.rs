@@ -186,6 +186,74 @@ listen = ""
     )
 }
 
+/// A meterflow config for a Billingrails emulator at `base_url` (its `/v1` prefix included).
+pub fn billingrails_config(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    dlq: &str,
+    base_url: &str,
+    ledger_url: &str,
+) -> String {
+    format!(
+        r#"
+[kafka]
+brokers = "{brokers}"
+group_id = "{group}"
+topics = ["{topic}"]
+dead_letter_topic = "{dlq}"
+session_timeout = "6s"
+drain_timeout = "3s"
+commit_interval = "200ms"
+
+[kafka.properties]
+"fetch.wait.max.ms" = "10"
+
+[batch]
+max_events = 200
+max_wait = "20ms"
+
+[sink]
+kind = "billingrails"
+base_url = "{base_url}"
+api_key = "br_test_meterflow_emulator"
+concurrency = 8
+request_timeout = "2s"
+
+[sink.billingrails]
+batch_size = 100
+account_property = "billingrails_account_id"
+event_name = "{{metric}}"
+price_property = "unit_price"
+description_property = "description"
+
+[rate_limit]
+window = "1s"
+limit = 5000
+
+[retry]
+initial_backoff = "20ms"
+max_backoff = "500ms"
+
+[components]
+api_calls = "api_calls"
+storage_gb = "storage_gb"
+
+[[overrides]]
+metric = "api_calls"
+attributes = {{ plan = "enterprise" }}
+price_per_unit = "0.0015"
+description = "{{quantity}} API calls in {{attributes.region}}"
+
+[ledger]
+url = "{ledger_url}"
+
+[admin]
+listen = ""
+"#
+    )
+}
+
 /// A free loopback port.
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
@@ -335,4 +403,88 @@ pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) {
             }
         }
     }
+}
+
+/// `meterflow run` as a child process, killed with SIGKILL.
+pub struct Meterflow {
+    child: Child,
+}
+
+impl Meterflow {
+    pub fn start(config: &std::path::Path, log: &std::path::Path) -> Meterflow {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_meterflow"))
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("meterflow starts");
+        Meterflow { child }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Meterflow {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `meterflow run` once per entry of `max_events` (the config for it from `config`), on
+/// topic `usage` (4 partitions) of `brokers`: every run but the last is killed with SIGKILL at a
+/// random moment after it made progress; the last runs until all `n` offsets are committed (or
+/// two minutes). Logs go to `dir/meterflow.log`. Returns the number of kills.
+pub async fn kill_and_restart(
+    brokers: &str,
+    group: &str,
+    n: usize,
+    max_events: &[usize],
+    seed: u64,
+    dir: &Path,
+    config: impl Fn(usize) -> String,
+) -> usize {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let log = dir.join("meterflow.log");
+    let config_path = dir.join("meterflow.toml");
+    let mut kills = 0;
+    for (round, &max) in max_events.iter().enumerate() {
+        std::fs::write(&config_path, config(max)).unwrap();
+        let before = committed_total(brokers, group, "usage", 4);
+        let mut meterflow = Meterflow::start(&config_path, &log);
+        let last = round + 1 == max_events.len();
+        // A killed member holds its partitions until its session times out: wait until this
+        // run makes progress, then kill it at a random moment.
+        let mut until = Instant::now() + Duration::from_secs(if last { 120 } else { 30 });
+        let mut progressing = false;
+        loop {
+            let committed = committed_total(brokers, group, "usage", 4);
+            if committed >= n as i64 || Instant::now() >= until {
+                break;
+            }
+            if !last && !progressing && committed > before {
+                progressing = true;
+                until = Instant::now() + Duration::from_millis(rng.random_range(300..3000));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        meterflow.kill();
+        if !last {
+            kills += 1;
+        }
+        eprintln!(
+            "round {round} (max_events {max}): committed {} of {n}",
+            committed_total(brokers, group, "usage", 4)
+        );
+    }
+    kills
 }

@@ -42,6 +42,31 @@ pub enum Claim {
     },
 }
 
+/// What the ledger knows of an aggregate (several events summed into one usage record) at
+/// claim time. See docs/delivery-semantics.md, "Aggregation and the ledger".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AggregateClaim {
+    /// Every event is mapped to this aggregate's key (just now, or by an earlier claim of the
+    /// same aggregate): the key's own state, as for a single delivery.
+    Own(Claim),
+    /// Some events were already sent in other aggregates. Nothing was written: settle these
+    /// through their aggregates first, then claim what is left.
+    Earlier(Vec<EarlierAggregate>),
+    /// Another writer mapped some of these events while this claim ran (several replicas on
+    /// PostgreSQL). Nothing was written: claim again.
+    Contended,
+}
+
+/// An aggregate that earlier carried some of the events now being claimed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EarlierAggregate {
+    pub key: DeliveryKey,
+    /// `Delivered`, `Rejected` or `Sending` (never `Claimed`).
+    pub state: Claim,
+    /// The claimed events it carried (their per-event keys).
+    pub event_keys: Vec<DeliveryKey>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
     #[error("ledger database error: {0}")]
@@ -55,6 +80,19 @@ pub(crate) enum Op {
         key: DeliveryKey,
         events: usize,
         reply: oneshot::Sender<Result<Claim, LedgerError>>,
+    },
+    /// Claims an aggregate's key and maps each of its events to it, in one transaction.
+    ClaimAggregate {
+        key: DeliveryKey,
+        event_keys: Vec<DeliveryKey>,
+        reply: oneshot::Sender<Result<AggregateClaim, LedgerError>>,
+    },
+    /// Marks a "sending" aggregate that the provider never received as abandoned and frees its
+    /// events (compare-and-set on `updated_at`). False when someone else moved it meanwhile.
+    Abandon {
+        key: DeliveryKey,
+        expected_updated_at_ms: i64,
+        reply: oneshot::Sender<Result<bool, LedgerError>>,
     },
     /// Compare-and-set on `updated_at`: refreshes our claim before an attempt, or takes over a
     /// claim whose lease ran out. False when someone else moved it meanwhile.
@@ -122,6 +160,38 @@ impl Ledger {
         self.call(|reply| Op::Claim {
             key: key.clone(),
             events,
+            reply,
+        })
+        .await
+    }
+
+    /// Claims the key of an aggregate of `event_keys` (the per-event delivery keys) and maps
+    /// every event to it, atomically: either all events now belong to `key`, or nothing was
+    /// written and the answer says which earlier aggregates hold some of them.
+    pub async fn claim_aggregate(
+        &self,
+        key: &DeliveryKey,
+        event_keys: Vec<DeliveryKey>,
+    ) -> Result<AggregateClaim, LedgerError> {
+        self.call(|reply| Op::ClaimAggregate {
+            key: key.clone(),
+            event_keys,
+            reply,
+        })
+        .await
+    }
+
+    /// Marks `key` (still "sending", last touched at `expected_updated_at_ms`) as abandoned —
+    /// the provider was asked and does not have it — and frees its events for a new aggregate.
+    /// False when the row moved meanwhile (someone else touched or finished it).
+    pub async fn abandon(
+        &self,
+        key: &DeliveryKey,
+        expected_updated_at_ms: i64,
+    ) -> Result<bool, LedgerError> {
+        self.call(|reply| Op::Abandon {
+            key: key.clone(),
+            expected_updated_at_ms,
             reply,
         })
         .await

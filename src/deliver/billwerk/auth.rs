@@ -9,6 +9,7 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 
 use crate::config::Secret;
+use crate::deliver::http::without_url;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
@@ -136,19 +137,4 @@ impl TokenSource {
             expires_at,
         })
     }
-}
-
-/// reqwest errors print the URL; ours carry no secrets, but keep messages short and uniform.
-pub(crate) fn without_url(e: &reqwest::Error) -> String {
-    let mut s = e.to_string();
-    if let Some(url) = e.url() {
-        s = s.replace(url.as_str(), "<provider>");
-    }
-    let mut source = std::error::Error::source(e);
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
 }

@@ -7,19 +7,21 @@ mod contracts;
 pub mod payload;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use reqwest::StatusCode;
 use serde::Deserialize;
 
-pub(crate) use auth::without_url;
 pub use auth::{TokenError, TokenSource};
 use contracts::ContractCache;
 
 use crate::admin::Readiness;
 use crate::config::SinkConfig;
+use crate::deliver::http::{
+    http_client, rate_signals, record_request, transport_failure, truncate, without_url,
+};
 use crate::deliver::ratelimit::RateLimiter;
 use crate::deliver::{Attempt, Delivery, RateSignals, Reconciled, RetryCause, Sink};
 use crate::event::{CustomerRef, RejectReason, Rejection};
@@ -97,7 +99,7 @@ impl BillwerkSink {
             }
             let started = Instant::now();
             let result = request.send().await;
-            record_request(endpoint, &result, started.elapsed());
+            record_request("billwerk", endpoint, &result, started.elapsed());
             if result.is_ok() {
                 self.readiness.provider_answered();
             }
@@ -347,31 +349,6 @@ impl CallError {
     }
 }
 
-/// A request that got no HTTP answer. Only a failed connect proves nothing was sent; anything
-/// later (timeout, reset) may have been recorded.
-pub(crate) fn transport_failure(e: &reqwest::Error) -> Attempt {
-    let detail = without_url(e);
-    if e.is_connect() {
-        Attempt::Retry {
-            cause: RetryCause::Connection,
-            outcome_unknown: false,
-            detail,
-        }
-    } else if e.is_timeout() {
-        Attempt::Retry {
-            cause: RetryCause::Timeout,
-            outcome_unknown: true,
-            detail,
-        }
-    } else {
-        Attempt::Retry {
-            cause: RetryCause::Connection,
-            outcome_unknown: true,
-            detail,
-        }
-    }
-}
-
 /// A non-2xx answer. Permanent refusals come back as `Rejected` with no items named (the caller
 /// names them); everything that may succeed later as `Retry`.
 pub(crate) fn classify_failure(status: StatusCode, body: &str) -> Attempt {
@@ -419,81 +396,6 @@ fn reject_all(delivery: &Delivery, rejection: Rejection, provider_answer: String
     }
 }
 
-/// Reads `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset` (seconds) and
-/// `Retry-After` (seconds or an HTTP date).
-pub(crate) fn rate_signals(headers: &reqwest::header::HeaderMap) -> RateSignals {
-    let number = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.trim().parse::<f64>().ok())
-            .filter(|n| n.is_finite() && *n >= 0.0)
-    };
-    let retry_after = headers
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| {
-            s.trim()
-                .parse::<f64>()
-                .ok()
-                .filter(|n| n.is_finite() && *n >= 0.0)
-                .map(Duration::from_secs_f64)
-                .or_else(|| {
-                    DateTime::parse_from_rfc2822(s.trim()).ok().map(|at| {
-                        (at.with_timezone(&Utc) - Utc::now())
-                            .to_std()
-                            .unwrap_or_default()
-                    })
-                })
-        });
-    let reset_after = number("x-ratelimit-reset").map(|n| {
-        // Some servers send an epoch timestamp instead of seconds-until.
-        if n > 1_000_000_000.0 {
-            Duration::from_secs_f64((n - Utc::now().timestamp() as f64).max(0.0))
-        } else {
-            Duration::from_secs_f64(n)
-        }
-    });
-    RateSignals {
-        limit: number("x-ratelimit-limit").map(|n| n as u32),
-        remaining: number("x-ratelimit-remaining").map(|n| n as u32),
-        reset_after,
-        retry_after,
-    }
-}
-
-fn record_request(
-    endpoint: &'static str,
-    result: &Result<reqwest::Response, reqwest::Error>,
-    elapsed: Duration,
-) {
-    let class = match result {
-        Ok(r) => match r.status().as_u16() {
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        },
-        Err(_) => "error",
-    };
-    metrics::counter!("meterflow_requests_total", "sink" => "billwerk", "endpoint" => endpoint, "status_class" => class)
-        .increment(1);
-    metrics::histogram!("meterflow_request_duration_seconds", "sink" => "billwerk", "endpoint" => endpoint)
-        .record(elapsed.as_secs_f64());
-}
-
-/// A pooled keep-alive client with the configured timeout.
-pub(crate) fn http_client(config: &SinkConfig) -> anyhow::Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
-        .timeout(config.request_timeout)
-        .connect_timeout(config.request_timeout.min(Duration::from_secs(5)))
-        .pool_max_idle_per_host(config.concurrency.max(1))
-        .pool_idle_timeout(Duration::from_secs(60))
-        .tcp_nodelay(true)
-        .user_agent(concat!("meterflow/", env!("CARGO_PKG_VERSION")))
-        .build()?)
-}
-
 /// billwerk's error body shape is undocumented: take `Message` when present, else the raw text.
 fn error_message(body: &str) -> String {
     serde_json::from_str::<serde_json::Value>(body)
@@ -511,36 +413,9 @@ fn field<'v>(value: &'v serde_json::Value, name: &str) -> Option<&'v str> {
         .and_then(|(_, v)| v.as_str())
 }
 
-pub(crate) fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest::header::{HeaderMap, HeaderValue};
-
-    #[test]
-    fn reads_rate_limit_headers() {
-        let mut h = HeaderMap::new();
-        h.insert("X-RateLimit-Limit", HeaderValue::from_static("10000"));
-        h.insert("X-RateLimit-Remaining", HeaderValue::from_static("9954"));
-        h.insert("Retry-After", HeaderValue::from_static("2"));
-        h.insert("X-RateLimit-Reset", HeaderValue::from_static("30"));
-        let s = rate_signals(&h);
-        assert_eq!(s.limit, Some(10000));
-        assert_eq!(s.remaining, Some(9954));
-        assert_eq!(s.retry_after, Some(Duration::from_secs(2)));
-        assert_eq!(s.reset_after, Some(Duration::from_secs(30)));
-        assert_eq!(rate_signals(&HeaderMap::new()), RateSignals::default());
-    }
 
     #[test]
     fn classifies_answers_by_what_to_do() {

@@ -272,9 +272,14 @@ impl App {
                     // All-or-nothing: nothing of the batch was stored.
                     Endpoint::Batch => "The batch was rejected: no event was stored.",
                 };
+                let details: &[FieldProblem] = if self.billingrails.error_details {
+                    &problems
+                } else {
+                    &[]
+                };
                 (
                     StatusCode::UNPROCESSABLE_ENTITY,
-                    error_bytes("request_error", "validation_failed", message, &problems),
+                    error_bytes("request_error", "validation_failed", message, details),
                 )
             }
         }

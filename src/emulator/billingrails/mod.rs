@@ -45,6 +45,9 @@ pub struct BillingrailsOptions {
     pub idempotency_ttl: Duration,
     /// Properties every event must carry (the meter's account mapping).
     pub required_properties: Vec<String>,
+    /// Name the refused fields in `details` (the documented shape). `false` answers with
+    /// type, code and message only, to test clients that must find the bad events themselves.
+    pub error_details: bool,
     pub limit: RateLimitSettings,
     pub faults: FaultSettings,
 }
@@ -57,6 +60,7 @@ impl Default for BillingrailsOptions {
             max_batch: 100,
             idempotency_ttl: Duration::from_secs(24 * 3600),
             required_properties: Vec::new(),
+            error_details: true,
             limit: RateLimitSettings::default(),
             faults: FaultSettings::default(),
         }
@@ -110,6 +114,7 @@ impl BillingrailsOptions {
 pub struct Billingrails {
     api_key: Secret,
     rules: EventRules,
+    error_details: bool,
     log: Mutex<EventLog>,
     idempotency: Mutex<IdempotencyCache>,
 }
@@ -169,6 +174,7 @@ pub async fn start(
             required_properties: options.required_properties,
             max_batch: options.max_batch,
         },
+        error_details: options.error_details,
         log: Mutex::new(EventLog::default()),
         idempotency: Mutex::new(IdempotencyCache::new(options.idempotency_ttl)),
     });
