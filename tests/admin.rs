@@ -6,6 +6,7 @@ mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::io::AsyncBufReadExt;
 
 use rdkafka::mocking::MockCluster;
 use serde_json::json;
@@ -273,7 +274,6 @@ async fn meterflow_run_serves_the_admin_endpoints_and_stops_on_sigterm() {
     let emulator = billwerk::start(BillwerkOptions::default(), listener)
         .await
         .unwrap();
-    let port = common::free_port();
     // No broker listens on port 1: the service runs, alive but never ready.
     let config = common::billwerk_config(
         "127.0.0.1:1",
@@ -283,7 +283,8 @@ async fn meterflow_run_serves_the_admin_endpoints_and_stops_on_sigterm() {
         &emulator.base_url(),
         "none",
     )
-    .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
+    // Port 0, learnt from the log: a port picked in advance could be taken by a parallel test.
+    .replace("listen = \"\"", "listen = \"127.0.0.1:0\"");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("meterflow.toml");
     std::fs::write(&path, config).unwrap();
@@ -291,13 +292,32 @@ async fn meterflow_run_serves_the_admin_endpoints_and_stops_on_sigterm() {
         .arg("run")
         .arg("--config")
         .arg(&path)
-        .env("RUST_LOG", "error")
+        .env("RUST_LOG", "error,meterflow::admin=info")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
+    let mut log = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = log.next_line().await.unwrap() {
+            if line.contains("admin server listening") {
+                // Text (`addr=…`) or JSON (`"addr":"…"`) logs.
+                let (_, rest) = line
+                    .split_once("addr=")
+                    .or_else(|| line.split_once("\"addr\":\""))
+                    .unwrap_or_else(|| panic!("no addr in {line}"));
+                let end = rest.find(|c: char| c == '"' || c.is_whitespace());
+                return rest[..end.unwrap_or(rest.len())].to_string();
+            }
+        }
+        panic!("meterflow exited before the admin server listened");
+    })
+    .await
+    .expect("admin server never said where it listens");
+    // Keep reading the log so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
+    let base = format!("http://{addr}");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(r) = reqwest::get(format!("{base}/healthz")).await {
