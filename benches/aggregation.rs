@@ -2,7 +2,7 @@
 //! realistic rate limit and without any), and Billingrails with batches of 100.
 //!
 //! ```sh
-//! cargo bench --bench aggregation                      # every case, 20 000 events each
+//! cargo bench --bench aggregation                      # every case, 50 000 events each
 //! cargo bench --bench aggregation -- --events 50000 --only billingrails
 //! cargo bench --bench aggregation -- --only billingrails --billingrails-url http://127.0.0.1:18091/v1
 //! ```
@@ -10,17 +10,19 @@
 //! Each case: generated events (the demo's generator: 6 contracts, 3 metrics, timestamps over the
 //! last hour, no invalid ones) are produced to librdkafka's in-process mock cluster first, then the
 //! real pipeline (SQLite ledger, 4 partitions, 32 requests in flight) runs against an in-process
-//! emulator until every event is settled. The clock runs from the pipeline's start to the last
-//! settlement, so it includes joining the group. `--billingrails-url` sends the Billingrails case
+//! emulator until every event is settled. The clock runs from the first settled event to the
+//! last (joining the group is left out); events/s counts the events settled in that time.
+//! `--billingrails-url` sends the Billingrails case
 //! to an emulator in another process (e.g. to profile meterflow alone with `perf`).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
 
 use meterflow::config::Config;
 use meterflow::demo::generate::{EventGenerator, COMPONENTS, CONTRACTS};
@@ -40,10 +42,19 @@ struct Case {
     provider: Provider,
     /// Emulator limit per second; 0 = unlimited.
     limit: u32,
+    /// `[batch] max_events` and `max_wait`: the aggregation window.
+    window: (usize, &'static str),
 }
+
+/// meterflow's default batch window.
+const DEFAULT_WINDOW: (usize, &str) = (500, "100ms");
+/// A wider window, for a pipeline that the provider's limit holds back anyway.
+const WIDE_WINDOW: (usize, &str) = (5000, "1s");
 
 struct Figures {
     events: usize,
+    /// Events settled after the clock started.
+    counted: usize,
     requests: u64,
     throttled: u64,
     elapsed: Duration,
@@ -58,36 +69,36 @@ fn main() {
     };
     let events: usize = value("--events")
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
+        .unwrap_or(50_000);
     let only = value("--only");
     let billingrails_url = value("--billingrails-url");
-    let cases = [
-        Case {
+    let mut cases = Vec::new();
+    for limit in [0, 2000] {
+        cases.push(Case {
             name: "billwerk, one record per event",
             provider: Provider::Billwerk { aggregate: false },
-            limit: 0,
-        },
-        Case {
-            name: "billwerk, aggregated (hour)",
+            limit,
+            window: DEFAULT_WINDOW,
+        });
+        cases.push(Case {
+            name: "billwerk, aggregated (hour), window 500 events / 100 ms",
             provider: Provider::Billwerk { aggregate: true },
-            limit: 0,
-        },
-        Case {
-            name: "billwerk, one record per event",
-            provider: Provider::Billwerk { aggregate: false },
-            limit: 2000,
-        },
-        Case {
-            name: "billwerk, aggregated (hour)",
+            limit,
+            window: DEFAULT_WINDOW,
+        });
+        cases.push(Case {
+            name: "billwerk, aggregated (hour), window 5000 events / 1 s",
             provider: Provider::Billwerk { aggregate: true },
-            limit: 2000,
-        },
-        Case {
-            name: "Billingrails, batches of 100",
-            provider: Provider::Billingrails,
-            limit: 0,
-        },
-    ];
+            limit,
+            window: WIDE_WINDOW,
+        });
+    }
+    cases.push(Case {
+        name: "Billingrails, batches of 100",
+        provider: Provider::Billingrails,
+        limit: 0,
+        window: DEFAULT_WINDOW,
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -120,7 +131,7 @@ fn main() {
             f.requests,
             per_request,
             f.elapsed.as_secs_f64(),
-            f.events as f64 / f.elapsed.as_secs_f64(),
+            f.counted as f64 / f.elapsed.as_secs_f64(),
             f.throttled
         );
     }
@@ -150,7 +161,9 @@ async fn run_case(case: &Case, n: usize, external_billingrails: Option<&str>) ->
     cluster.create_topic("usage", 4, 1).unwrap();
     cluster.create_topic("usage-dlq", 1, 1).unwrap();
     let brokers = cluster.bootstrap_servers();
-    produce(&brokers, n).await;
+    let mut generator = EventGenerator::new(2026, 0.0, chrono::Utc::now());
+    let events: Vec<Vec<u8>> = (0..n).map(|_| generator.next_event().payload).collect();
+    common::produce(&brokers, "usage", 4, &events).await;
 
     let limit = if case.limit == 0 {
         RateLimitSettings::default()
@@ -192,7 +205,15 @@ async fn run_case(case: &Case, n: usize, external_billingrails: Option<&str>) ->
         Provider::Billwerk { aggregate } => ("billwerk", aggregate),
         Provider::Billingrails => ("billingrails", false),
     };
-    let config = config_text(&brokers, provider, &base_url, &ledger, assumed, aggregate);
+    let config = config_text(
+        &brokers,
+        provider,
+        &base_url,
+        &ledger,
+        assumed,
+        aggregate,
+        case.window,
+    );
     let config = Config::from_toml_str(&config).unwrap();
 
     let stats = Arc::new(RunStats::default());
@@ -201,19 +222,35 @@ async fn run_case(case: &Case, n: usize, external_billingrails: Option<&str>) ->
     let run = tokio::spawn(pipeline::run(config, stats.clone(), async {
         let _ = stopped.await;
     }));
-    let deadline = started + Duration::from_secs(600);
-    while stats.delivered.load(Ordering::Relaxed)
-        + stats.already_delivered.load(Ordering::Relaxed)
-        + stats.dead_lettered.load(Ordering::Relaxed)
-        < n as u64
-        && Instant::now() < deadline
-    {
+    let deadline = started + Duration::from_secs(900);
+    let settled = || {
+        stats.delivered.load(Ordering::Relaxed)
+            + stats.already_delivered.load(Ordering::Relaxed)
+            + stats.dead_lettered.load(Ordering::Relaxed)
+    };
+    // The clock starts at the first settled event: joining the group (~3 s on the mock
+    // cluster) is not delivery.
+    let mut first: Option<(Instant, u64)> = None;
+    while settled() < n as u64 && Instant::now() < deadline {
+        if first.is_none() && settled() > 0 {
+            first = Some((Instant::now(), settled()));
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let elapsed = started.elapsed();
+    let (t0, settled_before) = first.unwrap_or((started, 0));
+    let elapsed = t0.elapsed();
+    let counted = n - settled_before as usize;
     let (requests, throttled) = emulator.requests();
     let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(30), run).await;
+    let stopping = Instant::now();
+    let stopped = tokio::time::timeout(Duration::from_secs(30), run).await;
+    eprintln!(
+        "{} (limit {}): pipeline stopped in {:.1} s{}",
+        case.name,
+        case.limit,
+        stopping.elapsed().as_secs_f64(),
+        if stopped.is_err() { " (timed out)" } else { "" }
+    );
     assert_eq!(
         stats.dead_lettered.load(Ordering::Relaxed),
         0,
@@ -221,35 +258,10 @@ async fn run_case(case: &Case, n: usize, external_billingrails: Option<&str>) ->
     );
     Figures {
         events: n,
+        counted,
         requests,
         throttled,
         elapsed,
-    }
-}
-
-async fn produce(brokers: &str, n: usize) {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("linger.ms", "5")
-        .create()
-        .unwrap();
-    let mut generator = EventGenerator::new(2026, 0.0, chrono::Utc::now());
-    let events: Vec<Vec<u8>> = (0..n).map(|_| generator.next_event().payload).collect();
-    let keys: Vec<String> = (0..n).map(|i| i.to_string()).collect();
-    for (chunk, keys) in events.chunks(2000).zip(keys.chunks(2000)) {
-        let pending: Vec<_> = chunk
-            .iter()
-            .zip(keys)
-            .map(|(payload, key)| {
-                producer.send(
-                    FutureRecord::to("usage").payload(payload).key(key),
-                    Duration::from_secs(10),
-                )
-            })
-            .collect();
-        for f in pending {
-            f.await.unwrap();
-        }
     }
 }
 
@@ -260,6 +272,7 @@ fn config_text(
     ledger: &str,
     limit: u32,
     aggregate: bool,
+    (max_events, max_wait): (usize, &str),
 ) -> String {
     let mut components = String::new();
     for (metric, id) in COMPONENTS {
@@ -300,6 +313,10 @@ commit_interval = "200ms"
 
 [kafka.properties]
 "fetch.wait.max.ms" = "10"
+
+[batch]
+max_events = {max_events}
+max_wait = "{max_wait}"
 
 [sink]
 {sink}

@@ -6,10 +6,15 @@
 //! Prints, per scenario: events, events/s (first to last record), meterflow's CPU µs per event,
 //! and its peak RSS.
 //!
-//! `cargo bench --bench throughput [-- --events N] [-- --only none|sqlite|postgres] [-- --tansu]`
+//! `cargo bench --bench throughput [-- --events N] [-- --only none|sqlite|postgres] [-- --tansu]
+//!  [-- --sink billwerk|billingrails] [-- --perf]`
 //!
 //! The broker is librdkafka's mock cluster (in the bench process, on real TCP ports) unless
 //! `--tansu` asks for a Tansu process (its produce path is slow to fill on this machine).
+//! `--sink billingrails` sends to `meterflow emulate billingrails` in batches of 100 instead of
+//! one billwerk usage record per event. `--perf` records meterflow with `perf record` (cpu-clock,
+//! DWARF call stacks) and prints the share of its CPU per pipeline stage (benches/stage_cpu.py).
+//! meterflow's log of each scenario is kept in `target/bench-throughput/`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -76,11 +81,26 @@ fn meterflow() -> &'static str {
     env!("CARGO_BIN_EXE_meterflow")
 }
 
-fn start_emulator(port: u16) -> Child {
+#[derive(Clone, Copy, PartialEq)]
+enum SinkKind {
+    Billwerk,
+    Billingrails,
+}
+
+impl SinkKind {
+    fn name(self) -> &'static str {
+        match self {
+            SinkKind::Billwerk => "billwerk",
+            SinkKind::Billingrails => "billingrails",
+        }
+    }
+}
+
+fn start_emulator(sink: SinkKind, port: u16) -> Child {
     let child = Command::new(meterflow())
         .args([
             "emulate",
-            "billwerk",
+            sink.name(),
             "--listen",
             &format!("127.0.0.1:{port}"),
         ])
@@ -106,8 +126,11 @@ struct Row {
     rss_mib: f64,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn scenario(
     name: &str,
+    sink: SinkKind,
+    perf: bool,
     ledger: &str,
     events: usize,
     dir: &Path,
@@ -117,7 +140,7 @@ async fn scenario(
     >,
 ) -> Row {
     let port = common::free_port();
-    let mut emulator = start_emulator(port);
+    let mut emulator = start_emulator(sink, port);
     let emu_addr = format!("127.0.0.1:{port}");
     let run = rand::random::<u32>();
     let (topic, dlq, group) = (
@@ -147,16 +170,29 @@ async fn scenario(
         .collect();
     common::produce(brokers, &topic, 4, &payloads).await;
     let config = dir.join(format!("{name}.toml"));
-    let text = common::billwerk_config(
-        brokers,
-        &group,
-        &topic,
-        &dlq,
-        &format!("http://{emu_addr}"),
-        ledger,
-    )
-    .replace("concurrency = 16", "concurrency = 64")
-    .replace("max_events = 200", "max_events = 500")
+    let text = match sink {
+        SinkKind::Billwerk => common::billwerk_config(
+            brokers,
+            &group,
+            &topic,
+            &dlq,
+            &format!("http://{emu_addr}"),
+            ledger,
+        )
+        .replace("concurrency = 16", "concurrency = 64")
+        .replace("max_events = 200", "max_events = 500"),
+        SinkKind::Billingrails => common::billingrails_config(
+            brokers,
+            &group,
+            &topic,
+            &dlq,
+            &format!("http://{emu_addr}/v1"),
+            ledger,
+        )
+        .replace("concurrency = 8", "concurrency = 16")
+        .replace("max_events = 200", "max_events = 500")
+        .replace("limit = 5000\n", ""),
+    }
     // The emulator without a limit sends no rate-limit headers: tell meterflow the budget.
     .replace(
         "[rate_limit]\nwindow = \"1s\"",
@@ -167,14 +203,29 @@ async fn scenario(
         "[admin]\nlisten = \"\"\n\n[log]\nlevel = \"warn\"",
     );
     std::fs::write(&config, text).unwrap();
+    let logs = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-throughput");
+    std::fs::create_dir_all(&logs).unwrap();
+    let log_path = logs.join(format!("{}-{name}.log", sink.name()));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let perf_data = logs.join(format!("{}-{name}.perf.data", sink.name()));
     let mut mf = Command::new(meterflow())
         .args(["run", "--config"])
         .arg(&config)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("meterflow starts");
     let pid = mf.id();
+    let mut recorder = perf.then(|| {
+        Command::new("perf")
+            .args(["record", "-q", "-e", "cpu-clock", "-F", "499"])
+            .args(["--call-graph", "dwarf,16384", "-p", &pid.to_string(), "-o"])
+            .arg(&perf_data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("perf record starts (apt-get install linux-perf)")
+    });
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut first: Option<(Instant, u64, f64)> = None;
     let last = loop {
@@ -186,9 +237,22 @@ async fn scenario(
         if n >= events as u64 || now > deadline {
             break (now, n, usage(pid).0);
         }
+        if let Ok(Some(status)) = mf.try_wait() {
+            eprintln!(
+                "meterflow exited early ({status}); its log: {}",
+                log_path.display()
+            );
+            break (now, n, 0.0);
+        }
         std::thread::sleep(Duration::from_millis(50));
     };
     let (cpu_end, rss) = usage(pid);
+    if let Some(recorder) = recorder.as_mut() {
+        let _ = Command::new("kill")
+            .args(["-INT", &recorder.id().to_string()])
+            .status();
+        let _ = recorder.wait();
+    }
     let _ = Command::new("kill")
         .arg("-15")
         .arg(pid.to_string())
@@ -196,6 +260,16 @@ async fn scenario(
     let _ = mf.wait();
     let _ = emulator.kill();
     let _ = emulator.wait();
+    if perf {
+        print_stage_shares(&perf_data);
+    }
+    if last.1 < events as u64 {
+        eprintln!(
+            "only {} of {events} events arrived; meterflow's log: {}",
+            last.1,
+            log_path.display()
+        );
+    }
     let (t0, n0, cpu0) = first.unwrap_or(last);
     let secs = (last.0 - t0).as_secs_f64().max(0.001);
     let counted = last.1.saturating_sub(n0).max(1);
@@ -208,12 +282,39 @@ async fn scenario(
     }
 }
 
+/// `perf script` through benches/stage_cpu.py: the share of meterflow's CPU per stage.
+fn print_stage_shares(perf_data: &Path) {
+    let mut script = Command::new("perf")
+        .args(["script", "-F", "comm,tid,time,ip,sym", "-i"])
+        .arg(perf_data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("perf script runs");
+    let classify = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/stage_cpu.py"))
+        .stdin(script.stdout.take().unwrap())
+        .output()
+        .expect("python3 runs");
+    let _ = script.wait();
+    println!("{}", String::from_utf8_lossy(&classify.stdout));
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let events: usize = arg("--events")
         .and_then(|e| e.parse().ok())
         .unwrap_or(200_000);
     let only = arg("--only");
+    let sink = match arg("--sink").as_deref() {
+        None | Some("billwerk") => SinkKind::Billwerk,
+        Some("billingrails") => SinkKind::Billingrails,
+        Some(other) => {
+            eprintln!("--sink {other}: expected billwerk or billingrails");
+            std::process::exit(2);
+        }
+    };
+    let perf = std::env::args().any(|a| a == "--perf");
     let dir = tempfile::tempdir().unwrap();
     let use_tansu = std::env::args().any(|a| a == "--tansu");
     let mock = if use_tansu {
@@ -237,6 +338,7 @@ async fn main() {
         (None, Some(m)) => m.bootstrap_servers(),
         _ => unreachable!(),
     };
+    println!("sink: {}", sink.name());
     println!(
         "broker: {}",
         if use_tansu {
@@ -269,7 +371,17 @@ async fn main() {
         if only.as_deref().is_some_and(|o| !name.ends_with(o)) {
             continue;
         }
-        let row = scenario(name, &ledger, events, dir.path(), &brokers, mock.as_ref()).await;
+        let row = scenario(
+            name,
+            sink,
+            perf,
+            &ledger,
+            events,
+            dir.path(),
+            &brokers,
+            mock.as_ref(),
+        )
+        .await;
         println!(
             "{:<18} {:>9} {:>12.0} {:>14.1} {:>14.1}",
             row.scenario, row.events, row.rate, row.cpu_us, row.rss_mib

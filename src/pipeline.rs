@@ -113,7 +113,7 @@ pub async fn run(
                 .join("\n")
         )
     })?;
-    let limiter = Arc::new(RateLimiter::new(&config.rate_limit));
+    let limiter = Arc::new(RateLimiter::new(&config.rate_limit).for_sink(config.sink.kind.name()));
     let sink: Arc<dyn Sink> = match config.sink.kind {
         SinkKind::Billwerk => Arc::new(
             BillwerkSink::new(&config.sink, limiter.clone())?

@@ -13,7 +13,7 @@ use crate::config::RetryConfig;
 use crate::deliver::retry::Backoff;
 use crate::event::{DeliveryKey, RawMessage, Rejection};
 
-/// Header names on dead letters (documented in docs/dead-letters.md).
+/// Header names on dead letters (documented in docs/delivery-semantics.md, section 2).
 pub mod headers {
     pub const REASON: &str = "meterflow.reason";
     pub const DETAIL: &str = "meterflow.detail";

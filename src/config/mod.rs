@@ -148,6 +148,16 @@ pub enum SinkKind {
     Billingrails,
 }
 
+impl SinkKind {
+    /// The name in config and in metric labels (`sink`).
+    pub fn name(self) -> &'static str {
+        match self {
+            SinkKind::Billwerk => "billwerk",
+            SinkKind::Billingrails => "billingrails",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinkConfig {

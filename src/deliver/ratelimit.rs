@@ -378,6 +378,8 @@ pub struct RateLimiter {
     model: Mutex<PaceModel>,
     paced: ArcSwap<Paced>,
     gate: QuotaGate,
+    /// The `sink` label of `meterflow_throttled_responses_total`.
+    sink: &'static str,
 }
 
 impl RateLimiter {
@@ -391,9 +393,16 @@ impl RateLimiter {
             model: Mutex::new(model),
             paced: ArcSwap::from_pointee(paced(rate)),
             gate: QuotaGate::new(),
+            sink: "unknown",
         };
         limiter.publish();
         limiter
+    }
+
+    /// Names the sink this limiter paces, for metric labels.
+    pub fn for_sink(mut self, sink: &'static str) -> Self {
+        self.sink = sink;
+        self
     }
 
     pub fn gate(&self) -> &QuotaGate {
@@ -449,7 +458,8 @@ impl RateLimiter {
         let now_tokio = tokio::time::Instant::now();
         let now = now_tokio.into_std();
         if throttled {
-            metrics::counter!("meterflow_throttled_responses_total").increment(1);
+            metrics::counter!("meterflow_throttled_responses_total", "sink" => self.sink)
+                .increment(1);
         }
         let (pace, pause) = {
             let mut model = self.model.lock().unwrap();
