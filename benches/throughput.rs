@@ -81,6 +81,23 @@ fn meterflow() -> &'static str {
     env!("CARGO_BIN_EXE_meterflow")
 }
 
+/// Records the topic's partitions hold (high minus low watermark).
+fn held(brokers: &str, topic: &str, partitions: i32) -> usize {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("consumer");
+    (0..partitions)
+        .map(|p| {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .expect("watermarks");
+            (high - low) as usize
+        })
+        .sum()
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum SinkKind {
     Billwerk,
@@ -133,7 +150,6 @@ async fn scenario(
     perf: bool,
     ledger: &str,
     events: usize,
-    dir: &Path,
     brokers: &str,
     mock: Option<
         &rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
@@ -169,7 +185,19 @@ async fn scenario(
         })
         .collect();
     common::produce(brokers, &topic, 4, &payloads).await;
-    let config = dir.join(format!("{name}.toml"));
+    // librdkafka's mock cluster keeps about 5 MiB per partition and drops older records: count
+    // what the topic still holds, not what was produced.
+    let events = held(brokers, &topic, 4);
+    if events < payloads.len() {
+        eprintln!(
+            "the broker holds {events} of the {} events produced (the mock cluster keeps ~5 MiB \
+             per partition; use --tansu or fewer --events)",
+            payloads.len()
+        );
+    }
+    let logs = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-throughput");
+    std::fs::create_dir_all(&logs).unwrap();
+    let config = logs.join(format!("{}-{name}.toml", sink.name()));
     let text = match sink {
         SinkKind::Billwerk => common::billwerk_config(
             brokers,
@@ -203,8 +231,6 @@ async fn scenario(
         "[admin]\nlisten = \"\"\n\n[log]\nlevel = \"warn\"",
     );
     std::fs::write(&config, text).unwrap();
-    let logs = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-throughput");
-    std::fs::create_dir_all(&logs).unwrap();
     let log_path = logs.join(format!("{}-{name}.log", sink.name()));
     let log = std::fs::File::create(&log_path).unwrap();
     let perf_data = logs.join(format!("{}-{name}.perf.data", sink.name()));
@@ -216,16 +242,9 @@ async fn scenario(
         .spawn()
         .expect("meterflow starts");
     let pid = mf.id();
-    let mut recorder = perf.then(|| {
-        Command::new("perf")
-            .args(["record", "-q", "-e", "cpu-clock", "-F", "499"])
-            .args(["--call-graph", "dwarf,16384", "-p", &pid.to_string(), "-o"])
-            .arg(&perf_data)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("perf record starts (apt-get install linux-perf)")
-    });
+    // perf follows only the threads that exist when it attaches: attach once meterflow is
+    // delivering, when librdkafka's threads and the runtime's workers are all up.
+    let mut recorder: Option<Child> = None;
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut first: Option<(Instant, u64, f64)> = None;
     let last = loop {
@@ -233,6 +252,18 @@ async fn scenario(
         let now = Instant::now();
         if first.is_none() && n > 0 {
             first = Some((now, n, usage(pid).0));
+            if perf {
+                recorder = Some(
+                    Command::new("perf")
+                        .args(["record", "-q", "-e", "cpu-clock", "-F", "499"])
+                        .args(["--call-graph", "dwarf,16384", "-p", &pid.to_string(), "-o"])
+                        .arg(&perf_data)
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .expect("perf record starts (apt-get install linux-perf)"),
+                );
+            }
         }
         if n >= events as u64 || now > deadline {
             break (now, n, usage(pid).0);
@@ -377,7 +408,6 @@ async fn main() {
             perf,
             &ledger,
             events,
-            dir.path(),
             &brokers,
             mock.as_ref(),
         )
