@@ -402,16 +402,7 @@ async fn main() {
         if only.as_deref().is_some_and(|o| !name.ends_with(o)) {
             continue;
         }
-        let row = scenario(
-            name,
-            sink,
-            perf,
-            &ledger,
-            events,
-            &brokers,
-            mock.as_ref(),
-        )
-        .await;
+        let row = scenario(name, sink, perf, &ledger, events, &brokers, mock.as_ref()).await;
         println!(
             "{:<18} {:>9} {:>12.0} {:>14.1} {:>14.1}",
             row.scenario, row.events, row.rate, row.cpu_us, row.rss_mib
