@@ -197,12 +197,7 @@ async fn readyz_follows_a_pipeline_and_metrics_show_its_traffic_without_secrets(
     let (_, _, ready) = get(&format!("{base}/readyz")).await;
     assert!(!ready.contains(SECRET), "a secret in /readyz");
 
-    stop.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(30), run)
-        .await
-        .expect("pipeline stops")
-        .unwrap()
-        .unwrap();
+    common::stop_pipeline(stop, run, Duration::ZERO).await;
     // The source left the group: no partitions, so no longer ready.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (status, _, body) = get(&format!("{base}/readyz")).await;

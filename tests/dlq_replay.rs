@@ -520,18 +520,8 @@ async fn run_pipeline_until(
     let run = tokio::spawn(pipeline::run(config, stats.clone(), async {
         let _ = stopped.await;
     }));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !done(&stats) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // Let the last offsets be stored and committed.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(30), run)
-        .await
-        .expect("pipeline stops")
-        .unwrap()
-        .unwrap();
+    common::wait_until(Duration::from_secs(60), || done(&stats)).await;
+    common::stop_pipeline(stop, run, Duration::from_millis(500)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, DurationRound, TimeZone, Utc};
 use rand::rngs::StdRng;
@@ -142,20 +142,12 @@ async fn run_until_settled(config: Config, expected: u64) -> Arc<RunStats> {
     let run = tokio::spawn(pipeline::run(config, stats.clone(), async {
         let _ = stopped.await;
     }));
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while stats.delivered.load(Ordering::Relaxed) + stats.already_delivered.load(Ordering::Relaxed)
-        < expected
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(30), run)
-        .await
-        .expect("pipeline stops")
-        .unwrap()
-        .unwrap();
+    common::wait_until(Duration::from_secs(90), || {
+        stats.delivered.load(Ordering::Relaxed) + stats.already_delivered.load(Ordering::Relaxed)
+            >= expected
+    })
+    .await;
+    common::stop_pipeline(stop, run, Duration::from_millis(300)).await;
     stats
 }
 

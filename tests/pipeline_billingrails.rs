@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::mocking::MockCluster;
 use rust_decimal::Decimal;
@@ -140,20 +140,12 @@ async fn run_case(case: Case) {
         let _ = stopped.await;
     }));
 
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while (emulator.records().len() < stored_expected.len()
-        || stats.dead_lettered.load(Ordering::Relaxed) < dead_expected as u64)
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(30), run)
-        .await
-        .expect("pipeline stops within the drain deadline")
-        .unwrap()
-        .unwrap();
+    common::wait_until(Duration::from_secs(90), || {
+        emulator.records().len() >= stored_expected.len()
+            && stats.dead_lettered.load(Ordering::Relaxed) >= dead_expected as u64
+    })
+    .await;
+    common::stop_pipeline(stop, run, Duration::from_millis(500)).await;
 
     // Every valid event stored exactly once, with its exact quantity and the account mapping.
     let records = emulator.records();

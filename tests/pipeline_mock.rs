@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::mocking::MockCluster;
 use rust_decimal::Decimal;
@@ -147,24 +147,15 @@ async fn valid_events_billed_once_invalid_ones_dead_lettered() {
         let _ = stopped.await;
     }));
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while (emulator.records().len() < n
-        || stats
-            .dead_lettered
-            .load(std::sync::atomic::Ordering::Relaxed)
-            < invalid.len() as u64)
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // Let the last offsets be stored and committed, then drain.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(30), run)
-        .await
-        .expect("pipeline stops within the drain deadline")
-        .unwrap()
-        .unwrap();
+    common::wait_until(Duration::from_secs(60), || {
+        emulator.records().len() >= n
+            && stats
+                .dead_lettered
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= invalid.len() as u64
+    })
+    .await;
+    common::stop_pipeline(stop, run, Duration::from_millis(500)).await;
 
     // Exactly one record per valid event, with the right fields.
     let records = emulator.records();

@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -72,19 +72,11 @@ async fn delivers_through_a_real_broker_and_commits() {
     let run = tokio::spawn(pipeline::run(config, stats.clone(), async {
         let _ = stopped.await;
     }));
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while (emulator.records().len() < n || stats.dead_lettered.load(Ordering::Relaxed) < 1)
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(30), run)
-        .await
-        .expect("drains within the deadline")
-        .unwrap()
-        .unwrap();
+    common::wait_until(Duration::from_secs(90), || {
+        emulator.records().len() >= n && stats.dead_lettered.load(Ordering::Relaxed) >= 1
+    })
+    .await;
+    common::stop_pipeline(stop, run, Duration::from_millis(500)).await;
 
     assert_eq!(emulator.records().len(), n, "one record per valid event");
     assert_eq!(emulator.stats().duplicate_keys, 0);
