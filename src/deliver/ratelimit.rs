@@ -887,4 +887,21 @@ mod tests {
         assert!(elapsed >= Duration::from_millis(1990), "{elapsed:?}");
         assert!(elapsed <= Duration::from_millis(2100), "{elapsed:?}");
     }
+
+    /// `MeterflowThrottledRatioHigh` divides 429s by requests `by (job, sink)`: without the
+    /// label on both sides the alert could never fire.
+    #[tokio::test(start_paused = true)]
+    async fn a_429_is_counted_with_the_sink_label() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let limiter = RateLimiter::new(&config(1, 0.005, None)).for_sink("billingrails");
+        metrics::with_local_recorder(&recorder, || {
+            limiter.observe_sent(&headers(100, 0), true, tokio::time::Instant::now());
+        });
+        let text = handle.render();
+        assert!(
+            text.contains("meterflow_throttled_responses_total{sink=\"billingrails\"} 1"),
+            "{text}"
+        );
+    }
 }
