@@ -58,6 +58,12 @@ struct Stages {
     per_contract_metrics: bool,
     /// Deliveries are pre-aggregated: the ledger maps each event to its aggregate.
     aggregating: bool,
+    /// Source offsets whose dead letter this process is writing right now. A message can be in
+    /// flight twice: when the group loses a partition (e.g. the broker restarted and forgot the
+    /// member) and assigns it again, the consumer re-reads from the committed offset while the
+    /// first copy is still being settled. The ledger's record comes after the write, so without
+    /// this both copies would find "not dead-lettered yet" and write.
+    dead_lettering: std::sync::Mutex<std::collections::HashSet<crate::event::SourceRef>>,
 }
 
 /// The lease on a claimed delivery key, renewed (compare-and-set) before every re-send.
@@ -176,6 +182,7 @@ pub async fn run(
         stats: stats.clone(),
         per_contract_metrics: config.admin.per_contract_metrics,
         aggregating: matches!(grouping, Grouping::Aggregate { .. }),
+        dead_lettering: Default::default(),
     });
     let concurrency = Arc::new(Semaphore::new(config.sink.concurrency.max(1)));
     let mut tasks = JoinSet::new();
@@ -527,12 +534,31 @@ impl Stages {
         provider_answer: Option<&str>,
         ids: Option<(&String, &DeliveryKey)>,
     ) {
+        if self.ledger.is_some() {
+            // One writer per source offset in this process; a second copy waits for the first
+            // and then finds its record in the ledger.
+            while !self
+                .dead_lettering
+                .lock()
+                .unwrap()
+                .insert(raw.source.clone())
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        // Frees the offset when this write ends, however it ends (a cancelled task included).
+        let _writing = self.ledger.as_ref().map(|_| DeadLettering {
+            set: &self.dead_lettering,
+            source: &raw.source,
+        });
         if let Some(ledger) = &self.ledger {
-            if ledger.is_dead_lettered(&raw.source).await.unwrap_or(false) {
+            let written = ledger.is_dead_lettered(&raw.source).await.unwrap_or(false);
+            if written {
                 tracing::info!(
                     partition = raw.source.partition,
                     offset = raw.source.offset,
-                    "dead letter already written before a restart; not writing it twice"
+                    "dead letter already written (before a restart, or for an earlier copy of \
+                     this message); not writing it twice"
                 );
                 return;
             }
@@ -553,6 +579,18 @@ impl Stages {
             }
         }
         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A dead letter being written for one source offset (see `Stages::dead_lettering`).
+struct DeadLettering<'a> {
+    set: &'a std::sync::Mutex<std::collections::HashSet<crate::event::SourceRef>>,
+    source: &'a crate::event::SourceRef,
+}
+
+impl Drop for DeadLettering<'_> {
+    fn drop(&mut self) {
+        self.set.lock().unwrap().remove(self.source);
     }
 }
 

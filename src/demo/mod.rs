@@ -15,6 +15,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
+use rust_decimal::Decimal;
 
 use crate::config::Config;
 use crate::emulator::billwerk::{self, BillwerkOptions};
@@ -69,6 +70,11 @@ pub struct DemoArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Sum events that bill identically into one usage record (`[sink.aggregate]`, hourly
+    /// buckets, a 5000-event / 1 s window); the check then compares the exact quantity sums per
+    /// contract and component.
+    #[arg(long)]
+    pub aggregate: bool,
 }
 
 /// What the demo measured.
@@ -85,6 +91,14 @@ pub struct DemoReport {
     pub reconciled_found: u64,
     pub faults: String,
     pub elapsed: Duration,
+    /// Events meterflow settled as delivered (counted by the pipeline).
+    pub delivered_events: u64,
+    /// Quantity sums per (contract id, component id): of the valid events produced, and of the
+    /// records billwerk holds.
+    pub produced_sums: BTreeMap<(String, String), Decimal>,
+    pub billed_sums: BTreeMap<(String, String), Decimal>,
+    /// Pre-aggregation was on: records are sums, not one per event.
+    pub aggregate: bool,
 }
 
 impl DemoReport {
@@ -93,14 +107,16 @@ impl DemoReport {
     }
 
     pub fn lost(&self) -> i64 {
-        let settled = self.delivered_records as i64 - self.duplicate_keys as i64
-            + self.dead_lettered.values().sum::<usize>() as i64;
+        let settled =
+            self.delivered_events as i64 + self.dead_lettered.values().sum::<usize>() as i64;
         self.produced as i64 - settled
     }
 
     pub fn is_exact(&self) -> bool {
         self.duplicate_keys == 0
-            && self.delivered_records as usize == self.valid_produced()
+            && self.produced_sums == self.billed_sums
+            && self.delivered_events as usize == self.valid_produced()
+            && (self.aggregate || self.delivered_records as usize == self.valid_produced())
             && self.dead_lettered == self.produced_invalid
     }
 }
@@ -158,13 +174,18 @@ pub async fn run_demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
         .create()?;
     let mut report = DemoReport {
         produced: args.events,
+        aggregate: args.aggregate,
         ..Default::default()
     };
     let events: Vec<(String, Vec<u8>)> = (0..args.events)
         .map(|i| {
             let event = generator.next_event();
-            if let Some(kind) = event.invalid {
-                *report.produced_invalid.entry(kind.to_string()).or_default() += 1;
+            match event.invalid {
+                Some(kind) => *report.produced_invalid.entry(kind.to_string()).or_default() += 1,
+                None => {
+                    let (key, quantity) = billed_as(&event.payload);
+                    *report.produced_sums.entry(key).or_default() += quantity;
+                }
             }
             (format!("{i}"), event.payload)
         })
@@ -197,6 +218,9 @@ pub async fn run_demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
         args.concurrency,
         args.window,
     );
+    if args.aggregate {
+        config_text = aggregated(&config_text);
+    }
     if args.assume_limit > 0 {
         config_text = config_text.replace(
             "headroom = 0.005",
@@ -253,6 +277,14 @@ pub async fn run_demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
 
     let s = emulator.stats();
     report.delivered_records = s.records;
+    report.delivered_events =
+        stats.delivered.load(Ordering::Relaxed) + stats.already_delivered.load(Ordering::Relaxed);
+    for record in emulator.records() {
+        *report
+            .billed_sums
+            .entry((record.contract_id, record.component_id))
+            .or_default() += record.quantity;
+    }
     report.duplicate_keys = s.duplicate_keys;
     report.requests = s.answers_by_status.values().sum();
     report.throttled = s.rate_limited;
@@ -273,6 +305,45 @@ pub async fn run_demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
     drop(producer);
     drop(cluster);
     Ok(report)
+}
+
+/// The contract id, component id and quantity a valid generated event bills as.
+fn billed_as(payload: &[u8]) -> ((String, String), Decimal) {
+    let event: serde_json::Value = serde_json::from_slice(payload).expect("valid event");
+    let contract = match event["contract_id"].as_str() {
+        Some(id) => id.to_string(),
+        None => {
+            let external = event["contract_external_id"].as_str().unwrap_or_default();
+            CONTRACTS
+                .iter()
+                .find(|(e, _)| *e == external)
+                .map(|(_, id)| id.to_string())
+                .unwrap_or_default()
+        }
+    };
+    let metric = event["metric"].as_str().unwrap_or_default();
+    let component = COMPONENTS
+        .iter()
+        .find(|(m, _)| *m == metric)
+        .map(|(_, id)| id.to_string())
+        .unwrap_or_default();
+    let quantity = match &event["quantity"] {
+        serde_json::Value::String(s) => s.parse().unwrap_or_default(),
+        other => other.to_string().parse().unwrap_or_default(),
+    };
+    ((contract, component), quantity)
+}
+
+/// The demo config with pre-aggregation: a wider batch window, and descriptions that do not
+/// render the event's own quantity (which would make every event's record different).
+fn aggregated(config: &str) -> String {
+    config
+        .replace(
+            "[rate_limit]",
+            "[sink.aggregate]\nenabled = true\nbucket = \"hour\"\n\n[batch]\nmax_events = 5000\nmax_wait = \"1s\"\n\n[rate_limit]",
+        )
+        .replace("{quantity} API calls in", "API calls in")
+        .replace("{quantity} GB stored", "GB stored")
 }
 
 fn demo_config(
@@ -411,6 +482,26 @@ fn print_report(args: &DemoArgs, r: &DemoReport) {
         "  {:<34} {:>10}",
         "usage records at billwerk", r.delivered_records
     );
+    if args.aggregate {
+        println!(
+            "  {:<34} {:>10}   ({:.1} events per record)",
+            "  events summed into them",
+            r.delivered_events,
+            r.delivered_events as f64 / r.delivered_records.max(1) as f64
+        );
+    }
+    let matching = r
+        .produced_sums
+        .iter()
+        .filter(|(k, v)| r.billed_sums.get(*k) == Some(*v))
+        .count();
+    println!(
+        "  {:<34} {:>10}   (of {}; billwerk holds {})",
+        "quantity sums that match",
+        matching,
+        r.produced_sums.len(),
+        r.billed_sums.len()
+    );
     println!("  {:<34} {:>10}", "dead-lettered", dead);
     for (reason, n) in &r.dead_lettered {
         let expected = r.produced_invalid.get(reason).copied().unwrap_or(0);
@@ -445,7 +536,8 @@ fn print_report(args: &DemoArgs, r: &DemoReport) {
     println!(
         "  {}",
         if r.is_exact() {
-            "OK: every valid event billed exactly once; every invalid one dead-lettered."
+            "OK: every valid event billed exactly once (exact quantity sums per contract and \
+             component); every invalid one dead-lettered."
         } else {
             "MISMATCH: see the counts above."
         }
