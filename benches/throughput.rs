@@ -24,6 +24,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use meterflow::ack::ledger::scratch::{self, ScratchDatabase};
 use serde_json::json;
 
 fn arg(name: &str) -> Option<String> {
@@ -378,8 +379,16 @@ async fn main() {
             "librdkafka mock cluster, 4 partitions"
         }
     );
-    let postgres = std::env::var("METERFLOW_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    // A database of its own, dropped at the end: the rows a run leaves must not slow the next
+    // run or change a test's result.
+    let postgres_db = if only.as_deref().is_none_or(|o| o == "postgres") {
+        ScratchDatabase::create(&scratch::server_url()).await.ok()
+    } else {
+        None
+    };
+    let postgres = postgres_db
+        .as_ref()
+        .map_or_else(scratch::server_url, |db| db.url.clone());
     let scenarios = [
         ("ledger=none", "none".to_string()),
         (

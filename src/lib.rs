@@ -18,6 +18,7 @@ pub mod event;
 pub mod pipeline;
 pub mod pricing;
 pub mod service;
+pub mod signals;
 pub mod source;
 pub mod telemetry;
 pub mod validate;

@@ -3,6 +3,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use meterflow::cli::{Cli, Command};
+use meterflow::signals::ShutdownSignals;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -13,11 +14,24 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // Before anything else: a SIGTERM during start-up (config, broker, ledger) must drain and
+    // exit 0, not take the default action and kill the process. Only for the commands that
+    // drain; the others keep the default action (Ctrl-C stops them at once).
+    let signals = || {
+        let _context = runtime.enter();
+        ShutdownSignals::install()
+    };
     let result = match cli.command {
+        Command::Run { config } => {
+            let signals = signals();
+            runtime.block_on(meterflow::service::run(&config, signals))
+        }
+        Command::Emulate(args) => {
+            let signals = signals();
+            runtime.block_on(meterflow::emulator::run(args, signals))
+        }
         Command::Demo(args) => runtime.block_on(meterflow::demo::run(args)),
-        Command::Emulate(args) => runtime.block_on(meterflow::emulator::run(args)),
         Command::Dlq(args) => runtime.block_on(meterflow::dlq::run(args)),
-        Command::Run { config } => runtime.block_on(meterflow::service::run(&config)),
         Command::Validate { config, connect } => {
             let code = runtime.block_on(meterflow::validate::run(&config, connect));
             return ExitCode::from(u8::try_from(code).unwrap_or(1));

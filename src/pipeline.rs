@@ -66,29 +66,80 @@ struct Stages {
     dead_lettering: std::sync::Mutex<std::collections::HashSet<crate::event::SourceRef>>,
 }
 
-/// The lease on a claimed delivery key, renewed (compare-and-set) before every re-send.
+/// What is checked right before every POST (after the pacer and the 429 gate let it go, which
+/// can take longer than any lease): that this process may still send the delivery.
+///
+/// - Ownership: at least one of its events' partitions is still assigned to this process
+///   under the generation it was read in. When none is, the new owners redeliver them.
+/// - The ledger's lease (PostgreSQL, several replicas): the key's stamp is renewed
+///   (compare-and-set) unless this process renewed it less than [`FRESH_STAMP`] ago. Another
+///   replica takes a key over only after the lease (request timeout + 5 s) has run out past the
+///   stamp, by the database's clock; so a send that starts within `FRESH_STAMP` of a stamp
+///   ends before the lease can. A replica frozen (SIGSTOP, a long pause) past its lease finds
+///   its stamp replaced when it wakes, and does not send.
+struct SendFence<'a> {
+    source: &'a SourceHandle,
+    items: &'a [DeliveryItem],
+    lease: Option<LedgerLease<'a>>,
+}
+
+/// See [`SendFence`]: how recent a stamp must be to send without renewing it.
+const FRESH_STAMP: Duration = Duration::from_secs(1);
+
+/// The lease on a claimed delivery key.
 struct LedgerLease<'a> {
     ledger: &'a Ledger,
     key: &'a DeliveryKey,
-    updated_at_ms: std::sync::Mutex<i64>,
+    /// The stamp, and when (this process's monotonic clock) it was asked for: never later than
+    /// the moment the ledger wrote it.
+    stamp: std::sync::Mutex<(i64, Instant)>,
 }
 
-impl AttemptGuard for LedgerLease<'_> {
+impl LedgerLease<'_> {
+    /// True while the stamp is ours: fresh, or renewed just now.
+    async fn renew_if_stale(&self) -> bool {
+        if self.ledger.lease().is_zero() {
+            // SQLite: one replica, and one task per key in it (`Ledger::local`).
+            return true;
+        }
+        let (expected, asked) = *self.stamp.lock().unwrap_or_else(|e| e.into_inner());
+        if asked.elapsed() < FRESH_STAMP {
+            return true;
+        }
+        loop {
+            let asked = Instant::now();
+            match self.ledger.touch(self.key, expected).await {
+                Ok(Some(next)) => {
+                    *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) = (next, asked);
+                    return true;
+                }
+                Ok(None) => return false,
+                Err(e) => {
+                    tracing::error!(error = %e, delivery_key = %self.key, "ledger unavailable; not sending until it answers");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+}
+
+impl SendFence<'_> {
+    fn owned(&self) -> bool {
+        self.items
+            .iter()
+            .any(|i| self.source.owns(&i.raw.source, i.raw.generation))
+    }
+}
+
+impl AttemptGuard for SendFence<'_> {
     fn may_send(&self) -> futures::future::BoxFuture<'_, bool> {
         Box::pin(async move {
-            let expected = *self.updated_at_ms.lock().unwrap();
-            loop {
-                match self.ledger.touch(self.key, expected).await {
-                    Ok(Some(next)) => {
-                        *self.updated_at_ms.lock().unwrap() = next;
-                        return true;
-                    }
-                    Ok(None) => return false,
-                    Err(e) => {
-                        tracing::error!(error = %e, delivery_key = %self.key, "ledger unavailable; not sending until it answers");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                }
+            if !self.owned() {
+                return false;
+            }
+            match &self.lease {
+                Some(lease) => lease.renew_if_stale().await,
+                None => true,
             }
         })
     }
@@ -108,6 +159,7 @@ pub async fn run(
     stats: Arc<RunStats>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    tokio::pin!(shutdown);
     let decoder = EventDecoder::new(config.input.clone());
     let prices = PriceBook::new(&config).map_err(|problems| {
         anyhow::anyhow!(
@@ -143,6 +195,15 @@ pub async fn run(
         &properties,
         config.retry.clone(),
     )?;
+    // The ledger before the source: nothing is read before claims can be made. A ledger that
+    // does not answer yet holds the start, and a SIGTERM meanwhile stops it cleanly.
+    let ledger = tokio::select! {
+        ledger = open_ledger(&config) => ledger?,
+        _ = &mut shutdown => {
+            tracing::info!("stopped during start-up, before anything was read");
+            return Ok(());
+        }
+    };
     let (source, mut messages) = KafkaSource::start(SourceOptions {
         brokers: config.kafka.brokers.clone(),
         group_id: config.kafka.group_id.clone(),
@@ -154,7 +215,6 @@ pub async fn run(
         properties,
     })?;
     let source_handle = source.handle();
-    let ledger = open_ledger(&config).await?;
     let readiness_watch = crate::admin::readiness::watch(
         stats.readiness.clone(),
         source_handle.clone(),
@@ -187,7 +247,6 @@ pub async fn run(
     let concurrency = Arc::new(Semaphore::new(config.sink.concurrency.max(1)));
     let mut tasks = JoinSet::new();
     let mut batcher = Batcher::new(config.batch.max_events, config.batch.max_wait);
-    tokio::pin!(shutdown);
     let mut stopping = false;
     let mut source = Some(source);
     let mut source_stopped: Option<tokio::task::JoinHandle<()>> = None;
@@ -339,24 +398,54 @@ impl Stages {
         }
         let key = delivery.key.clone();
         let items = delivery.items.clone();
-        let outcomes = match &self.ledger {
-            None => self.runner.deliver(delivery, None, None).await,
-            Some(ledger) => {
-                // One task per key in this process (a partition revoked and re-assigned can
-                // bring the same events back while the first task still runs).
-                while !ledger.enter_local(&key) {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                let outcomes = match self.deliver_with_ledger(ledger, delivery, false).await {
-                    Ledgered::Outcomes(outcomes) => outcomes,
-                    Ledgered::Earlier(_) => unreachable!("only aggregate claims name earlier ones"),
+        let delivering = async {
+            loop {
+                let outcomes = match &self.ledger {
+                    None => {
+                        let fence = SendFence {
+                            source: &self.source,
+                            items: &delivery.items,
+                            lease: None,
+                        };
+                        self.runner.deliver(delivery.clone(), None, &fence).await
+                    }
+                    Some(ledger) => {
+                        // One task per key in this process (a partition revoked and re-assigned can
+                        // bring the same events back while the first task still runs).
+                        let _turn = ledger.local(&key).await;
+                        match self
+                            .deliver_with_ledger(ledger, delivery.clone(), false)
+                            .await
+                        {
+                            Ledgered::Outcomes(outcomes) => outcomes,
+                            // Only aggregate claims name earlier aggregates.
+                            Ledgered::Earlier(_) => None,
+                        }
+                    }
                 };
-                ledger.leave_local(&key);
-                outcomes
+                match outcomes {
+                    Some(outcomes) => break Some(outcomes),
+                    // Revoked: the new owners redeliver these events.
+                    None if !self.owns_any(&items) => break None,
+                    // Another replica took the key over while some of its events are still ours:
+                    // claim again; the ledger answers with that replica's outcome (or its lease).
+                    None => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
             }
         };
-        // Another owner took the delivery over: its events are theirs to settle.
-        let Some(outcomes) = outcomes else { return };
+        // A revoked partition's work stops where it is (waiting for the pacer, the gate, a
+        // backoff, or a request); its events stay unsettled and the new owner redelivers them.
+        let outcomes = tokio::select! {
+            outcomes = delivering => match outcomes {
+                Some(outcomes) => outcomes,
+                None => return,
+            },
+            () = self.revoked(&items) => {
+                metrics::counter!("meterflow_deliveries_cancelled_total", "reason" => "revoked").increment(1);
+                tracing::info!(delivery_key = %key, events = items.len(), "partition revoked: delivery cancelled; the new owner redelivers its events");
+                return;
+            }
+        };
         let final_state = self
             .report(&key, items.iter().zip(outcomes.iter().cloned()))
             .await;
@@ -368,6 +457,23 @@ impl Stages {
         for item in &items {
             self.source.settle(&item.raw.source, item.raw.generation);
         }
+    }
+
+    /// Resolves once none of the items' partitions is owned by this process any more.
+    async fn revoked(&self, items: &[DeliveryItem]) {
+        let mut revocations = self.source.revocations();
+        while self.owns_any(items) {
+            if revocations.changed().await.is_err() {
+                // The source is gone: shutdown ends this task.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    fn owns_any(&self, items: &[DeliveryItem]) -> bool {
+        items
+            .iter()
+            .any(|i| self.source.owns(&i.raw.source, i.raw.generation))
     }
 
     /// Counts, logs and dead-letters each item by its outcome (not settling it yet); returns the
@@ -442,6 +548,7 @@ impl Stages {
     ) -> Ledgered {
         let n = delivery.items.len();
         loop {
+            let mut asked = Instant::now();
             let claimed = if aggregate {
                 let event_keys = delivery
                     .items
@@ -468,6 +575,11 @@ impl Stages {
                     continue;
                 }
             };
+            if let Some(left) = claim.lease_left(ledger.lease()) {
+                // Another replica may still be sending it: wait out its lease.
+                tokio::time::sleep(left.min(Duration::from_secs(1))).await;
+                continue;
+            }
             let (updated_at_ms, unknown_since) = match claim {
                 Claim::Claimed { updated_at_ms } => (updated_at_ms, None),
                 Claim::Delivered { receipt } => {
@@ -494,15 +606,9 @@ impl Stages {
                 Claim::Sending {
                     first_sent_at,
                     updated_at_ms,
+                    ..
                 } => {
-                    let lease_end = updated_at_ms + ledger.lease().as_millis() as i64;
-                    let now = crate::ack::ledger::now_ms();
-                    if now < lease_end {
-                        // Another replica may still be sending it: wait out its lease.
-                        let wait = Duration::from_millis((lease_end - now).min(1000) as u64);
-                        tokio::time::sleep(wait).await;
-                        continue;
-                    }
+                    asked = Instant::now();
                     match ledger.touch(&delivery.key, updated_at_ms).await {
                         Ok(Some(next)) => {
                             tracing::info!(delivery_key = %delivery.key, %first_sent_at, "outcome of an earlier send unknown; reconciling before re-sending");
@@ -512,14 +618,18 @@ impl Stages {
                     }
                 }
             };
-            let lease = LedgerLease {
-                ledger,
-                key: &delivery.key,
-                updated_at_ms: std::sync::Mutex::new(updated_at_ms),
+            let fence = SendFence {
+                source: &self.source,
+                items: &delivery.items,
+                lease: Some(LedgerLease {
+                    ledger,
+                    key: &delivery.key,
+                    stamp: std::sync::Mutex::new((updated_at_ms, asked)),
+                }),
             };
             return Ledgered::Outcomes(
                 self.runner
-                    .deliver(delivery.clone(), unknown_since, Some(&lease))
+                    .deliver(delivery.clone(), unknown_since, &fence)
                     .await,
             );
         }

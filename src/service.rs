@@ -7,8 +7,9 @@ use std::sync::Arc;
 use crate::admin::AdminServer;
 use crate::config::Config;
 use crate::pipeline::{self, RunStats};
+use crate::signals::ShutdownSignals;
 
-pub async fn run(config_path: &Path) -> anyhow::Result<()> {
+pub async fn run(config_path: &Path, signals: ShutdownSignals) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     crate::telemetry::init_logging(&config.log);
     let _metrics = crate::telemetry::metrics_handle();
@@ -27,7 +28,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     };
     let readiness = stats.readiness.clone();
     let shutdown = async move {
-        shutdown_signal().await;
+        signals.recv().await;
         readiness.set_stopping();
     };
     // The admin server outlives the drain: liveness keeps answering while in-flight work ends.
@@ -36,26 +37,4 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         admin.stop().await;
     }
     result
-}
-
-/// Resolves on the first SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("SIGINT received"),
-        _ = term => tracing::info!("SIGTERM received"),
-    }
 }

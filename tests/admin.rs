@@ -347,3 +347,83 @@ async fn meterflow_run_serves_the_admin_endpoints_and_stops_on_sigterm() {
         "the admin server stops with the process"
     );
 }
+
+/// SIGTERM while start-up is still blocked: the broker is unreachable and the ledger's
+/// PostgreSQL accepts connections but never answers. The signal must be caught (not the
+/// default action, which kills the process: exit 143 under Kubernetes) and the start abandoned
+/// cleanly: exit 0, well before the ledger's 30 s connect timeout.
+#[tokio::test]
+async fn sigterm_during_a_blocked_start_up_exits_0() {
+    // A "database" that accepts and then says nothing: sqlx waits for its greeting.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let config = common::billwerk_config(
+        "127.0.0.1:1",
+        "meterflow-blocked-start",
+        "usage",
+        "usage-dlq",
+        "http://127.0.0.1:1",
+        &format!("postgres://meterflow@{silent_addr}/ledger"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meterflow.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_meterflow"))
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut log = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = log.next_line().await.unwrap() {
+            if line.contains("meterflow starting") {
+                return;
+            }
+        }
+        panic!("meterflow exited before it started");
+    })
+    .await
+    .expect("meterflow never logged its start");
+    let lines = tokio::spawn(async move {
+        let mut lines = Vec::new();
+        while let Ok(Some(line)) = log.next_line().await {
+            lines.push(line);
+        }
+        lines
+    });
+    // Start-up is now waiting on the silent ledger.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = child.id().unwrap().to_string();
+    let signalled = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("stops within 10 s of SIGTERM, not at the ledger's connect timeout")
+        .unwrap();
+    let lines = lines.await.unwrap();
+    assert!(
+        status.success(),
+        "SIGTERM during start-up exits 0, got {status}; log:\n{}",
+        lines.join("\n")
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("stopped during start-up")),
+        "{}",
+        lines.join("\n")
+    );
+    held.abort();
+}

@@ -333,19 +333,11 @@ async fn kill_nine_and_broker_restart_lose_nothing_and_bill_nothing_twice() {
 /// takes over its partitions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_with_postgres_ledger_survive_losing_one() {
-    let postgres = std::env::var("METERFLOW_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    if meterflow::ack::ledger::LedgerStore::connect(&postgres)
-        .await
-        .is_err()
-    {
-        assert!(
-            std::env::var("CI").is_err(),
-            "PostgreSQL must be reachable in CI"
-        );
-        eprintln!("skipping: PostgreSQL not reachable");
+    // A database of its own: what earlier runs and benchmarks left in the shared one (100 000
+    // ledger rows once made this test fail three times in a row) must not change the result.
+    let Some(database) = meterflow::ack::ledger::scratch::ScratchDatabase::for_test().await else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
     let Some(broker) = common::require_tansu(dir.path()) else {
         return;
@@ -358,20 +350,7 @@ async fn two_replicas_with_postgres_ledger_survive_losing_one() {
         format!("dlq-{run}"),
         format!("g-{run}"),
     );
-    // A database of its own: what earlier runs and benchmarks left in the shared one (100 000
-    // ledger rows once made this test fail three times in a row) must not change the result.
-    let server = postgres.rsplit_once('/').map(|(server, _)| server).unwrap();
-    let database = format!("meterflow_two_replicas_{run}");
-    {
-        use sqlx::Connection;
-        let mut admin = sqlx::PgConnection::connect(&postgres).await.unwrap();
-        sqlx::query(&format!("CREATE DATABASE {database}"))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-    }
-    let postgres_main = postgres.clone();
-    let postgres = format!("{server}/{database}");
+    let postgres = database.url.clone();
     common::create_topics(&brokers, &[(&topic, 4), (&dlq, 1)]).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let emulator = billwerk::start(
@@ -424,13 +403,7 @@ async fn two_replicas_with_postgres_ledger_survive_losing_one() {
         v.duplicate_dead_letters,
         started.elapsed().as_secs_f64()
     );
-    {
-        use sqlx::Connection;
-        let mut admin = sqlx::PgConnection::connect(&postgres_main).await.unwrap();
-        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
-            .execute(&mut admin)
-            .await;
-    }
+    drop(database);
     if !done || v.lost > 0 {
         eprintln!("--- replica a (killed), last lines:\n{}", tail(&log_a, 40));
         eprintln!(

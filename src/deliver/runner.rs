@@ -13,8 +13,8 @@ use crate::deliver::ratelimit::RateLimiter;
 use crate::deliver::retry::Backoff;
 use crate::deliver::{Attempt, Delivery, ItemOutcome, Reconciled, RetryCause, Sink};
 
-/// Asked before every re-send: may this process still send? (The ledger's lease: another
-/// replica may have taken the delivery over.)
+/// Asked right before every request: may this process still send? (Its partitions may have
+/// been revoked, or another replica may have taken the delivery over through the ledger.)
 pub trait AttemptGuard: Send + Sync {
     fn may_send(&self) -> BoxFuture<'_, bool>;
 }
@@ -57,9 +57,8 @@ impl DeliveryRunner {
         &self,
         delivery: Delivery,
         mut unknown_since: Option<DateTime<Utc>>,
-        guard: Option<&dyn AttemptGuard>,
+        guard: &dyn AttemptGuard,
     ) -> Option<Vec<ItemOutcome>> {
-        let mut first_attempt = true;
         let sink_name = self.sink.name();
         let mut outcomes: Vec<Option<ItemOutcome>> = vec![None; delivery.items.len()];
         // Items still to deliver, as indexes into `delivery.items`.
@@ -67,15 +66,6 @@ impl DeliveryRunner {
         let mut current = delivery.clone();
         let mut backoff = Backoff::new(&self.retry);
         while !open.is_empty() {
-            if !first_attempt {
-                if let Some(guard) = guard {
-                    if !guard.may_send().await {
-                        tracing::warn!(delivery_key = %current.key, "another owner took this delivery over; leaving it to them");
-                        return None;
-                    }
-                }
-            }
-            first_attempt = false;
             if let Some(since) = unknown_since {
                 match self.sink.reconcile(&current, since).await {
                     Ok(Reconciled::Found { receipt }) => {
@@ -106,6 +96,12 @@ impl DeliveryRunner {
                 }
             }
             self.limiter.until_ready().await;
+            // Right before the request, after the pacer and the gate let it go (which can take
+            // longer than any lease): is it still ours to send?
+            if !guard.may_send().await {
+                tracing::warn!(delivery_key = %current.key, "this process no longer owns the delivery (partition revoked, or another replica took it over); leaving it to the new owner");
+                return None;
+            }
             let sent_at = Utc::now();
             // When it left, so that a late answer is not mistaken for news of the current window.
             let sent = tokio::time::Instant::now();

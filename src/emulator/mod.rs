@@ -44,7 +44,10 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 /// Runs the emulator the command line asked for until Ctrl-C (or SIGTERM).
-pub async fn run(args: EmulateArgs) -> anyhow::Result<()> {
+pub async fn run(
+    args: EmulateArgs,
+    signals: crate::signals::ShutdownSignals,
+) -> anyhow::Result<()> {
     match args.provider {
         EmulatedProviderArgs::Billwerk(args) => {
             let (options, credential_notes) = args.options()?;
@@ -52,7 +55,7 @@ pub async fn run(args: EmulateArgs) -> anyhow::Result<()> {
             let listener = bind(&args.listen).await?;
             let emulator = billwerk::start(options, listener).await?;
             announce("billwerk", &emulator, &credential_notes, &description);
-            wait_for_shutdown_signal().await;
+            signals.recv().await;
             emulator.shutdown().await;
         }
         EmulatedProviderArgs::Billingrails(args) => {
@@ -61,7 +64,7 @@ pub async fn run(args: EmulateArgs) -> anyhow::Result<()> {
             let listener = bind(&args.listen).await?;
             let emulator = billingrails::start(options, listener).await?;
             announce("Billingrails", &emulator, &credential_notes, &description);
-            wait_for_shutdown_signal().await;
+            signals.recv().await;
             emulator.shutdown().await;
         }
     }
@@ -115,26 +118,4 @@ fn announce<P: EmulatedProvider>(
         "  inspection (test-only, no auth): {}/_emulator/stats, /_emulator/records, /_emulator/limit, /_emulator/faults, /_emulator/reset",
         emulator.base_url()
     );
-}
-
-async fn wait_for_shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = terminate.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

@@ -57,14 +57,17 @@ impl Stages {
                 items: open.iter().map(|&i| items[i].clone()).collect(),
             };
             let key = current.key.clone();
-            while !ledger.enter_local(&key) {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            let turn = ledger.local(&key).await;
             let ledgered = self.deliver_with_ledger(ledger, current, true).await;
-            ledger.leave_local(&key);
+            drop(turn);
             match ledgered {
-                // Another owner took it over: its events are theirs to settle.
-                Ledgered::Outcomes(None) => break,
+                // Revoked: the new owners redeliver these events.
+                Ledgered::Outcomes(None) if !self.owns_any(&items) => break,
+                // Another replica took it over while some of its events are still ours: claim
+                // again; the ledger answers with that replica's outcome (or its lease).
+                Ledgered::Outcomes(None) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
                 Ledgered::Outcomes(Some(got)) => {
                     for (&i, outcome) in open.iter().zip(got) {
                         outcomes[i] = Some(outcome);
@@ -155,6 +158,11 @@ impl Stages {
             return;
         }
         let key = &earlier.key;
+        if let Some(left) = earlier.state.lease_left(ledger.lease()) {
+            // Another replica may still be sending it.
+            tokio::time::sleep(left.min(Duration::from_secs(1))).await;
+            return;
+        }
         match earlier.state {
             Claim::Delivered { receipt } => {
                 metrics::counter!("meterflow_events_deduplicated_total", "source" => "ledger")
@@ -181,12 +189,13 @@ impl Stages {
             Claim::Sending {
                 first_sent_at,
                 updated_at_ms,
+                ..
             } => {
                 // A task of this process may be sending it right now: let it finish first.
-                if !ledger.enter_local(key) {
+                let Some(_turn) = ledger.try_local(key) else {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     return;
-                }
+                };
                 self.reconcile_earlier(
                     ledger,
                     key,
@@ -203,7 +212,6 @@ impl Stages {
                     backoff,
                 )
                 .await;
-                ledger.leave_local(key);
             }
             Claim::Claimed { .. } => {}
         }
@@ -223,13 +231,6 @@ impl Stages {
         found: impl FnOnce(String),
         backoff: &mut Backoff,
     ) {
-        let lease_end = updated_at_ms + ledger.lease().as_millis() as i64;
-        let now = crate::ack::ledger::now_ms();
-        if now < lease_end {
-            // Another replica may still be sending it.
-            tokio::time::sleep(Duration::from_millis((lease_end - now).min(1000) as u64)).await;
-            return;
-        }
         let Ok(Some(ours_since)) = ledger.touch(key, updated_at_ms).await else {
             return;
         };

@@ -41,6 +41,8 @@ pub(crate) struct Shared {
     drain_timeout: Duration,
     /// Assigned partitions; readiness and lag metrics read it.
     pub(crate) assigned: Mutex<HashMap<(String, i32), u64>>,
+    /// Bumped after every revocation, so that work for revoked partitions can stop.
+    revocations: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
@@ -135,6 +137,9 @@ impl SourceContext {
             }
             metrics::gauge!("meterflow_assigned_partitions").set(assigned.len() as f64);
         }
+        self.shared
+            .revocations
+            .send_modify(|n| *n = n.wrapping_add(1));
         if tpl.count() > 0 {
             if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
                 tracing::warn!(error = %e, "commit on revoke failed; the next owner may redeliver (the ledger deduplicates)");
@@ -176,6 +181,7 @@ impl KafkaSource {
             generation: AtomicU64::new(0),
             drain_timeout: options.drain_timeout,
             assigned: Mutex::new(HashMap::new()),
+            revocations: tokio::sync::watch::channel(0).0,
         });
         let mut config = ClientConfig::new();
         config
@@ -299,6 +305,21 @@ impl SourceHandle {
 
     pub fn in_flight(&self) -> usize {
         self.shared.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Whether this process still owns the partition of `source` under the assignment
+    /// `generation` (a revoked partition, even if assigned again since, is not).
+    pub fn owns(&self, source: &SourceRef, generation: u64) -> bool {
+        self.shared
+            .assigned
+            .lock()
+            .map(|a| a.get(&(source.topic.clone(), source.partition)) == Some(&generation))
+            .unwrap_or(false)
+    }
+
+    /// Changes after every revocation (then ask [`SourceHandle::owns`]).
+    pub fn revocations(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.revocations.subscribe()
     }
 
     pub fn assigned_partitions(&self) -> usize {

@@ -9,6 +9,7 @@
 //! several replicas share the consumer group. Writes are group-committed by one task so a busy
 //! pipeline pays one transaction per group, not per event.
 
+pub mod scratch;
 mod store;
 
 use std::collections::HashSet;
@@ -39,7 +40,30 @@ pub enum Claim {
     Sending {
         first_sent_at: DateTime<Utc>,
         updated_at_ms: i64,
+        /// The ledger's own clock when it answered (the database's on PostgreSQL), against
+        /// which `updated_at_ms` is compared: replicas' clocks never are.
+        ledger_now_ms: i64,
     },
+}
+
+impl Claim {
+    /// For a `Sending` answer: how long the lease of whoever stamped it still runs, by the
+    /// ledger's clock (`None` once it has run out, or for any other answer).
+    pub fn lease_left(&self, lease: Duration) -> Option<Duration> {
+        let Claim::Sending {
+            updated_at_ms,
+            ledger_now_ms,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        let left = updated_at_ms
+            .saturating_add(lease_ms)
+            .saturating_sub(*ledger_now_ms);
+        (left > 0).then(|| Duration::from_millis(u64::try_from(left).unwrap_or(0)))
+    }
 }
 
 /// What the ledger knows of an aggregate (several events summed into one usage record) at
@@ -237,16 +261,40 @@ impl Ledger {
         .await
     }
 
-    /// Marks a key as being delivered by this process; false when it already is.
-    pub fn enter_local(&self, key: &DeliveryKey) -> bool {
-        let inserted = self.local.lock().unwrap().insert(key.clone());
-        metrics::gauge!("meterflow_ledger_in_flight").set(self.local.lock().unwrap().len() as f64);
-        inserted
+    /// Marks a key as being delivered by this process until the guard drops (an early return,
+    /// a cancelled task or a panic included); `None` when another task of this process has it.
+    pub fn try_local(&self, key: &DeliveryKey) -> Option<LocalTurn<'_>> {
+        let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
+        let inserted = local.insert(key.clone());
+        metrics::gauge!("meterflow_ledger_in_flight").set(local.len() as f64);
+        inserted.then(|| LocalTurn {
+            ledger: self,
+            key: key.clone(),
+        })
     }
 
-    pub fn leave_local(&self, key: &DeliveryKey) {
-        self.local.lock().unwrap().remove(key);
-        metrics::gauge!("meterflow_ledger_in_flight").set(self.local.lock().unwrap().len() as f64);
+    /// [`Ledger::try_local`], waiting for the other task to finish with the key.
+    pub async fn local(&self, key: &DeliveryKey) -> LocalTurn<'_> {
+        loop {
+            if let Some(turn) = self.try_local(key) {
+                return turn;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// This process's one task delivering a key (see [`Ledger::try_local`]).
+pub struct LocalTurn<'a> {
+    ledger: &'a Ledger,
+    key: DeliveryKey,
+}
+
+impl Drop for LocalTurn<'_> {
+    fn drop(&mut self) {
+        let mut local = self.ledger.local.lock().unwrap_or_else(|e| e.into_inner());
+        local.remove(&self.key);
+        metrics::gauge!("meterflow_ledger_in_flight").set(local.len() as f64);
     }
 }
 

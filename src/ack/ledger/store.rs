@@ -69,9 +69,7 @@ impl LedgerStore {
             })
             .connect(&url)
             .await?;
-        for statement in SCHEMA {
-            pool.execute(*statement).await?;
-        }
+        set_up_schema(&pool, sqlite).await?;
         Ok(LedgerStore { pool })
     }
 
@@ -135,6 +133,28 @@ impl LedgerStore {
             .collect())
     }
 }
+
+/// Creates the tables and indexes that are missing.
+///
+/// On PostgreSQL, under a transaction-scoped advisory lock: concurrent `CREATE TABLE IF NOT
+/// EXISTS` on a fresh database races on the catalogue ("duplicate key value violates unique
+/// constraint pg_type_typname_nsp_index"), so two replicas starting together would see one of
+/// them fail. The lock is released with the transaction; DDL is transactional there.
+async fn set_up_schema(pool: &AnyPool, sqlite: bool) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    if !sqlite {
+        tx.execute(sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(SCHEMA_LOCK))
+            .await?;
+    }
+    for statement in SCHEMA {
+        tx.execute(*statement).await?;
+    }
+    tx.commit().await
+}
+
+/// The advisory lock key meterflow's schema set-up takes on PostgreSQL (any constant; this one
+/// is "mfschema" in ASCII).
+const SCHEMA_LOCK: i64 = 0x6d66_7363_6865_6d61;
 
 /// The group-commit loop: takes every op waiting, runs them in one transaction, answers.
 pub(super) async fn writer(store: LedgerStore, mut ops: mpsc::UnboundedReceiver<Op>) {
@@ -216,7 +236,7 @@ async fn apply(
     replies: &mut Vec<Reply>,
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let now = now_ms();
+    let now = ledger_clock(&mut tx).await?;
     for op in batch.drain(..) {
         match op {
             Op::Claim { key, events, reply } => {
@@ -323,6 +343,20 @@ async fn apply(
     Ok(())
 }
 
+/// The clock lease stamps are written and compared with: the database's on PostgreSQL (shared
+/// by every replica, so no replica's clock skew can end another's lease early), this process's
+/// on SQLite (one replica only).
+async fn ledger_clock(conn: &mut AnyConnection) -> Result<i64, sqlx::Error> {
+    if conn.backend_name() == "PostgreSQL" {
+        let row =
+            sqlx::query("SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)")
+                .fetch_one(&mut *conn)
+                .await?;
+        return row.try_get::<i64, _>(0);
+    }
+    Ok(now_ms())
+}
+
 /// Inserts the key as "sending" (then it is ours: `Claimed`, and `true`), or reads what the
 /// ledger has for it.
 async fn claim_row(
@@ -355,10 +389,19 @@ async fn claim_row(
     .await?;
     let state: String = row.get(0);
     let receipt: Option<String> = row.get(1);
-    Ok((row_claim(&state, receipt, row.get(2), row.get(3)), false))
+    Ok((
+        row_claim(&state, receipt, row.get(2), row.get(3), now),
+        false,
+    ))
 }
 
-fn row_claim(state: &str, receipt: Option<String>, first_sent_at: i64, updated_at: i64) -> Claim {
+fn row_claim(
+    state: &str,
+    receipt: Option<String>,
+    first_sent_at: i64,
+    updated_at: i64,
+    now: i64,
+) -> Claim {
     match state {
         "delivered" => Claim::Delivered {
             receipt: receipt.unwrap_or_default(),
@@ -369,6 +412,7 @@ fn row_claim(state: &str, receipt: Option<String>, first_sent_at: i64, updated_a
         _ => Claim::Sending {
             first_sent_at: from_ms(first_sent_at),
             updated_at_ms: updated_at,
+            ledger_now_ms: now,
         },
     }
 }
@@ -433,6 +477,7 @@ async fn claim_aggregate(
                         row.get(3),
                         row.get::<Option<i64>, _>(4).unwrap_or(now),
                         row.get::<Option<i64>, _>(5).unwrap_or(now),
+                        now,
                     );
                     earlier
                         .entry(delivery.clone())
@@ -531,6 +576,7 @@ async fn claim_aggregate(
 
 #[cfg(test)]
 mod tests {
+    use super::super::scratch::ScratchDatabase;
     use super::super::*;
     use super::{claim_aggregate, now_ms};
     use crate::event::{DeliveryKey, SourceRef};
@@ -659,19 +705,14 @@ mod tests {
         );
     }
 
-    /// PostgreSQL runs on this machine and in CI (127.0.0.1:5432, database `test`).
+    /// PostgreSQL runs on this machine and in CI (127.0.0.1:5432); each test creates a
+    /// database of its own there and drops it afterwards.
     #[tokio::test]
     async fn postgres_store_behaves_the_same() {
-        let url = std::env::var("METERFLOW_TEST_POSTGRES")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        let store = match LedgerStore::connect(&url).await {
-            Ok(s) => s,
-            Err(e) if std::env::var("CI").is_err() => {
-                eprintln!("skipping: PostgreSQL not reachable at {url}: {e}");
-                return;
-            }
-            Err(e) => panic!("PostgreSQL must be reachable in CI: {e}"),
+        let Some(db) = ScratchDatabase::for_test().await else {
+            return;
         };
+        let store = LedgerStore::connect(&db.url).await.unwrap();
         let ledger = Ledger::start(store, Duration::from_secs(30));
         let k = DeliveryKey::for_event(&format!("pg-{}", uuid_like()));
         assert!(matches!(
@@ -689,6 +730,24 @@ mod tests {
                 receipt: "r".into()
             }
         );
+    }
+
+    /// Replicas starting together against a new database: without the schema lock, the
+    /// concurrent `CREATE TABLE IF NOT EXISTS` fail on PostgreSQL's catalogue for some of them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn postgres_replicas_opening_a_fresh_database_at_once_all_start() {
+        for _round in 0..3 {
+            let Some(db) = ScratchDatabase::for_test().await else {
+                return;
+            };
+            let opens = (0..8).map(|_| {
+                let url = db.url.clone();
+                tokio::spawn(async move { LedgerStore::connect(&url).await.map(|_| ()) })
+            });
+            for open in futures::future::join_all(opens).await {
+                open.unwrap().expect("every replica opens the ledger");
+            }
+        }
     }
 
     fn events(ids: &[&str]) -> Vec<DeliveryKey> {
@@ -811,16 +870,10 @@ mod tests {
     /// must undo its writes and answer `Contended`, and the next claim names the winner.
     #[tokio::test]
     async fn postgres_concurrent_overlapping_claims_leave_one_owner_per_event() {
-        let url = std::env::var("METERFLOW_TEST_POSTGRES")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        let store = match LedgerStore::connect(&url).await {
-            Ok(s) => s,
-            Err(e) if std::env::var("CI").is_err() => {
-                eprintln!("skipping: PostgreSQL not reachable at {url}: {e}");
-                return;
-            }
-            Err(e) => panic!("PostgreSQL must be reachable in CI: {e}"),
+        let Some(db) = ScratchDatabase::for_test().await else {
+            return;
         };
+        let store = LedgerStore::connect(&db.url).await.unwrap();
         let run = uuid_like();
         let id = |s: &str| format!("{run}-{s}");
         let (a, b, c) = (id("a"), id("b"), id("c"));
