@@ -70,6 +70,35 @@ pub struct BillableUsage {
     pub attributes: BTreeMap<String, String>,
 }
 
+impl BillableUsage {
+    /// A digest of what the producer said (customer, metric, quantity, timestamp, attributes),
+    /// not of what config made of it: an event replayed after a price rule changed is the same
+    /// event. Two events with one id and different digests are an id conflict.
+    pub fn content_digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        let customer = match &self.customer {
+            CustomerRef::ContractId(c) => ("contract_id", c),
+            CustomerRef::ExternalId(c) => ("external_id", c),
+        };
+        for part in [customer.0, customer.1.as_str(), self.metric.as_str()] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        let quantity = self.quantity.normalize().to_string();
+        h.update((quantity.len() as u64).to_le_bytes());
+        h.update(quantity.as_bytes());
+        h.update(self.due_date.timestamp_micros().to_le_bytes());
+        for (k, v) in &self.attributes {
+            for part in [k, v] {
+                h.update((part.len() as u64).to_le_bytes());
+                h.update(part.as_bytes());
+            }
+        }
+        hex::encode(&h.finalize()[..16])
+    }
+}
+
 /// Why an event can never be delivered: it goes to the dead-letter topic with this reason.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rejection {
@@ -116,10 +145,14 @@ pub enum RejectReason {
     PriceNotAllowed,
     /// The provider answered 400/404/422 (or an equivalent permanent refusal).
     ProviderRejected,
+    /// The event reuses the id of an earlier event with other contents (another customer,
+    /// metric, quantity, timestamp or attributes): it is a different event, and billing it as
+    /// "already delivered" would lose it.
+    IdConflict,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 9] = [
+    pub const ALL: [RejectReason; 10] = [
         RejectReason::InvalidJson,
         RejectReason::MissingField,
         RejectReason::InvalidField,
@@ -129,6 +162,7 @@ impl RejectReason {
         RejectReason::UnknownContract,
         RejectReason::PriceNotAllowed,
         RejectReason::ProviderRejected,
+        RejectReason::IdConflict,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -142,6 +176,7 @@ impl RejectReason {
             RejectReason::UnknownContract => "unknown_contract",
             RejectReason::PriceNotAllowed => "price_not_allowed",
             RejectReason::ProviderRejected => "provider_rejected",
+            RejectReason::IdConflict => "id_conflict",
         }
     }
 

@@ -10,7 +10,9 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::ack::deadletter::{DeadLetter, DeadLetterWriter};
-use crate::ack::ledger::{AggregateClaim, Claim, EarlierAggregate, Ledger, LedgerStore};
+use crate::ack::ledger::{
+    AggregateClaim, Claim, EarlierAggregate, EventContent, Ledger, LedgerStore,
+};
 use crate::admin::readiness::{ProviderProbe, Readiness};
 use crate::batch::{self, Batcher, Bucket, Grouping};
 use crate::config::{Config, SinkKind};
@@ -151,6 +153,9 @@ enum Ledgered {
     Outcomes(Option<Vec<ItemOutcome>>),
     /// An aggregate some of whose events were sent earlier in these aggregates; nothing sent.
     Earlier(Vec<EarlierAggregate>),
+    /// These events (their per-event keys) reuse an id recorded earlier with other contents;
+    /// nothing was claimed or sent.
+    IdConflict(Vec<EventContent>),
 }
 
 /// Runs the pipeline until `shutdown` resolves, then drains and returns.
@@ -418,15 +423,16 @@ impl Stages {
                             .await
                         {
                             Ledgered::Outcomes(outcomes) => outcomes,
+                            Ledgered::IdConflict(keys) => break Err(keys),
                             // Only aggregate claims name earlier aggregates.
                             Ledgered::Earlier(_) => None,
                         }
                     }
                 };
                 match outcomes {
-                    Some(outcomes) => break Some(outcomes),
+                    Some(outcomes) => break Ok(Some(outcomes)),
                     // Revoked: the new owners redeliver these events.
-                    None if !self.owns_any(&items) => break None,
+                    None if !self.owns_any(&items) => break Ok(None),
                     // Another replica took the key over while some of its events are still ours:
                     // claim again; the ledger answers with that replica's outcome (or its lease).
                     None => tokio::time::sleep(Duration::from_millis(200)).await,
@@ -437,8 +443,9 @@ impl Stages {
         // backoff, or a request); its events stay unsettled and the new owner redelivers them.
         let outcomes = tokio::select! {
             outcomes = delivering => match outcomes {
-                Some(outcomes) => outcomes,
-                None => return,
+                Ok(Some(outcomes)) => outcomes,
+                Ok(None) => return,
+                Err(conflicts) => return self.deliver_without_conflicts(delivery, &conflicts).await,
             },
             () = self.revoked(&items) => {
                 metrics::counter!("meterflow_deliveries_cancelled_total", "reason" => "revoked").increment(1);
@@ -456,6 +463,39 @@ impl Stages {
         }
         for item in &items {
             self.source.settle(&item.raw.source, item.raw.generation);
+        }
+    }
+
+    /// Dead-letters (`id_conflict`) the items that reuse an earlier event's id with other
+    /// contents, and delivers the rest under the key of what is left.
+    async fn deliver_without_conflicts(&self, delivery: Delivery, conflicts: &[EventContent]) {
+        let (bad, good): (Vec<DeliveryItem>, Vec<DeliveryItem>) = delivery
+            .items
+            .into_iter()
+            .partition(|i| conflicts.contains(&content(i)));
+        let rejection = id_conflict();
+        self.report(
+            &delivery.key,
+            bad.iter().map(|i| {
+                (
+                    i,
+                    ItemOutcome::DeadLetter {
+                        rejection: rejection.clone(),
+                        provider_answer: None,
+                    },
+                )
+            }),
+        )
+        .await;
+        for item in &bad {
+            self.source.settle(&item.raw.source, item.raw.generation);
+        }
+        if !good.is_empty() {
+            let rest = Delivery {
+                key: DeliveryKey::for_events(good.iter().map(|i| i.usage.event_id.as_str())),
+                items: good,
+            };
+            Box::pin(self.deliver(rest)).await;
         }
     }
 
@@ -555,8 +595,12 @@ impl Stages {
                     .iter()
                     .map(|i| DeliveryKey::for_event(&i.usage.event_id))
                     .collect();
-                match ledger.claim_aggregate(&delivery.key, event_keys).await {
+                match ledger
+                    .claim_aggregate_checked(&delivery.key, event_keys, contents(&delivery.items))
+                    .await
+                {
                     Ok(AggregateClaim::Own(c)) => Ok(c),
+                    Ok(AggregateClaim::IdConflict(keys)) => return Ledgered::IdConflict(keys),
                     Ok(AggregateClaim::Earlier(earlier)) => return Ledgered::Earlier(earlier),
                     Ok(AggregateClaim::Contended) => {
                         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -565,7 +609,14 @@ impl Stages {
                     Err(e) => Err(e),
                 }
             } else {
-                ledger.claim(&delivery.key, n).await
+                match ledger
+                    .claim_checked(&delivery.key, n, contents(&delivery.items))
+                    .await
+                {
+                    Ok(Ok(c)) => Ok(c),
+                    Ok(Err(keys)) => return Ledgered::IdConflict(keys),
+                    Err(e) => Err(e),
+                }
             };
             let claim = match claimed {
                 Ok(c) => c,
@@ -702,6 +753,27 @@ impl Drop for DeadLettering<'_> {
     fn drop(&mut self) {
         self.set.lock().unwrap().remove(self.source);
     }
+}
+
+/// What each item carried, for the ledger's id-conflict check.
+fn contents(items: &[DeliveryItem]) -> Vec<EventContent> {
+    items.iter().map(content).collect()
+}
+
+fn content(item: &DeliveryItem) -> EventContent {
+    EventContent {
+        event_key: DeliveryKey::for_event(&item.usage.event_id),
+        digest: item.usage.content_digest(),
+    }
+}
+
+fn id_conflict() -> Rejection {
+    Rejection::new(
+        RejectReason::IdConflict,
+        "an earlier event with this id had other contents (customer, metric, quantity, \
+         timestamp or attributes); the earlier event keeps the id. Give every event an id of \
+         its own, then replay this one under a new id",
+    )
 }
 
 fn contract_quantity(item: &DeliveryItem) {

@@ -29,13 +29,16 @@ impl Stages {
         let n = items.len();
         // The same event id twice (a producer that retried) is billed once: a later copy gets
         // the first one's outcome, and is never summed.
-        let mut first_copy: HashMap<&str, usize> = HashMap::new();
         let mut copy_of: Vec<Option<usize>> = vec![None; n];
+        // The same id with other contents is another event: both are claimed, and the ledger
+        // tells which one the id belongs to (the other is an id conflict).
+        let digests: Vec<String> = items.iter().map(|i| i.usage.content_digest()).collect();
+        let mut first_copy: HashMap<(&str, &str), usize> = HashMap::new();
         for (i, item) in items.iter().enumerate() {
-            match first_copy.get(item.usage.event_id.as_str()) {
+            match first_copy.get(&(item.usage.event_id.as_str(), digests[i].as_str())) {
                 Some(&first) => copy_of[i] = Some(first),
                 None => {
-                    first_copy.insert(&item.usage.event_id, i);
+                    first_copy.insert((&item.usage.event_id, &digests[i]), i);
                 }
             }
         }
@@ -61,6 +64,16 @@ impl Stages {
             let ledgered = self.deliver_with_ledger(ledger, current, true).await;
             drop(turn);
             match ledgered {
+                Ledgered::IdConflict(conflicts) => {
+                    for &i in &open {
+                        if conflicts.contains(&super::content(&items[i])) {
+                            outcomes[i] = Some(ItemOutcome::DeadLetter {
+                                rejection: super::id_conflict(),
+                                provider_answer: None,
+                            });
+                        }
+                    }
+                }
                 // Revoked: the new owners redeliver these events.
                 Ledgered::Outcomes(None) if !self.owns_any(&items) => break,
                 // Another replica took it over while some of its events are still ours: claim

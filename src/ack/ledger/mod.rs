@@ -66,6 +66,17 @@ impl Claim {
     }
 }
 
+/// A claim's answer, or the contents that reuse an id recorded with other contents.
+pub type Checked<T> = Result<T, Vec<EventContent>>;
+
+/// What one event carried, as recorded under its event key: a digest of its billable content
+/// ([`crate::event::BillableUsage::content_digest`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventContent {
+    pub event_key: DeliveryKey,
+    pub digest: String,
+}
+
 /// What the ledger knows of an aggregate (several events summed into one usage record) at
 /// claim time. See docs/delivery-semantics.md, "Aggregation and the ledger".
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +90,9 @@ pub enum AggregateClaim {
     /// Another writer mapped some of these events while this claim ran (several replicas on
     /// PostgreSQL). Nothing was written: claim again.
     Contended,
+    /// These events reuse an id recorded earlier with other contents. Nothing was claimed:
+    /// dead-letter them (`id_conflict`) and claim the rest.
+    IdConflict(Vec<EventContent>),
 }
 
 /// An aggregate that earlier carried some of the events now being claimed.
@@ -103,12 +117,14 @@ pub(crate) enum Op {
     Claim {
         key: DeliveryKey,
         events: usize,
-        reply: oneshot::Sender<Result<Claim, LedgerError>>,
+        contents: Vec<EventContent>,
+        reply: oneshot::Sender<Result<Checked<Claim>, LedgerError>>,
     },
     /// Claims an aggregate's key and maps each of its events to it, in one transaction.
     ClaimAggregate {
         key: DeliveryKey,
         event_keys: Vec<DeliveryKey>,
+        contents: Vec<EventContent>,
         reply: oneshot::Sender<Result<AggregateClaim, LedgerError>>,
     },
     /// Marks a "sending" aggregate that the provider never received as abandoned and frees its
@@ -181,9 +197,27 @@ impl Ledger {
     }
 
     pub async fn claim(&self, key: &DeliveryKey, events: usize) -> Result<Claim, LedgerError> {
+        match self.claim_checked(key, events, Vec::new()).await? {
+            Ok(claim) => Ok(claim),
+            // No contents were given, so none can conflict.
+            Err(_) => Err(LedgerError::Stopped),
+        }
+    }
+
+    /// [`Ledger::claim`], after recording what each event carried (`contents`): an event id
+    /// already recorded with other contents is a different event reusing the id. Then nothing
+    /// is claimed and the answer names those events (`Err`), for the caller to dead-letter with
+    /// `id_conflict` and claim the rest under their own key.
+    pub async fn claim_checked(
+        &self,
+        key: &DeliveryKey,
+        events: usize,
+        contents: Vec<EventContent>,
+    ) -> Result<Checked<Claim>, LedgerError> {
         self.call(|reply| Op::Claim {
             key: key.clone(),
             events,
+            contents,
             reply,
         })
         .await
@@ -197,9 +231,22 @@ impl Ledger {
         key: &DeliveryKey,
         event_keys: Vec<DeliveryKey>,
     ) -> Result<AggregateClaim, LedgerError> {
+        self.claim_aggregate_checked(key, event_keys, Vec::new())
+            .await
+    }
+
+    /// [`Ledger::claim_aggregate`], checking the events' contents first as
+    /// [`Ledger::claim_checked`] does (`AggregateClaim::IdConflict`).
+    pub async fn claim_aggregate_checked(
+        &self,
+        key: &DeliveryKey,
+        event_keys: Vec<DeliveryKey>,
+        contents: Vec<EventContent>,
+    ) -> Result<AggregateClaim, LedgerError> {
         self.call(|reply| Op::ClaimAggregate {
             key: key.clone(),
             event_keys,
+            contents,
             reply,
         })
         .await

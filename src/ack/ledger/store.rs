@@ -6,7 +6,10 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyConnection, AnyPool, Executor, Row};
 use tokio::sync::mpsc;
 
-use super::{from_ms, now_ms, AggregateClaim, Claim, EarlierAggregate, LedgerError, Op};
+use super::{
+    from_ms, now_ms, AggregateClaim, Checked, Claim, EarlierAggregate, EventContent, LedgerError,
+    Op,
+};
 use crate::event::DeliveryKey;
 
 const SCHEMA: &[&str] = &[
@@ -33,6 +36,13 @@ const SCHEMA: &[&str] = &[
         updated_at BIGINT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS meterflow_event_deliveries_delivery ON meterflow_event_deliveries (delivery_key)",
     "CREATE INDEX IF NOT EXISTS meterflow_event_deliveries_updated ON meterflow_event_deliveries (updated_at)",
+    // What each event id carried when first claimed: a second, different event reusing the id
+    // is dead-lettered (`id_conflict`) instead of being settled as "already delivered".
+    "CREATE TABLE IF NOT EXISTS meterflow_event_contents (
+        event_key TEXT PRIMARY KEY,
+        digest TEXT NOT NULL,
+        updated_at BIGINT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS meterflow_event_contents_updated ON meterflow_event_contents (updated_at)",
 ];
 
 /// Rows per statement when a claim names many events (3 parameters a row; SQLite allows 32766).
@@ -91,7 +101,12 @@ impl LedgerStore {
             .execute(&self.pool)
             .await?
             .rows_affected();
-        Ok(a + b + c)
+        let d = sqlx::query("DELETE FROM meterflow_event_contents WHERE updated_at < $1")
+            .bind(cutoff)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(a + b + c + d)
     }
 
     /// The aggregate each event key is mapped to, for tests and reports.
@@ -189,8 +204,8 @@ pub(super) async fn writer(store: LedgerStore, mut ops: mpsc::UnboundedReceiver<
 /// An answer waiting for its transaction to commit.
 enum Reply {
     Claim(
-        tokio::sync::oneshot::Sender<Result<Claim, LedgerError>>,
-        Claim,
+        tokio::sync::oneshot::Sender<Result<Checked<Claim>, LedgerError>>,
+        Checked<Claim>,
     ),
     Touch(
         tokio::sync::oneshot::Sender<Result<Option<i64>, LedgerError>>,
@@ -239,16 +254,32 @@ async fn apply(
     let now = ledger_clock(&mut tx).await?;
     for op in batch.drain(..) {
         match op {
-            Op::Claim { key, events, reply } => {
-                let (claim, _) = claim_row(&mut tx, &key, events, now).await?;
-                replies.push(Reply::Claim(reply, claim));
+            Op::Claim {
+                key,
+                events,
+                contents,
+                reply,
+            } => {
+                let conflicts = record_contents(&mut tx, &contents, now).await?;
+                let answer = if conflicts.is_empty() {
+                    Ok(claim_row(&mut tx, &key, events, now).await?.0)
+                } else {
+                    Err(conflicts)
+                };
+                replies.push(Reply::Claim(reply, answer));
             }
             Op::ClaimAggregate {
                 key,
                 event_keys,
+                contents,
                 reply,
             } => {
-                let claim = claim_aggregate(&mut tx, &key, event_keys, now).await?;
+                let conflicts = record_contents(&mut tx, &contents, now).await?;
+                let claim = if conflicts.is_empty() {
+                    claim_aggregate(&mut tx, &key, event_keys, now).await?
+                } else {
+                    AggregateClaim::IdConflict(conflicts)
+                };
                 replies.push(Reply::Aggregate(reply, claim));
             }
             Op::Abandon {
@@ -415,6 +446,68 @@ fn row_claim(
             ledger_now_ms: now,
         },
     }
+}
+
+/// Records each event's content digest and returns the contents that lose to another one: an
+/// event id keeps the digest it was first recorded with (in an earlier claim, or first in this
+/// one); every content of that id with another digest is a conflict. One multi-row insert in
+/// the common case (every id new); a look-up only when some were known.
+async fn record_contents(
+    conn: &mut AnyConnection,
+    contents: &[EventContent],
+    now: i64,
+) -> Result<Vec<EventContent>, sqlx::Error> {
+    let mut winners: std::collections::HashMap<&str, &str> = Default::default();
+    let mut firsts: Vec<(&str, &str)> = Vec::new();
+    for c in contents {
+        if !winners.contains_key(c.event_key.as_str()) {
+            winners.insert(c.event_key.as_str(), c.digest.as_str());
+            firsts.push((c.event_key.as_str(), c.digest.as_str()));
+        }
+    }
+    let mut inserted = 0u64;
+    for chunk in firsts.chunks(CHUNK) {
+        let rows = (0..chunk.len())
+            .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "INSERT INTO meterflow_event_contents (event_key, digest, updated_at)
+             VALUES {rows} ON CONFLICT (event_key) DO NOTHING"
+        );
+        let mut query = sqlx::query(&sql);
+        for (key, digest) in chunk {
+            query = query.bind(*key).bind(*digest).bind(now);
+        }
+        inserted += query.execute(&mut *conn).await?.rows_affected();
+    }
+    let mut recorded: std::collections::HashMap<String, String> = Default::default();
+    if inserted < firsts.len() as u64 {
+        for chunk in firsts.chunks(CHUNK) {
+            let sql = format!(
+                "SELECT event_key, digest FROM meterflow_event_contents WHERE event_key IN ({})",
+                placeholders(1, chunk.len())
+            );
+            let mut query = sqlx::query(&sql);
+            for (key, _) in chunk {
+                query = query.bind(*key);
+            }
+            for row in query.fetch_all(&mut *conn).await? {
+                recorded.insert(row.get(0), row.get(1));
+            }
+        }
+    }
+    Ok(contents
+        .iter()
+        .filter(|c| {
+            let winner = recorded
+                .get(c.event_key.as_str())
+                .map(String::as_str)
+                .or_else(|| winners.get(c.event_key.as_str()).copied());
+            winner.is_some_and(|w| w != c.digest)
+        })
+        .cloned()
+        .collect())
 }
 
 /// `$first, $first+1, ...`: `n` placeholders.
