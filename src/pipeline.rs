@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::ack::deadletter::{DeadLetter, DeadLetterWriter};
@@ -19,6 +18,7 @@ use crate::config::{Config, SinkKind};
 use crate::decode::EventDecoder;
 use crate::deliver::billingrails::BillingrailsSink;
 use crate::deliver::billwerk::BillwerkSink;
+use crate::deliver::permits::Permits;
 use crate::deliver::ratelimit::RateLimiter;
 use crate::deliver::runner::{AttemptGuard, DeliveryRunner};
 use crate::deliver::{Delivery, DeliveryItem, ItemOutcome, Sink};
@@ -249,7 +249,10 @@ pub async fn run(
         aggregating: matches!(grouping, Grouping::Aggregate { .. }),
         dead_lettering: Default::default(),
     });
-    let concurrency = Arc::new(Semaphore::new(config.sink.concurrency.max(1)));
+    let concurrency = Arc::new(Permits::new(
+        config.sink.concurrency,
+        config.sink.contract_concurrency(),
+    ));
     let mut tasks = JoinSet::new();
     let mut batcher = Batcher::new(config.batch.max_events, config.batch.max_wait);
     let mut stopping = false;
@@ -378,7 +381,7 @@ fn grouping_for(config: &Config) -> Grouping {
 
 fn dispatch(
     stages: &Arc<Stages>,
-    concurrency: &Arc<Semaphore>,
+    concurrency: &Arc<Permits>,
     tasks: &mut JoinSet<()>,
     deliveries: Vec<Delivery>,
 ) {
@@ -388,7 +391,7 @@ fn dispatch(
         let concurrency = concurrency.clone();
         tasks.spawn(async move {
             // Permits are handed out first come, first served: sends keep partition order.
-            let _permit = concurrency.acquire_owned().await.expect("semaphore open");
+            let _permit = concurrency.acquire(&delivery).await;
             stages.deliver(delivery).await;
         });
     }

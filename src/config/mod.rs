@@ -179,6 +179,10 @@ pub struct SinkConfig {
     /// Requests in flight at once.
     #[serde(default = "defaults::concurrency")]
     pub concurrency: usize,
+    /// Of those, at most this many for one contract (default: a quarter, at least 1), so that a
+    /// contract whose requests keep failing cannot hold every permit while it retries.
+    #[serde(default)]
+    pub concurrency_per_contract: Option<usize>,
     #[serde(default = "defaults::request_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,
     /// Entries in the external-id → contract-id cache.
@@ -190,6 +194,15 @@ pub struct SinkConfig {
     /// billwerk pre-aggregation (opt-in).
     #[serde(default)]
     pub aggregate: AggregateConfig,
+}
+
+impl SinkConfig {
+    /// `concurrency_per_contract`, or its default: a quarter of `concurrency`, at least 1.
+    pub fn contract_concurrency(&self) -> usize {
+        self.concurrency_per_contract
+            .unwrap_or(self.concurrency / 4)
+            .clamp(1, self.concurrency.max(1))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

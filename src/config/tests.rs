@@ -518,6 +518,11 @@ fn sink_rules() {
     );
     assert_problem(|c| c.sink.concurrency = 1025, "sink.concurrency", &["1025"]);
     assert_problem(
+        |c| c.sink.concurrency_per_contract = Some(0),
+        "sink.concurrency_per_contract",
+        &["1 to sink.concurrency"],
+    );
+    assert_problem(
         |c| c.sink.request_timeout = Duration::ZERO,
         "sink.request_timeout",
         &["is 0"],

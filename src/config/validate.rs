@@ -361,6 +361,17 @@ fn sink(config: &Config, p: &mut Problems) {
             format!("{} is out of range: expected 1 to 1024", s.concurrency),
         );
     }
+    if let Some(per) = s.concurrency_per_contract {
+        if per == 0 || per > s.concurrency {
+            p.add(
+                "sink.concurrency_per_contract",
+                format!(
+                    "{per} is out of range: expected 1 to sink.concurrency ({}), or remove the key for a quarter of it",
+                    s.concurrency
+                ),
+            );
+        }
+    }
     if s.request_timeout.is_zero() {
         p.add(
             "sink.request_timeout",

@@ -60,6 +60,9 @@ pub enum RetryCause {
     Timeout,
     Connection,
     Unauthorized,
+    /// 403 with credentials that work elsewhere: about this request (a contract our account
+    /// may not touch), so only this delivery backs off.
+    Forbidden,
     Conflict,
 }
 
@@ -71,6 +74,7 @@ impl RetryCause {
             RetryCause::Timeout => "timeout",
             RetryCause::Connection => "connection",
             RetryCause::Unauthorized => "unauthorized",
+            RetryCause::Forbidden => "forbidden",
             RetryCause::Conflict => "conflict",
         }
     }
@@ -126,6 +130,7 @@ pub trait Sink: Send + Sync + 'static {
 pub mod billingrails;
 pub mod billwerk;
 pub(crate) mod http;
+pub mod permits;
 pub mod ratelimit;
 pub mod retry;
 pub mod runner;

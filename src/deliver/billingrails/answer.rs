@@ -91,7 +91,8 @@ pub fn classify(status: StatusCode, body: &str) -> Answer {
     match status.as_u16() {
         // API keys cannot be refreshed: every sender pauses (the runner's answer to
         // Unauthorized) until the key is fixed.
-        401 | 403 => retry(RetryCause::Unauthorized, false),
+        401 => retry(RetryCause::Unauthorized, false),
+        403 => retry(RetryCause::Forbidden, false),
         // A 404 cannot be about an event: the base URL or a path is wrong. Dead-lettering every
         // event for it would empty the topic into the DLQ; waiting keeps them in order.
         404 => Answer::Retry(Attempt::Retry {
@@ -287,6 +288,7 @@ mod tests {
         assert_eq!(kind(422), "refused");
         assert_eq!(kind(413), "refused");
         assert_eq!(kind(401), "unauthorized");
+        assert_eq!(kind(403), "forbidden");
         assert_eq!(kind(404), "server_error");
         assert_eq!(kind(409), "conflict?");
         assert_eq!(kind(429), "throttled");

@@ -359,8 +359,13 @@ pub(crate) fn classify_failure(status: StatusCode, body: &str) -> Attempt {
             outcome_unknown: false,
             detail,
         },
-        401 | 403 => Attempt::Retry {
+        401 => Attempt::Retry {
             cause: RetryCause::Unauthorized,
+            outcome_unknown: false,
+            detail,
+        },
+        403 => Attempt::Retry {
+            cause: RetryCause::Forbidden,
             outcome_unknown: false,
             detail,
         },
@@ -431,6 +436,7 @@ mod tests {
         assert_eq!(retry(500), Some((RetryCause::ServerError, true)));
         assert_eq!(retry(503), Some((RetryCause::ServerError, true)));
         assert_eq!(retry(401), Some((RetryCause::Unauthorized, false)));
+        assert_eq!(retry(403), Some((RetryCause::Forbidden, false)));
         for permanent in [400, 404, 422] {
             assert_eq!(retry(permanent), None, "{permanent} must dead-letter");
         }
