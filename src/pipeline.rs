@@ -159,6 +159,7 @@ pub async fn run(
         stats.readiness.clone(),
         source_handle.clone(),
         ProviderProbe::new(&config.sink)?,
+        config.kafka.stuck_after,
     );
 
     // A closed 429 gate pauses the partitions instead of buffering.
