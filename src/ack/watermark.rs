@@ -56,6 +56,8 @@ pub struct ContiguousWatermark {
     awaiting_start: Option<(i64, Instant)>,
     /// The position last handed out by [`ContiguousWatermark::advance`].
     stored: Option<i64>,
+    /// When a new offset was last tracked.
+    last_read: Option<Instant>,
 }
 
 impl ContiguousWatermark {
@@ -75,6 +77,14 @@ impl ContiguousWatermark {
     /// Records that `offset` was read at `now`. Offsets normally arrive in increasing order; an
     /// offset past the next one leaves a gap, an earlier one fills a gap or is a duplicate.
     pub fn track(&mut self, offset: i64, now: Instant) -> Tracked {
+        let tracked = self.track_inner(offset, now);
+        if tracked != Tracked::Duplicate {
+            self.last_read = Some(now);
+        }
+        tracked
+    }
+
+    fn track_inner(&mut self, offset: i64, now: Instant) -> Tracked {
         let Some(next) = self.next_unread else {
             self.next_unread = Some(offset.saturating_add(1));
             self.pending.insert(offset, now);
@@ -232,6 +242,12 @@ impl ContiguousWatermark {
 
     pub fn pending_count(&self) -> usize {
         self.pending.len()
+    }
+
+    /// One past the highest offset read, and when an offset was last read (`None` before the
+    /// first read).
+    pub fn read_up_to(&self) -> Option<(i64, Instant)> {
+        self.next_unread.zip(self.last_read)
     }
 
     /// Since when the oldest unsettled thing — a pending event, an unverified gap, an unknown

@@ -43,6 +43,11 @@ use crate::event::RawMessage;
 
 /// How long one re-read may take before the attempt counts as failed.
 const REREAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a re-read waits for its first record. A broker holding records from the anchor on
+/// answers within a fetch; one that skipped to a batch that does not exist yet never does.
+const FIRST_RECORD_WAIT: Duration = Duration::from_secs(1);
+/// A tail re-read ends when no further record came for this long.
+const TAIL_QUIET: Duration = Duration::from_millis(500);
 /// Fetches per verification before giving up for now (each moves the anchor back).
 const MAX_ANCHORS: usize = 40;
 /// Broker look-ups (committed offset, watermarks).
@@ -52,6 +57,12 @@ const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
 /// How often the lag and age gauges are refreshed.
 const REPORT_EVERY: Duration = Duration::from_secs(5);
+/// A partition that is neither paused nor read from for this long while the broker has records
+/// past what was read is re-read from there: a fetch answered with "the next batch" when there
+/// is none yet returns nothing, and the records of the last batch would wait unseen.
+const STALLED_AFTER: Duration = Duration::from_secs(2);
+/// Records one such re-read hands over at most (the in-flight budget is the consumer's).
+const TAIL_MAX_RECORDS: usize = 5_000;
 
 /// What a verification concluded about one gap.
 #[derive(Debug, Default)]
@@ -78,8 +89,13 @@ pub(crate) struct GapMonitor {
     reset_to_earliest: bool,
     /// Per partition: the gap being retried, how often it failed, and when to try again.
     retries: HashMap<(String, i32), Retry>,
+    /// Per partition: the stalled read last checked, so that each position is checked once.
+    tails: HashMap<(String, i32), TailCheck>,
     last_report: Option<Instant>,
 }
+
+/// (generation, read up to) of the last stalled-read check.
+type TailCheck = (u64, i64);
 
 #[derive(Debug, Clone)]
 struct Retry {
@@ -109,8 +125,9 @@ impl GapMonitor {
             .set("group.id", format!("{group_id}.gap-check"))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "true")
+            .set("enable.partition.eof", "false")
             .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "100")
             .set_log_level(RDKafkaLogLevel::Warning);
         config.remove("group.instance.id");
         let reset_to_earliest = !properties.iter().any(|(k, v)| {
@@ -124,6 +141,7 @@ impl GapMonitor {
             verifier: None,
             reset_to_earliest,
             retries: HashMap::new(),
+            tails: HashMap::new(),
             last_report: None,
         }
     }
@@ -134,6 +152,7 @@ impl GapMonitor {
             let _ = wake.recv_timeout(Duration::from_millis(250));
             self.learn_starts();
             self.verify_due_gaps();
+            self.read_stalled_tails();
             if self.last_report.is_none_or(|t| t.elapsed() >= REPORT_EVERY) {
                 self.last_report = Some(Instant::now());
                 self.report();
@@ -219,7 +238,7 @@ impl GapMonitor {
                     continue;
                 }
             }
-            match self.verify(&topic, partition, generation, gap) {
+            match self.verify(&topic, partition, generation, gap.start..gap.end, false) {
                 Ok(verified) => {
                     self.retries.remove(&key);
                     metrics::gauge!("meterflow_offset_gap_unverified", "topic" => topic.clone(), "partition" => partition.to_string())
@@ -262,26 +281,108 @@ impl GapMonitor {
         }
     }
 
-    /// Re-reads the gap from a trusted anchor (see the module comment).
+    /// Partitions that are not paused and read nothing for [`STALLED_AFTER`] while the broker
+    /// holds records past the last one read: re-read from there (from a trusted anchor, like a
+    /// gap) and hand the records over. With a consumer that is merely slow the re-read only
+    /// finds records the consumer then reads too: the watermark drops those duplicates.
+    fn read_stalled_tails(&mut self) {
+        let now_ms = self.shared.millis_now();
+        let polled = self.shared.polled_at_ms.load(Ordering::Acquire);
+        // Paused (in-flight budget, 429 gate) or blocked handing messages over: not stalled.
+        if self.shared.paused.load(Ordering::Acquire) || now_ms.saturating_sub(polled) > 500 {
+            tracing::trace!(
+                paused = self.shared.paused.load(Ordering::Acquire),
+                in_flight = self.shared.in_flight.load(Ordering::Acquire),
+                since_poll_ms = now_ms.saturating_sub(polled),
+                "stalled-read check skipped"
+            );
+            return;
+        }
+        let resumed_ms = self.shared.resumed_at_ms.load(Ordering::Acquire);
+        let resumed = self.shared.epoch + Duration::from_millis(resumed_ms);
+        let now = Instant::now();
+        let idle: Vec<((String, i32), u64, i64)> = {
+            let w = self.shared.watermarks.lock().unwrap();
+            w.iter_generations()
+                .filter_map(|(k, g, w)| {
+                    let (next, last_read) = w.read_up_to()?;
+                    let quiet_since = last_read.max(resumed);
+                    (now.saturating_duration_since(quiet_since) >= STALLED_AFTER)
+                        .then(|| (k.clone(), g, next))
+                })
+                .collect()
+        };
+        for ((topic, partition), generation, next) in idle {
+            if self.shared.shutdown.load(Ordering::Acquire) {
+                return;
+            }
+            // Once per position: a caught-up partition costs one fetch per quiet spell. (Not
+            // gated on the high watermark: Tansu's memory storage reports the last batch's base
+            // offset + 1 there, below records it serves.)
+            let key = (topic.clone(), partition);
+            if self.tails.get(&key) == Some(&(generation, next)) {
+                continue;
+            }
+            self.tails.insert(key, (generation, next));
+            match self.verify(&topic, partition, generation, next..i64::MAX, true) {
+                Ok(verified) if !verified.recovered.is_empty() => {
+                    tracing::info!(
+                        topic,
+                        partition,
+                        read_up_to = next,
+                        recovered = verified.recovered.len(),
+                        "the read stalled before records the broker holds; re-read them"
+                    );
+                    let gap = Gap {
+                        start: next,
+                        end: next,
+                        since: now,
+                    };
+                    self.apply(&topic, partition, generation, gap, verified);
+                }
+                Ok(v) => {
+                    tracing::trace!(
+                        topic,
+                        partition,
+                        next,
+                        fetches = v.fetches,
+                        "stalled-read check found nothing"
+                    )
+                }
+                Err(why) => {
+                    // Checked again once the position moves or the next quiet spell after it.
+                    self.tails.remove(&(topic.clone(), partition));
+                    tracing::debug!(topic, partition, reason = %why, "stalled-read check failed")
+                }
+            }
+        }
+    }
+
+    /// Re-reads `range` from a trusted anchor (see the module comment). For a gap, `range.end`
+    /// is the record read after the jump, and every offset of the range is either returned or
+    /// found absent. For a stalled read (`tail`), `range.end` is the high watermark: the records
+    /// up to it (at most [`TAIL_MAX_RECORDS`]) are returned and nothing is concluded about the
+    /// others.
     fn verify(
         &mut self,
         topic: &str,
         partition: i32,
         generation: u64,
-        gap: Gap,
+        range: Range<i64>,
+        tail: bool,
     ) -> Result<Verified, String> {
         let (low, _) = self
             .consumer
             .fetch_watermarks(topic, partition, LOOKUP_TIMEOUT)
             .map_err(|e| format!("cannot read the partition's watermarks: {e}"))?;
         let mut verified = Verified::default();
-        let mut start = gap.start;
-        if start < low {
-            let below = start..low.min(gap.end);
+        let mut start = range.start;
+        if start < low && !tail {
+            let below = start..low.min(range.end);
             start = below.end;
             verified.below_log_start = Some(below);
         }
-        if start >= gap.end {
+        if start >= range.end {
             return Ok(verified);
         }
         let mut anchor = (start - 1).max(low);
@@ -300,16 +401,29 @@ impl GapMonitor {
                 generation,
                 anchor,
                 anchor == low,
-                start..gap.end,
+                start..range.end,
+                tail,
             )?;
-            let Some(first) = read.first else {
-                return Err(format!("a re-read from offset {anchor} returned no record"));
+            // No record at all: the broker holds nothing from the anchor on (then the anchor,
+            // a record read before, is gone: trusted only at the log start), or it skipped to a
+            // next batch that does not exist yet (Tansu): move back like for a skip.
+            let first = match read.first {
+                Some(first) => first,
+                None if anchor == low && tail => return Ok(verified),
+                None if anchor == low => {
+                    return Err(format!("a re-read from offset {anchor} returned no record"))
+                }
+                None => i64::MAX,
             };
             if first == anchor || (anchor == low && first >= low) {
+                if tail {
+                    verified.recovered = read.records;
+                    return Ok(verified);
+                }
                 if !read.reached_end {
                     return Err(format!(
                         "a re-read from offset {anchor} ended before offset {}",
-                        gap.end
+                        range.end
                     ));
                 }
                 let mut next = start;
@@ -320,18 +434,18 @@ impl GapMonitor {
                     }
                     next = o + 1;
                 }
-                if next < gap.end {
-                    verified.absent.push(next..gap.end);
+                if next < range.end {
+                    verified.absent.push(next..range.end);
                 }
                 verified.recovered = read.records;
                 return Ok(verified);
             }
             // The broker did not answer from the anchor: it skipped it too.
             anchor = if first < start && !tried.contains(&first) {
-                // A record it does hold before the gap: ask from there.
+                // A record it does hold before the range: ask from there.
                 first
             } else {
-                let back = (start - lowest_tried).saturating_mul(2).max(2);
+                let back = (start - lowest_tried).saturating_mul(4).max(2);
                 (start.saturating_sub(back)).max(low)
             };
             if tried.contains(&anchor) {
@@ -344,9 +458,10 @@ impl GapMonitor {
         ))
     }
 
-    /// Reads from `anchor` until the record at or after `gap.end`. Stops after the first
-    /// record when that is not the anchor and the anchor is not the log start (the caller then
-    /// moves the anchor).
+    /// Reads from `anchor` until the record at or after `range.end` (a tail read: until the
+    /// end of the log, or [`TAIL_MAX_RECORDS`]). Stops after the first record when that is not
+    /// the anchor and the anchor is not the log start (the caller then moves the anchor).
+    #[allow(clippy::too_many_arguments)]
     fn reread(
         &mut self,
         topic: &str,
@@ -354,7 +469,8 @@ impl GapMonitor {
         generation: u64,
         anchor: i64,
         at_log_start: bool,
-        gap: Range<i64>,
+        range: Range<i64>,
+        tail: bool,
     ) -> Result<ReRead, String> {
         if self.verifier.is_none() {
             let consumer: BaseConsumer = self
@@ -372,13 +488,26 @@ impl GapMonitor {
         verifier
             .assign(&tpl)
             .map_err(|e| format!("cannot assign the re-read consumer: {e}"))?;
-        let deadline = Instant::now() + REREAD_TIMEOUT;
+        let started = Instant::now();
+        let deadline = started + REREAD_TIMEOUT;
         let mut read = ReRead::default();
+        let mut last_record = started;
         let result = loop {
+            if read.first.is_none() && started.elapsed() >= FIRST_RECORD_WAIT {
+                // Nothing from the anchor on: the caller decides what that means.
+                break Ok(());
+            }
+            if tail && read.first.is_some() && last_record.elapsed() >= TAIL_QUIET {
+                // A tail read ends where the broker has nothing more for now.
+                break Ok(());
+            }
             if Instant::now() >= deadline {
+                if tail {
+                    break Ok(());
+                }
                 break Err(format!(
                     "a re-read from offset {anchor} did not reach offset {} within {} s",
-                    gap.end,
+                    range.end,
                     REREAD_TIMEOUT.as_secs()
                 ));
             }
@@ -388,8 +517,9 @@ impl GapMonitor {
             match verifier.poll(Duration::from_millis(100)) {
                 None => {}
                 Some(Err(KafkaError::PartitionEOF(p))) if p == partition => {
-                    // The log ends before the record after the gap, which was read: something
-                    // is wrong (truncation?). Not a confirmation.
+                    // For a gap the log ends before the record read after it: something is
+                    // wrong (truncation?), not a confirmation. For a tail, the end.
+                    read.reached_end = tail;
                     break Ok(());
                 }
                 Some(Err(e)) => {
@@ -401,6 +531,7 @@ impl GapMonitor {
                         continue;
                     }
                     let o = m.offset();
+                    last_record = Instant::now();
                     if read.first.is_none() {
                         read.first = Some(o);
                         if o != anchor && !at_log_start {
@@ -408,12 +539,15 @@ impl GapMonitor {
                             break Ok(());
                         }
                     }
-                    if o >= gap.end {
+                    if o >= range.end {
                         read.reached_end = true;
                         break Ok(());
                     }
-                    if o >= gap.start {
+                    if o >= range.start {
                         read.records.push(raw_message(&m, generation));
+                        if tail && read.records.len() >= TAIL_MAX_RECORDS {
+                            break Ok(());
+                        }
                     }
                 }
             }
@@ -438,7 +572,9 @@ impl GapMonitor {
             };
             let now = Instant::now();
             for m in v.recovered {
-                if mark.track(m.source.offset, now) == Tracked::Filled {
+                // Filled for a gap; in order for a stalled read; a duplicate if the consumer
+                // read it meanwhile.
+                if mark.track(m.source.offset, now) != Tracked::Duplicate {
                     to_send.push(m);
                 }
             }

@@ -36,6 +36,12 @@ pub(crate) struct Shared {
     pub(crate) in_flight: AtomicUsize,
     /// While true (the sink-wide 429 gate is closed), partitions stay paused.
     pub(crate) hold: AtomicBool,
+    /// The consumer loop's state, for the stalled-read check (`gaps.rs`): whether its
+    /// partitions are paused, and milliseconds after `epoch` of its last poll and last resume.
+    pub(crate) paused: AtomicBool,
+    pub(crate) polled_at_ms: AtomicU64,
+    pub(crate) resumed_at_ms: AtomicU64,
+    pub(crate) epoch: Instant,
     pub(crate) shutdown: AtomicBool,
     generation: AtomicU64,
     drain_timeout: Duration,
@@ -44,6 +50,9 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    pub(crate) fn millis_now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
     fn wait_drained(&self, partitions: &[(String, i32)], deadline: Instant) -> usize {
         loop {
             let pending: usize = {
@@ -189,6 +198,10 @@ impl KafkaSource {
             watermarks: Mutex::new(Watermarks::new()),
             in_flight: AtomicUsize::new(0),
             hold: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            polled_at_ms: AtomicU64::new(0),
+            resumed_at_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
             shutdown: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             drain_timeout: options.drain_timeout,
@@ -368,10 +381,19 @@ fn consume_loop(
             paused = set_paused(&consumer, true);
         } else if paused && in_flight <= resume_below && !hold {
             paused = !set_paused(&consumer, false);
+            if !paused {
+                shared
+                    .resumed_at_ms
+                    .store(shared.millis_now(), Ordering::Release);
+            }
         } else if paused {
             // Partitions assigned while paused start paused too.
             set_paused(&consumer, true);
         }
+        shared.paused.store(paused, Ordering::Release);
+        shared
+            .polled_at_ms
+            .store(shared.millis_now(), Ordering::Release);
         match consumer.poll(Duration::from_millis(50)) {
             None => {}
             Some(Err(e)) => {
