@@ -316,14 +316,24 @@ impl GapMonitor {
             if self.shared.shutdown.load(Ordering::Acquire) {
                 return;
             }
-            // Once per position: a caught-up partition costs one fetch per quiet spell. (Not
-            // gated on the high watermark: Tansu's memory storage reports the last batch's base
-            // offset + 1 there, below records it serves.)
+            // Once per position: a caught-up partition costs one watermark look-up per quiet
+            // spell.
             let key = (topic.clone(), partition);
             if self.tails.get(&key) == Some(&(generation, next)) {
                 continue;
             }
             self.tails.insert(key, (generation, next));
+            // Caught up by the broker's own account: nothing to re-read. (A high watermark
+            // below what was read is not consistent: Tansu's memory storage reports the last
+            // batch's base offset + 1 there, below records it serves. Re-read then too.)
+            if let Ok((_, high)) =
+                self.consumer
+                    .fetch_watermarks(&topic, partition, Duration::from_millis(500))
+            {
+                if high == next {
+                    continue;
+                }
+            }
             match self.verify(&topic, partition, generation, next..i64::MAX, true) {
                 Ok(verified) if !verified.recovered.is_empty() => {
                     tracing::info!(
