@@ -87,7 +87,9 @@ async fn backlog(n: usize, max_in_flight: Option<usize>, limit: Duration) {
         common::billwerk_config(&brokers, group, topic, dlq, &emulator.base_url(), &ledger)
             .replace(
                 "max_wait = \"20ms\"",
-                &format!("max_wait = \"20ms\"\nmax_in_flight = {max_in_flight}"),
+                &max_in_flight.map_or("max_wait = \"20ms\"".to_string(), |m| {
+                    format!("max_wait = \"20ms\"\nmax_in_flight = {m}")
+                }),
             );
     let config = Config::from_toml_str(&config).unwrap();
     let stats = Arc::new(RunStats::default());
