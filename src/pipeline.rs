@@ -224,6 +224,7 @@ pub async fn run(
         stats.readiness.clone(),
         source_handle.clone(),
         ProviderProbe::new(&config.sink)?,
+        config.kafka.stuck_after,
     );
 
     // A closed 429 gate pauses the partitions instead of buffering.
@@ -349,21 +350,13 @@ async fn open_ledger(config: &Config) -> anyhow::Result<Option<Ledger>> {
     let store = LedgerStore::connect(url)
         .await
         .map_err(|e| anyhow::anyhow!("ledger.url: cannot open the delivery ledger: {e}"))?;
-    let retention = config.ledger.retention;
-    let pruner = store.clone();
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(3600));
-        loop {
-            every.tick().await;
-            match pruner.prune(retention).await {
-                Ok(n) if n > 0 => {
-                    tracing::info!(pruned = n, "ledger entries past retention removed")
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "ledger pruning failed"),
-            }
-        }
-    });
+    // Pruned hourly, never past what the group has committed (`ack/retention.rs`).
+    crate::ack::retention::spawn_pruner(
+        store.clone(),
+        config.ledger.retention,
+        crate::ack::retention::KafkaGroupOffsets::new(&config.kafka)?,
+        Duration::from_secs(3600),
+    );
     Ok(Some(Ledger::start(store, lease)))
 }
 

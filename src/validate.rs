@@ -6,6 +6,8 @@
 //! configured `kafka.properties`, so TLS/SASL are exercised), checks that every input topic and
 //! the dead-letter topic exist, and that the provider answers: billwerk must grant a token for
 //! the configured credentials; Billingrails must answer HTTP at all. Secrets are never printed.
+//! It also warns (without failing) when an input topic keeps events longer than the delivery
+//! ledger keeps its entries (`retention.ms` > `ledger.retention`).
 
 use std::path::Path;
 use std::time::Duration;
@@ -43,12 +45,17 @@ impl Verdict {
 pub struct Report {
     pub verdict: Verdict,
     pub lines: Vec<String>,
+    /// `warning: KEY: MESSAGE` lines: worth fixing, but the config works (printed to stderr).
+    pub warnings: Vec<String>,
 }
 
 /// Runs the command with the process environment: prints the report (problems to stderr) and
 /// returns the exit code.
 pub async fn run(path: &Path, connect: bool) -> i32 {
     let report = check(path, connect, &|name| std::env::var(name).ok()).await;
+    for line in &report.warnings {
+        eprintln!("{line}");
+    }
     for line in &report.lines {
         if report.verdict == Verdict::Valid {
             println!("{line}");
@@ -67,25 +74,37 @@ pub async fn check(path: &Path, connect: bool, env: EnvLookup<'_>) -> Report {
             return Report {
                 verdict: Verdict::Unreadable,
                 lines: vec![format!("error: cannot read config file {path}: {source}")],
+                warnings: Vec::new(),
             }
         }
         Err(ConfigError::Invalid(problems)) => {
             return Report {
                 verdict: Verdict::Invalid,
                 lines: problems.iter().map(|p| format!("error: {p}")).collect(),
+                warnings: Vec::new(),
             }
         }
     };
+    let mut warnings = Vec::new();
     if connect {
         let problems = check_connectivity(&config).await;
         if !problems.is_empty() {
             return Report {
                 verdict: Verdict::Invalid,
                 lines: problems.iter().map(|p| format!("error: {p}")).collect(),
+                warnings,
             };
         }
+        let retention_config = config.clone();
+        warnings = tokio::task::spawn_blocking(move || retention_warnings(&retention_config))
+            .await
+            .unwrap_or_default()
+            .iter()
+            .map(|p| format!("warning: {p}"))
+            .collect();
     }
     Report {
+        warnings,
         verdict: Verdict::Valid,
         lines: vec![format!(
             "config OK{}: {}",
@@ -220,6 +239,104 @@ fn check_kafka(config: &Config) -> Vec<ConfigProblem> {
         ));
     }
     problems
+}
+
+/// Input topics that keep events longer than the ledger keeps its entries: a group offset reset
+/// (or a new group) could re-read events whose entries were pruned, and bill them again.
+pub fn retention_warnings(config: &Config) -> Vec<ConfigProblem> {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    let url = config.ledger.url.trim();
+    if url.is_empty() || url == "none" {
+        return Vec::new();
+    }
+    let ledger = config.ledger.retention;
+    let mut client = ClientConfig::new();
+    for (name, value) in &config.kafka.properties {
+        client.set(name, value);
+    }
+    client
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set("log_level", "0");
+    let problem = |i: usize, message: String| ConfigProblem {
+        key: format!("kafka.topics[{i}]"),
+        message,
+    };
+    let admin: AdminClient<DefaultClientContext> = match client.create() {
+        Ok(a) => a,
+        Err(e) => {
+            return vec![problem(
+                0,
+                format!("cannot ask the brokers for retention.ms ({e}): check by hand that it is not longer than ledger.retention"),
+            )]
+        }
+    };
+    let topics: Vec<(usize, &String)> = config
+        .kafka
+        .topics
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| !t.starts_with('^'))
+        .collect();
+    let specifiers: Vec<ResourceSpecifier<'_>> = topics
+        .iter()
+        .map(|(_, t)| ResourceSpecifier::Topic(t.as_str()))
+        .collect();
+    let options = AdminOptions::new().request_timeout(Some(CONNECT_TIMEOUT));
+    let results = match futures::executor::block_on(admin.describe_configs(&specifiers, &options))
+    {
+        Ok(r) => r,
+        Err(e) => {
+            return vec![problem(
+                0,
+                format!("the brokers did not describe the topics' configuration ({e}): check by hand that retention.ms is not longer than ledger.retention ({})", days(ledger)),
+            )]
+        }
+    };
+    let mut warnings = Vec::new();
+    for ((i, topic), result) in topics.iter().zip(results) {
+        let value = result
+            .ok()
+            .and_then(|r| r.get("retention.ms").and_then(|e| e.value.clone()));
+        let Some(value) = value else {
+            warnings.push(problem(
+                *i,
+                format!("the brokers did not report retention.ms of {topic:?}: check by hand that it is not longer than ledger.retention ({})", days(ledger)),
+            ));
+            continue;
+        };
+        let kept = match value.trim().parse::<i64>() {
+            Ok(ms) if ms < 0 => None,
+            Ok(ms) => Some(Duration::from_millis(ms.unsigned_abs())),
+            Err(_) => continue,
+        };
+        if kept.is_none_or(|kept| kept > ledger) {
+            let kept = kept.map_or_else(
+                || "forever (retention.ms = -1)".to_string(),
+                |k| format!("for {}", days(k)),
+            );
+            warnings.push(problem(
+                *i,
+                format!(
+                    "topic {topic:?} keeps events {kept}, longer than ledger.retention ({}): \
+                     after an offset reset (or with a new group id) events older than the \
+                     ledger's entries would be read again and billed twice; raise \
+                     ledger.retention to at least the topic's retention.ms, or lower that",
+                    days(ledger)
+                ),
+            ));
+        }
+    }
+    warnings
+}
+
+/// `35d` for whole days, humantime otherwise.
+fn days(d: Duration) -> String {
+    if d.as_secs() > 0 && d.as_secs() % 86_400 == 0 && d.subsec_nanos() == 0 {
+        format!("{}d", d.as_secs() / 86_400)
+    } else {
+        humantime::format_duration(d).to_string()
+    }
 }
 
 async fn check_provider(config: &Config) -> Vec<ConfigProblem> {

@@ -427,3 +427,93 @@ async fn sigterm_during_a_blocked_start_up_exits_0() {
     );
     held.abort();
 }
+
+/// Issue 11, problem 6 ("a stalled partition is invisible"): every delivery fails (5xx,
+/// retried forever), so the partition's committed offset stays at 0 while all its events were
+/// read. The lag of the committed offset shows the whole backlog (the fetch position's lag was
+/// 0), the oldest unsettled event ages, and `/readyz` names the partition after
+/// `kafka.stuck_after`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_partition_shows_in_lag_age_and_readyz() {
+    let _ = meterflow::telemetry::metrics_handle();
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("pinned", 1, 1).unwrap();
+    cluster.create_topic("pinned-dlq", 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let emulator = billwerk::start(
+        BillwerkOptions::default().with_faults(meterflow::emulator::faults::FaultSettings {
+            fail_rate: 1.0,
+            ..Default::default()
+        }),
+        listener,
+    )
+    .await
+    .unwrap();
+    let stats = Arc::new(RunStats::default());
+    let (base, _stop) = serve(stats.readiness.clone()).await;
+    let config = common::billwerk_config(
+        &brokers,
+        "meterflow-admin-pinned-test",
+        "pinned",
+        "pinned-dlq",
+        &emulator.base_url(),
+        "none",
+    )
+    .replace(
+        "commit_interval = \"200ms\"",
+        "commit_interval = \"200ms\"\nstuck_after = \"3s\"",
+    );
+    let config = Config::from_toml_str(&config).unwrap();
+    let events: Vec<Vec<u8>> = (0..10)
+        .map(|i| {
+            serde_json::to_vec(&json!({"id": format!("pin_{i}"), "contract_id": CONTRACT,
+                "metric": "api_calls", "quantity": 1, "timestamp": "2026-11-20T10:15:00Z"}))
+            .unwrap()
+        })
+        .collect();
+    common::produce(&brokers, "pinned", 1, &events).await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(pipeline::run(config, stats.clone(), async {
+        let _ = stopped.await;
+    }));
+
+    // Every event read, none settled.
+    let read = common::wait_until(Duration::from_secs(30), || {
+        stats.consumed.load(std::sync::atomic::Ordering::Relaxed) >= 10
+    })
+    .await;
+    assert!(read, "events read");
+    let metric = |body: &str, name: &str| -> Option<f64> {
+        body.lines()
+            .find(|l| l.starts_with(name) && l.contains("topic=\"pinned\""))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    };
+    // The gauges are refreshed every 5 s; /readyz's check after 3 s.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (lag, age, ready) = loop {
+        let (_, _, body) = get(&format!("{base}/metrics")).await;
+        let lag = metric(&body, "meterflow_consumer_lag{");
+        let age = metric(&body, "meterflow_oldest_unsettled_seconds{");
+        let (status, _, ready) = get(&format!("{base}/readyz")).await;
+        if lag == Some(10.0) && age.is_some_and(|a| a >= 3.0) && status == 503 {
+            break (lag, age, ready);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lag {lag:?}, age {age:?}, readyz {status} {ready}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    eprintln!("lag {lag:?}, oldest unsettled {age:?} s, {ready}");
+    assert!(
+        ready.contains("pinned/0 pinned at offset 0 for"),
+        "/readyz names the partition: {ready}"
+    );
+    assert!(ready.contains("kafka.stuck_after = 3 s"), "{ready}");
+    assert!(emulator.records().is_empty());
+
+    stop.send(()).unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(30), run).await;
+}

@@ -1,6 +1,8 @@
 //! `meterflow validate`: exit codes and output of the real binary, and `--connect` against
 //! librdkafka's in-process mock cluster and a local HTTP token endpoint.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -240,4 +242,70 @@ async fn connect_reports_unreachable_brokers_and_provider() {
     for line in &report.lines {
         assert!(!line.contains(SECRET));
     }
+}
+
+/// Issue 11, problem 6: a topic that keeps events longer than the ledger keeps its entries is
+/// worth a warning (an offset reset would re-read events the ledger forgot). On a Tansu broker:
+/// DescribeConfigs is not in librdkafka's mock cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_warns_when_a_topic_outlives_the_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(tansu) = common::require_tansu(dir.path()) else {
+        return;
+    };
+    let brokers = tansu.brokers();
+    common::create_topics(&brokers, &[("usage-events-dlq", 1)]).await;
+    {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+            rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .create()
+                .unwrap();
+        let ninety_days = (90u64 * 86_400_000).to_string();
+        let topic = NewTopic::new("usage-events", 2, TopicReplication::Fixed(1))
+            .set("retention.ms", &ninety_days);
+        for r in admin
+            .create_topics(&[topic], &AdminOptions::new())
+            .await
+            .unwrap()
+        {
+            r.unwrap();
+        }
+    }
+    let base_url = token_server().await;
+    let path = dir.path().join("meterflow.toml");
+    let ledger = format!("sqlite://{}", dir.path().join("ledger.db").display());
+    std::fs::write(
+        &path,
+        format!(
+            "{}\n[ledger]\nurl = \"{ledger}\"\n",
+            config_text(&brokers, &base_url)
+        ),
+    )
+    .unwrap();
+    let report = check(&path, true, &env_with(SECRET)).await;
+    assert_eq!(report.verdict, Verdict::Valid, "{:#?}", report.lines);
+    assert_eq!(
+        report.warnings,
+        vec![
+            "warning: kafka.topics[0]: topic \"usage-events\" keeps events for 90d, longer than \
+             ledger.retention (35d): after an offset reset (or with a new group id) events older \
+             than the ledger's entries would be read again and billed twice; raise \
+             ledger.retention to at least the topic's retention.ms, or lower that"
+                .to_string()
+        ]
+    );
+    // A ledger that keeps its entries as long: no warning.
+    std::fs::write(
+        &path,
+        format!(
+            "{}\n[ledger]\nurl = \"{ledger}\"\nretention = \"90d\"\n",
+            config_text(&brokers, &base_url)
+        ),
+    )
+    .unwrap();
+    let report = check(&path, true, &env_with(SECRET)).await;
+    assert_eq!(report.verdict, Verdict::Valid, "{:#?}", report.lines);
+    assert!(report.warnings.is_empty(), "{:#?}", report.warnings);
 }

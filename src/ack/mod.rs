@@ -1,5 +1,7 @@
-//! Acknowledgement: the contiguous offset watermark, dead letters, and the delivery ledger.
+//! Acknowledgement: the contiguous offset watermark, dead letters, the delivery ledger and its
+//! retention.
 
 pub mod deadletter;
 pub mod ledger;
+pub mod retention;
 pub mod watermark;

@@ -1,5 +1,6 @@
-//! `/readyz`: is this process doing its job right now? Three checks — partitions assigned, the
-//! broker answered recently, the provider answered recently — plus "not shutting down".
+//! `/readyz`: is this process doing its job right now? Four checks — partitions assigned, the
+//! broker answered recently, the provider answered recently, no partition pinned for longer than
+//! `kafka.stuck_after` — plus "not shutting down".
 //!
 //! [`Readiness`] is a handful of atomics, so the hot path (every provider answer) pays one clock
 //! read and one store. [`watch`] keeps it fresh when traffic alone does not: it copies the
@@ -7,7 +8,7 @@
 //! unauthenticated `GET` to the provider's base URL when no answer was seen for a while.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -35,7 +36,25 @@ pub struct Readiness {
     broker_answered: AtomicU64,
     provider_answered: AtomicU64,
     stopping: AtomicBool,
+    /// Partitions whose committed offset is held, as last copied from the source.
+    pinned: Mutex<Vec<Pinned>>,
+    /// `kafka.stuck_after`, in milliseconds.
+    stuck_after_ms: AtomicU64,
 }
+
+/// A partition whose committed offset is held by something unsettled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pinned {
+    pub topic: String,
+    pub partition: i32,
+    /// Where its committed offset stands (`None`: its start is not known yet).
+    pub position: Option<i64>,
+    /// Since when the oldest unsettled event (or unverified offset gap) has held it.
+    pub since: Instant,
+}
+
+/// The default of `kafka.stuck_after`.
+pub const DEFAULT_STUCK_AFTER: Duration = Duration::from_secs(15 * 60);
 
 impl Default for Readiness {
     fn default() -> Self {
@@ -51,7 +70,22 @@ impl Readiness {
             broker_answered: AtomicU64::new(0),
             provider_answered: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
+            pinned: Mutex::new(Vec::new()),
+            stuck_after_ms: AtomicU64::new(DEFAULT_STUCK_AFTER.as_millis() as u64),
         }
+    }
+
+    /// How long a partition may be pinned before `/readyz` reports it (`kafka.stuck_after`).
+    pub fn set_stuck_after(&self, after: Duration) {
+        self.stuck_after_ms.store(
+            u64::try_from(after.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The partitions held right now (see [`crate::source::SourceHandle::pinned`]).
+    pub fn set_pinned(&self, pinned: Vec<Pinned>) {
+        *self.pinned.lock().unwrap() = pinned;
     }
 
     pub fn set_assigned_partitions(&self, n: usize) {
@@ -141,13 +175,58 @@ impl Readiness {
                 self.age(&self.provider_answered, now),
                 "check sink.base_url, DNS and egress",
             ),
+            progress: self.progress(now),
         };
         ReadinessReport {
             ready: checks.running.ok
                 && checks.partitions.ok
                 && checks.broker.ok
-                && checks.provider.ok,
+                && checks.provider.ok
+                && checks.progress.ok,
             checks,
+        }
+    }
+
+    /// Fails when a partition's committed offset has been held for longer than
+    /// `kafka.stuck_after`, naming each such partition.
+    fn progress(&self, now: Instant) -> Check {
+        let limit = Duration::from_millis(self.stuck_after_ms.load(Ordering::Relaxed));
+        let mut stuck: Vec<String> = self
+            .pinned
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|p| {
+                let held = now.saturating_duration_since(p.since);
+                (held > limit).then(|| {
+                    let at = p
+                        .position
+                        .map_or_else(|| "its start".to_string(), |o| format!("offset {o}"));
+                    format!(
+                        "{}/{} pinned at {at} for {} s",
+                        p.topic,
+                        p.partition,
+                        held.as_secs()
+                    )
+                })
+            })
+            .collect();
+        if stuck.is_empty() {
+            return Check {
+                ok: true,
+                detail: format!("no partition pinned for longer than {} s", limit.as_secs()),
+            };
+        }
+        stuck.sort();
+        Check {
+            ok: false,
+            detail: format!(
+                "{} (limit kafka.stuck_after = {} s): an event there is neither delivered nor \
+                 dead-lettered, or an offset gap is not verified; see the logs for that \
+                 partition and docs/operations.md#meterflowpartitionstuck",
+                stuck.join(", "),
+                limit.as_secs()
+            ),
         }
     }
 
@@ -179,6 +258,8 @@ pub struct Checks {
     pub partitions: Check,
     pub broker: Check,
     pub provider: Check,
+    /// No partition pinned for longer than `kafka.stuck_after`.
+    pub progress: Check,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -231,13 +312,20 @@ pub fn watch(
     readiness: Arc<Readiness>,
     source: SourceHandle,
     provider: ProviderProbe,
+    stuck_after: Duration,
 ) -> tokio::task::JoinHandle<()> {
+    readiness.set_stuck_after(stuck_after);
     tokio::spawn(async move {
         let partitions = async {
             let mut every = tokio::time::interval(Duration::from_millis(250));
+            let mut ticks = 0u32;
             loop {
                 every.tick().await;
                 readiness.set_assigned_partitions(source.assigned_partitions());
+                ticks = ticks.wrapping_add(1);
+                if ticks % 4 == 0 {
+                    readiness.set_pinned(source.pinned());
+                }
             }
         };
         let broker = async {
@@ -334,9 +422,49 @@ mod tests {
     fn report_serializes_as_json_with_every_check() {
         let body = serde_json::to_value(Readiness::new().report()).unwrap();
         assert_eq!(body["ready"], false);
-        for check in ["running", "partitions", "broker", "provider"] {
+        for check in ["running", "partitions", "broker", "provider", "progress"] {
             assert!(body["checks"][check]["ok"].is_boolean(), "{check}");
             assert!(body["checks"][check]["detail"].is_string(), "{check}");
         }
+    }
+
+    #[test]
+    fn a_partition_pinned_longer_than_stuck_after_is_reported() {
+        let r = Readiness::new();
+        r.set_assigned_partitions(2);
+        r.broker_answered();
+        r.provider_answered();
+        r.set_stuck_after(Duration::from_secs(10));
+        let now = Instant::now();
+        r.set_pinned(vec![
+            Pinned {
+                topic: "usage".into(),
+                partition: 1,
+                position: Some(1885),
+                since: now,
+            },
+            Pinned {
+                topic: "usage".into(),
+                partition: 0,
+                position: None,
+                since: now,
+            },
+        ]);
+        let report = r.report_at(now + Duration::from_secs(5));
+        assert!(report.ready, "pinned for 5 s of 10: {report:?}");
+        assert!(report.checks.progress.ok);
+        let report = r.report_at(now + Duration::from_secs(11));
+        assert!(!report.ready);
+        assert!(!report.checks.progress.ok);
+        assert!(report.checks.broker.ok && report.checks.provider.ok);
+        let detail = &report.checks.progress.detail;
+        assert!(
+            detail.contains("usage/1 pinned at offset 1885 for 11 s"),
+            "{detail}"
+        );
+        assert!(detail.contains("usage/0 pinned at its start"), "{detail}");
+        assert!(detail.contains("kafka.stuck_after = 10 s"), "{detail}");
+        r.set_pinned(Vec::new());
+        assert!(r.report_at(now + Duration::from_secs(11)).ready);
     }
 }

@@ -64,6 +64,9 @@ pub struct KafkaConfig {
     /// Commit stored offsets this often (librdkafka `auto.commit.interval.ms`).
     #[serde(default = "defaults::commit_interval", with = "humantime_serde")]
     pub commit_interval: Duration,
+    /// `/readyz` fails when a partition's committed offset has been held this long.
+    #[serde(default = "defaults::stuck_after", with = "humantime_serde")]
+    pub stuck_after: Duration,
     /// Pass-through librdkafka properties (TLS, SASL, fetch tuning). Values may use `${ENV}`.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
@@ -85,6 +88,7 @@ impl std::fmt::Debug for KafkaConfig {
             .field("session_timeout", &self.session_timeout)
             .field("drain_timeout", &self.drain_timeout)
             .field("commit_interval", &self.commit_interval)
+            .field("stuck_after", &self.stuck_after)
             .field("properties", &properties)
             .finish()
     }
@@ -334,7 +338,8 @@ pub struct OverrideRule {
 pub struct LedgerConfig {
     /// `sqlite://PATH` (default) or `postgres://...` for several replicas; `none` disables it.
     pub url: String,
-    /// How long delivered entries are kept.
+    /// How long delivered entries are kept at least (pruning also waits until every partition's
+    /// committed offset is past what they cover; docs/delivery-semantics.md).
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
 }
@@ -371,7 +376,8 @@ impl Default for LedgerConfig {
     fn default() -> Self {
         LedgerConfig {
             url: "sqlite://meterflow-ledger.db".into(),
-            retention: Duration::from_secs(7 * 24 * 3600),
+            // Beyond the longest dedupe windows in the industry (Metronome 34 d, m3ter 35 d).
+            retention: Duration::from_secs(35 * 24 * 3600),
         }
     }
 }
@@ -429,6 +435,9 @@ mod defaults {
     }
     pub fn commit_interval() -> Duration {
         Duration::from_secs(1)
+    }
+    pub fn stuck_after() -> Duration {
+        crate::admin::readiness::DEFAULT_STUCK_AFTER
     }
     pub fn concurrency() -> usize {
         32

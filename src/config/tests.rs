@@ -138,6 +138,7 @@ fn the_full_example_sets_every_key() {
         "session_timeout",
         "drain_timeout",
         "commit_interval",
+        "stuck_after",
         "[kafka.properties]",
         "[input]",
         "contract_external_id",
@@ -410,6 +411,11 @@ fn kafka_rules() {
         |c| c.kafka.commit_interval = Duration::ZERO,
         "kafka.commit_interval",
         &["is 0"],
+    );
+    assert_problem(
+        |c| c.kafka.stuck_after = Duration::from_millis(500),
+        "kafka.stuck_after",
+        &["500ms", "not longer than kafka.commit_interval (1s)"],
     );
     assert_problem(
         |c| {

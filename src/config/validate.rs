@@ -160,6 +160,17 @@ fn kafka(config: &Config, p: &mut Problems) {
             "is 0: expected a positive interval like \"1s\"",
         );
     }
+    if k.stuck_after <= k.commit_interval {
+        p.add(
+            "kafka.stuck_after",
+            format!(
+                "{} is not longer than kafka.commit_interval ({}): every partition would count \
+                 as stuck between two commits; expected a duration like \"15m\"",
+                human(k.stuck_after),
+                human(k.commit_interval)
+            ),
+        );
+    }
     for (name, why) in MANAGED_PROPERTIES {
         if k.properties.contains_key(*name) {
             let mut key = "kafka.properties".to_string();
@@ -480,7 +491,7 @@ fn ledger_admin_log(config: &Config, p: &mut Problems) {
     if config.ledger.retention.is_zero() {
         p.add(
             "ledger.retention",
-            "is 0: expected how long delivered entries are kept, e.g. \"7d\"",
+            "is 0: expected how long delivered entries are kept, e.g. \"35d\"",
         );
     }
     let listen = config.admin.listen.as_str();

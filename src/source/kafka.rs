@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
-use crate::ack::watermark::Watermarks;
+use crate::ack::watermark::{Tracked, Watermarks};
 use crate::event::{RawMessage, SourceRef};
 
 /// What the source needs to know beyond the librdkafka properties.
@@ -36,6 +36,12 @@ pub(crate) struct Shared {
     pub(crate) in_flight: AtomicUsize,
     /// While true (the sink-wide 429 gate is closed), partitions stay paused.
     pub(crate) hold: AtomicBool,
+    /// The consumer loop's state, for the stalled-read check (`gaps.rs`): whether its
+    /// partitions are paused, and milliseconds after `epoch` of its last poll and last resume.
+    pub(crate) paused: AtomicBool,
+    pub(crate) polled_at_ms: AtomicU64,
+    pub(crate) resumed_at_ms: AtomicU64,
+    pub(crate) epoch: Instant,
     pub(crate) shutdown: AtomicBool,
     generation: AtomicU64,
     drain_timeout: Duration,
@@ -46,6 +52,9 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    pub(crate) fn millis_now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
     fn wait_drained(&self, partitions: &[(String, i32)], deadline: Instant) -> usize {
         loop {
             let pending: usize = {
@@ -77,6 +86,12 @@ impl ClientContext for SourceContext {
             }
             RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", fac, "{log_message}"),
         }
+    }
+
+    /// Client-wide errors (all brokers down, authentication, ...): counted, then logged.
+    fn error(&self, error: KafkaError, reason: &str) {
+        count_consumer_error(&error);
+        tracing::error!(target: "librdkafka", error = %error, "{reason}");
     }
 }
 
@@ -134,6 +149,15 @@ impl SourceContext {
                     }
                 }
                 assigned.remove(&(topic.clone(), *partition));
+                // The next owner reports this partition now; a stale value here would alert.
+                for gauge in [
+                    "meterflow_consumer_lag",
+                    "meterflow_oldest_unsettled_seconds",
+                    "meterflow_offset_gap_unverified",
+                ] {
+                    metrics::gauge!(gauge, "topic" => topic.clone(), "partition" => partition.to_string())
+                        .set(0.0);
+                }
             }
             metrics::gauge!("meterflow_assigned_partitions").set(assigned.len() as f64);
         }
@@ -158,6 +182,8 @@ pub type SourceConsumer = BaseConsumer<SourceContext>;
 /// A running Kafka source.
 pub struct KafkaSource {
     thread: Option<JoinHandle<()>>,
+    /// Start positions, offset-gap verification and the progress gauges (`gaps.rs`).
+    monitor: Option<JoinHandle<()>>,
     handle: SourceHandle,
 }
 
@@ -177,6 +203,10 @@ impl KafkaSource {
             watermarks: Mutex::new(Watermarks::new()),
             in_flight: AtomicUsize::new(0),
             hold: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            polled_at_ms: AtomicU64::new(0),
+            resumed_at_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
             shutdown: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             drain_timeout: options.drain_timeout,
@@ -219,13 +249,27 @@ impl KafkaSource {
             consumer: consumer.clone(),
         };
         let max_in_flight = options.max_in_flight.max(1);
+        let monitor = super::gaps::GapMonitor::new(
+            consumer.clone(),
+            shared.clone(),
+            tx.clone(),
+            &options.brokers,
+            &options.group_id,
+            &options.properties,
+        );
+        let (wake_tx, wake_rx) = std::sync::mpsc::sync_channel(1);
+        let monitor = std::thread::Builder::new()
+            .name("kafka-offsets".into())
+            .spawn(move || monitor.run(wake_rx))
+            .map_err(|e| KafkaError::ClientCreation(format!("cannot start a thread: {e}")))?;
         let thread = std::thread::Builder::new()
             .name("kafka-source".into())
-            .spawn(move || consume_loop(consumer, shared, tx, max_in_flight))
-            .expect("spawn kafka-source thread");
+            .spawn(move || consume_loop(consumer, shared, tx, wake_tx, max_in_flight))
+            .map_err(|e| KafkaError::ClientCreation(format!("cannot start a thread: {e}")))?;
         Ok((
             KafkaSource {
                 thread: Some(thread),
+                monitor: Some(monitor),
                 handle,
             },
             rx,
@@ -239,8 +283,15 @@ impl KafkaSource {
     /// Stops fetching, waits up to the drain timeout for in-flight events to settle, commits
     /// the settled positions and leaves the group.
     pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
         self.handle.shared.shutdown.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
+        for t in [self.thread.take(), self.monitor.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = t.join();
         }
     }
@@ -248,10 +299,7 @@ impl KafkaSource {
 
 impl Drop for KafkaSource {
     fn drop(&mut self) {
-        self.handle.shared.shutdown.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.stop();
     }
 }
 
@@ -268,34 +316,25 @@ impl SourceHandle {
         };
         self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
         if let Some(position) = moved {
-            self.store(&source.topic, source.partition, position);
+            store_position(&self.consumer, &source.topic, source.partition, position);
         }
     }
 
-    fn store(&self, topic: &str, partition: i32, position: i64) {
-        let mut tpl = TopicPartitionList::new();
-        if tpl
-            .add_partition_offset(topic, partition, Offset::Offset(position))
-            .is_err()
-        {
-            return;
-        }
-        match self.consumer.store_offsets(&tpl) {
-            Ok(()) => {
-                metrics::gauge!("meterflow_committed_offset", "topic" => topic.to_string(), "partition" => partition.to_string())
-                    .set(position as f64);
-            }
-            // Revoked meanwhile: the new owner redelivers from its committed position.
-            Err(KafkaError::StoreOffset(RDKafkaErrorCode::State)) => {
-                tracing::debug!(
-                    topic,
-                    partition,
-                    position,
-                    "offset store for a revoked partition dropped"
-                );
-            }
-            Err(e) => tracing::warn!(topic, partition, position, error = %e, "offset store failed"),
-        }
+    /// Partitions whose committed offset is held by something unsettled (an event, an offset
+    /// gap not verified yet, a start position not known yet): where, and since when.
+    pub fn pinned(&self) -> Vec<crate::admin::readiness::Pinned> {
+        let w = self.shared.watermarks.lock().unwrap();
+        w.iter()
+            .filter_map(|((topic, partition), mark)| {
+                mark.oldest_unsettled()
+                    .map(|since| crate::admin::readiness::Pinned {
+                        topic: topic.clone(),
+                        partition: *partition,
+                        position: mark.committable(),
+                        since,
+                    })
+            })
+            .collect()
     }
 
     /// Keeps the partitions paused (the sink-wide 429 gate is closed) or lets them go.
@@ -351,11 +390,11 @@ fn consume_loop(
     consumer: Arc<SourceConsumer>,
     shared: Arc<Shared>,
     tx: mpsc::Sender<RawMessage>,
+    wake_monitor: std::sync::mpsc::SyncSender<()>,
     max_in_flight: usize,
 ) {
     let resume_below = max_in_flight / 2;
     let mut paused = false;
-    let mut last_lag_report = Instant::now();
     while !shared.shutdown.load(Ordering::Acquire) {
         let in_flight = shared.in_flight.load(Ordering::Acquire);
         let hold = shared.hold.load(Ordering::Acquire);
@@ -363,66 +402,72 @@ fn consume_loop(
             paused = set_paused(&consumer, true);
         } else if paused && in_flight <= resume_below && !hold {
             paused = !set_paused(&consumer, false);
+            if !paused {
+                shared
+                    .resumed_at_ms
+                    .store(shared.millis_now(), Ordering::Release);
+            }
         } else if paused {
             // Partitions assigned while paused start paused too.
             set_paused(&consumer, true);
         }
+        shared.paused.store(paused, Ordering::Release);
+        shared
+            .polled_at_ms
+            .store(shared.millis_now(), Ordering::Release);
         match consumer.poll(Duration::from_millis(50)) {
             None => {}
-            Some(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
+            Some(Err(e)) => {
+                count_consumer_error(&e);
+                tracing::warn!(error = %e, "kafka consumer error");
+            }
             Some(Ok(m)) => {
-                let topic = m.topic().to_string();
+                let topic = m.topic();
                 let partition = m.partition();
                 let offset = m.offset();
                 let generation = {
                     let assigned = shared.assigned.lock().unwrap();
-                    assigned.get(&(topic.clone(), partition)).copied()
+                    assigned.get(&(topic.to_string(), partition)).copied()
                 };
                 let Some(generation) = generation else {
                     continue;
                 };
-                let raw = RawMessage {
-                    source: SourceRef {
-                        topic,
-                        partition,
-                        offset,
-                    },
-                    key: m.key().map(bytes::Bytes::copy_from_slice),
-                    payload: bytes::Bytes::copy_from_slice(m.payload().unwrap_or_default()),
-                    headers: m
-                        .headers()
-                        .map(|hs| {
-                            hs.iter()
-                                .map(|h| {
-                                    (
-                                        h.key.to_string(),
-                                        bytes::Bytes::copy_from_slice(h.value.unwrap_or_default()),
-                                    )
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                    generation,
+                let (tracked, awaits_start) = {
+                    let mut w = shared.watermarks.lock().unwrap();
+                    match w.current(topic, partition, generation) {
+                        Some(mark) => {
+                            let tracked = mark.track(offset, Instant::now());
+                            (tracked, mark.awaits_start().is_some())
+                        }
+                        None => continue,
+                    }
                 };
-                let tracked = shared.watermarks.lock().unwrap().track(
-                    &raw.source.topic,
-                    partition,
-                    generation,
-                    offset,
-                );
-                if !tracked {
-                    continue;
+                match &tracked {
+                    // Read already (librdkafka re-fetched): processing it again would only
+                    // cost a ledger look-up, but it must not be counted in flight twice.
+                    Tracked::Duplicate => continue,
+                    Tracked::AfterGap { missing } => {
+                        tracing::info!(
+                            topic,
+                            partition,
+                            from = missing.start,
+                            to = missing.end,
+                            "offsets skipped by the read; holding the committed offset before them until they are verified"
+                        );
+                        let _ = wake_monitor.try_send(());
+                    }
+                    Tracked::InOrder if awaits_start => {
+                        let _ = wake_monitor.try_send(());
+                    }
+                    Tracked::InOrder | Tracked::Filled => {}
                 }
+                let raw = raw_message(&m, generation);
                 shared.in_flight.fetch_add(1, Ordering::AcqRel);
                 metrics::counter!("meterflow_events_consumed_total", "topic" => raw.source.topic.clone()).increment(1);
                 if tx.blocking_send(raw).is_err() {
                     break;
                 }
             }
-        }
-        if last_lag_report.elapsed() >= Duration::from_secs(5) {
-            last_lag_report = Instant::now();
-            report_lag(&consumer);
         }
         metrics::gauge!("meterflow_in_flight_events")
             .set(shared.in_flight.load(Ordering::Relaxed) as f64);
@@ -436,6 +481,74 @@ fn consume_loop(
     while Instant::now() < deadline {
         consumer.poll(Duration::from_millis(50));
     }
+}
+
+/// The message as the pipeline sees it.
+pub(crate) fn raw_message(m: &BorrowedMessage<'_>, generation: u64) -> RawMessage {
+    RawMessage {
+        source: SourceRef {
+            topic: m.topic().to_string(),
+            partition: m.partition(),
+            offset: m.offset(),
+        },
+        key: m.key().map(bytes::Bytes::copy_from_slice),
+        payload: bytes::Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+        headers: m
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_string(),
+                            bytes::Bytes::copy_from_slice(h.value.unwrap_or_default()),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        generation,
+    }
+}
+
+/// Stores `position` as the partition's next commit (librdkafka commits it within
+/// `kafka.commit_interval`).
+pub(crate) fn store_position(
+    consumer: &SourceConsumer,
+    topic: &str,
+    partition: i32,
+    position: i64,
+) {
+    let mut tpl = TopicPartitionList::new();
+    if tpl
+        .add_partition_offset(topic, partition, Offset::Offset(position))
+        .is_err()
+    {
+        return;
+    }
+    match consumer.store_offsets(&tpl) {
+        Ok(()) => {
+            metrics::gauge!("meterflow_committed_offset", "topic" => topic.to_string(), "partition" => partition.to_string())
+                .set(position as f64);
+        }
+        // Revoked meanwhile: the new owner redelivers from its committed position.
+        Err(KafkaError::StoreOffset(RDKafkaErrorCode::State)) => {
+            tracing::debug!(
+                topic,
+                partition,
+                position,
+                "offset store for a revoked partition dropped"
+            );
+        }
+        Err(e) => tracing::warn!(topic, partition, position, error = %e, "offset store failed"),
+    }
+}
+
+/// Counts an error the consumer reported, by librdkafka error code (a bounded set).
+pub(crate) fn count_consumer_error(e: &KafkaError) {
+    let code = e
+        .rdkafka_error_code()
+        .map_or_else(|| "other".to_string(), |c| format!("{c:?}"));
+    metrics::counter!("meterflow_consumer_errors_total", "code" => code).increment(1);
 }
 
 fn set_paused(consumer: &SourceConsumer, pause: bool) -> bool {
@@ -462,30 +575,6 @@ fn set_paused(consumer: &SourceConsumer, pause: bool) -> bool {
         Err(e) => {
             tracing::warn!(error = %e, pause, "pause/resume failed");
             false
-        }
-    }
-}
-
-fn report_lag(consumer: &SourceConsumer) {
-    let Ok(assignment) = consumer.assignment() else {
-        return;
-    };
-    let Ok(positions) = consumer.position() else {
-        return;
-    };
-    for e in assignment.elements() {
-        let Ok((_, high)) =
-            consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_millis(200))
-        else {
-            continue;
-        };
-        let position = positions
-            .find_partition(e.topic(), e.partition())
-            .and_then(|p| p.offset().to_raw())
-            .filter(|o| *o >= 0);
-        if let Some(position) = position {
-            metrics::gauge!("meterflow_consumer_lag", "topic" => e.topic().to_string(), "partition" => e.partition().to_string())
-                .set((high - position).max(0) as f64);
         }
     }
 }

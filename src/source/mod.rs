@@ -3,6 +3,7 @@
 //! partitions when in-flight work reaches the budget, and drains revoked partitions before
 //! giving them up.
 
+mod gaps;
 mod kafka;
 
 pub use kafka::{KafkaSource, SourceHandle, SourceOptions};

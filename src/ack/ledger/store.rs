@@ -83,9 +83,9 @@ impl LedgerStore {
         Ok(LedgerStore { pool })
     }
 
-    /// Deletes settled entries older than `retention` (their offsets are long committed).
-    pub async fn prune(&self, retention: Duration) -> Result<u64, LedgerError> {
-        let cutoff = now_ms() - retention.as_millis() as i64;
+    /// Deletes entries last updated before `cutoff` (ms since the epoch). Age alone does not
+    /// make an entry safe to delete: `crate::ack::retention` decides the cutoff.
+    pub async fn prune_before(&self, cutoff: i64) -> Result<u64, LedgerError> {
         let a = sqlx::query("DELETE FROM meterflow_deliveries WHERE updated_at < $1")
             .bind(cutoff)
             .execute(&self.pool)
