@@ -108,7 +108,7 @@ pub async fn run(
     stats: Arc<RunStats>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let decoder = EventDecoder::new(config.input.clone());
+    let decoder = EventDecoder::for_sink(config.input.clone(), config.sink.kind);
     let prices = PriceBook::new(&config).map_err(|problems| {
         anyhow::anyhow!(
             "{}",
