@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -102,11 +103,25 @@ enum Ledgered {
     Earlier(Vec<EarlierAggregate>),
 }
 
+/// Builds the sink a pipeline delivers through, given the shared rate limiter.
+pub type SinkFactory = Box<dyn FnOnce(Arc<RateLimiter>) -> Arc<dyn Sink> + Send>;
+
 /// Runs the pipeline until `shutdown` resolves, then drains and returns.
 pub async fn run(
     config: Config,
     stats: Arc<RunStats>,
     shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    run_with_sink(config, stats, shutdown, None).await
+}
+
+/// [`run`], delivering through the sink `custom_sink` builds instead of the configured one: for
+/// tests that need a provider misbehaving in ways no emulator can (a sink that panics).
+pub async fn run_with_sink(
+    config: Config,
+    stats: Arc<RunStats>,
+    shutdown: impl Future<Output = ()>,
+    custom_sink: Option<SinkFactory>,
 ) -> anyhow::Result<()> {
     let decoder = EventDecoder::for_sink(config.input.clone(), config.sink.kind);
     let prices = PriceBook::new(&config).map_err(|problems| {
@@ -120,12 +135,13 @@ pub async fn run(
         )
     })?;
     let limiter = Arc::new(RateLimiter::new(&config.rate_limit).for_sink(config.sink.kind.name()));
-    let sink: Arc<dyn Sink> = match config.sink.kind {
-        SinkKind::Billwerk => Arc::new(
+    let sink: Arc<dyn Sink> = match (custom_sink, config.sink.kind) {
+        (Some(make), _) => make(limiter.clone()),
+        (None, SinkKind::Billwerk) => Arc::new(
             BillwerkSink::new(&config.sink, limiter.clone())?
                 .with_readiness(stats.readiness.clone()),
         ),
-        SinkKind::Billingrails => Arc::new(
+        (None, SinkKind::Billingrails) => Arc::new(
             BillingrailsSink::new(&config.sink, limiter.clone())?
                 .with_readiness(stats.readiness.clone()),
         ),
@@ -224,9 +240,12 @@ pub async fn run(
             Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
                 if let Err(e) = joined {
                     if e.is_panic() {
-                        // Its events stay unsettled: the partition holds there (lag alerts fire)
-                        // and a restart redelivers them. Never skipped.
-                        tracing::error!(error = %e, "a delivery task panicked; its partition cannot advance until a restart");
+                        // Only a dead-letter write itself can get here (a delivery's panic is
+                        // caught in `dispatch`). Its events stay unsettled: the partition holds
+                        // there (lag alerts fire) and a restart redelivers them. Never skipped.
+                        metrics::counter!("meterflow_delivery_task_failures_total", "stage" => "dead_letter")
+                            .increment(1);
+                        tracing::error!(error = %e, "a dead-letter task panicked; its partition cannot advance until a restart");
                     }
                 }
             }
@@ -323,10 +342,67 @@ fn dispatch(
         let stages = stages.clone();
         let concurrency = concurrency.clone();
         tasks.spawn(async move {
-            // Permits are handed out first come, first served: sends keep partition order.
-            let _permit = concurrency.acquire_owned().await.expect("semaphore open");
-            stages.deliver(delivery).await;
+            // Permits are handed out first come, first served: sends keep partition order. (The
+            // semaphore is never closed.)
+            let Ok(_permit) = concurrency.acquire_owned().await else {
+                return;
+            };
+            // What a dead letter needs if the delivery dies: a bug must not pin the partition.
+            let key = delivery.key.clone();
+            let carried: Vec<(RawMessage, String)> = delivery
+                .items
+                .iter()
+                .map(|i| (i.raw.clone(), i.usage.event_id.clone()))
+                .collect();
+            let delivered = std::panic::AssertUnwindSafe(stages.deliver(delivery)).catch_unwind();
+            if let Err(panic) = delivered.await {
+                stages
+                    .delivery_died(&key, &carried, panic_text(&*panic))
+                    .await;
+            }
         });
+    }
+}
+
+/// The message of a caught panic, if it has one.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_string())
+}
+
+/// A key entered in the ledger's in-process set of keys being delivered; left when dropped, so
+/// a task that dies or is cancelled cannot hold it forever (a later copy would wait on it).
+pub(crate) struct LocalEntry<'a> {
+    ledger: &'a Ledger,
+    key: DeliveryKey,
+}
+
+impl<'a> LocalEntry<'a> {
+    /// Enters `key`, waiting while another task of this process holds it.
+    pub(crate) async fn wait(ledger: &'a Ledger, key: &DeliveryKey) -> LocalEntry<'a> {
+        loop {
+            if let Some(entry) = Self::try_enter(ledger, key) {
+                return entry;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Enters `key` unless another task of this process holds it.
+    pub(crate) fn try_enter(ledger: &'a Ledger, key: &DeliveryKey) -> Option<LocalEntry<'a>> {
+        ledger.enter_local(key).then(|| LocalEntry {
+            ledger,
+            key: key.clone(),
+        })
+    }
+}
+
+impl Drop for LocalEntry<'_> {
+    fn drop(&mut self) {
+        self.ledger.leave_local(&self.key);
     }
 }
 
@@ -344,14 +420,21 @@ impl Stages {
             Some(ledger) => {
                 // One task per key in this process (a partition revoked and re-assigned can
                 // bring the same events back while the first task still runs).
-                while !ledger.enter_local(&key) {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                let entered = LocalEntry::wait(ledger, &key).await;
                 let outcomes = match self.deliver_with_ledger(ledger, delivery, false).await {
                     Ledgered::Outcomes(outcomes) => outcomes,
-                    Ledgered::Earlier(_) => unreachable!("only aggregate claims name earlier ones"),
+                    // Only aggregate claims name earlier ones: a bug, handled as one.
+                    Ledgered::Earlier(_) => {
+                        drop(entered);
+                        let carried: Vec<(RawMessage, String)> = items
+                            .iter()
+                            .map(|i| (i.raw.clone(), i.usage.event_id.clone()))
+                            .collect();
+                        let why = "a single delivery's claim named earlier aggregates".to_string();
+                        return self.delivery_died(&key, &carried, why).await;
+                    }
                 };
-                ledger.leave_local(&key);
+                drop(entered);
                 outcomes
             }
         };
@@ -367,6 +450,33 @@ impl Stages {
         }
         for item in &items {
             self.source.settle(&item.raw.source, item.raw.generation);
+        }
+    }
+
+    /// A delivery task panicked (a bug): count it, and dead-letter its events with
+    /// `internal_error` so that their partition does not stall. Whether the provider got them is
+    /// unknown; a replay goes through the ledger, which skips what was delivered.
+    async fn delivery_died(
+        &self,
+        key: &DeliveryKey,
+        carried: &[(RawMessage, String)],
+        panic: String,
+    ) {
+        metrics::counter!("meterflow_delivery_task_failures_total", "stage" => "delivery")
+            .increment(1);
+        tracing::error!(delivery_key = %key, events = carried.len(), %panic, "a delivery task panicked (a bug, please report it); its events are dead-lettered as internal_error");
+        let rejection = Rejection::new(
+            RejectReason::InternalError,
+            format!(
+                "meterflow's delivery task failed ({panic}); the event may or may not have \
+                 reached the provider: replay it after the fix (the ledger skips what was \
+                 delivered)"
+            ),
+        );
+        for (raw, event_id) in carried {
+            self.dead_letter(raw, &rejection, None, Some((event_id, key)))
+                .await;
+            self.source.settle(&raw.source, raw.generation);
         }
     }
 

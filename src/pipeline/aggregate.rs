@@ -57,11 +57,9 @@ impl Stages {
                 items: open.iter().map(|&i| items[i].clone()).collect(),
             };
             let key = current.key.clone();
-            while !ledger.enter_local(&key) {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            let entered = LocalEntry::wait(ledger, &key).await;
             let ledgered = self.deliver_with_ledger(ledger, current, true).await;
-            ledger.leave_local(&key);
+            drop(entered);
             match ledgered {
                 // Another owner took it over: its events are theirs to settle.
                 Ledgered::Outcomes(None) => break,
@@ -183,10 +181,10 @@ impl Stages {
                 updated_at_ms,
             } => {
                 // A task of this process may be sending it right now: let it finish first.
-                if !ledger.enter_local(key) {
+                let Some(entered) = LocalEntry::try_enter(ledger, key) else {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     return;
-                }
+                };
                 self.reconcile_earlier(
                     ledger,
                     key,
@@ -203,7 +201,7 @@ impl Stages {
                     backoff,
                 )
                 .await;
-                ledger.leave_local(key);
+                drop(entered);
             }
             Claim::Claimed { .. } => {}
         }
