@@ -97,6 +97,8 @@ struct StandIn {
     expires_in: String,
     /// Usage POSTs still to answer with a 429 carrying absurd rate-limit headers.
     throttle_next: AtomicUsize,
+    /// 2xx answers carry `X-RateLimit-Limit: 1e20` (and such a `Remaining`).
+    absurd_limit: bool,
     usage_created: AtomicUsize,
 }
 
@@ -146,11 +148,16 @@ async fn stand_in(
                 .into_response();
         }
         let n = state.usage_created.fetch_add(1, Ordering::SeqCst);
+        let (limit, remaining) = if state.absurd_limit {
+            ("100000000000000000000", "99999999999999999999")
+        } else {
+            ("10000", "9000")
+        };
         return (
             StatusCode::CREATED,
             [
-                ("X-RateLimit-Limit", "100000000000000000000"),
-                ("X-RateLimit-Remaining", "99999999999999999999"),
+                ("X-RateLimit-Limit", limit),
+                ("X-RateLimit-Remaining", remaining),
             ],
             format!(r#"{{"Id":"u{n}"}}"#),
         )
@@ -253,6 +260,7 @@ async fn absurd_provider_headers_neither_panic_nor_pin_the_partition() {
     let state = Arc::new(StandIn {
         expires_in: "18446744073709551615".into(),
         throttle_next: AtomicUsize::new(1),
+        absurd_limit: true,
         ..StandIn::default()
     });
     let base = start_stand_in(state.clone()).await;
