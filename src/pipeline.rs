@@ -77,11 +77,11 @@ struct LedgerLease<'a> {
 impl AttemptGuard for LedgerLease<'_> {
     fn may_send(&self) -> futures::future::BoxFuture<'_, bool> {
         Box::pin(async move {
-            let expected = *self.updated_at_ms.lock().unwrap();
+            let expected = *crate::sync::lock(&self.updated_at_ms);
             loop {
                 match self.ledger.touch(self.key, expected).await {
                     Ok(Some(next)) => {
-                        *self.updated_at_ms.lock().unwrap() = next;
+                        *crate::sync::lock(&self.updated_at_ms) = next;
                         return true;
                     }
                     Ok(None) => return false,
@@ -232,7 +232,12 @@ pub async fn run_with_sink(
                     }
                 }
             }
-            _ = async { tokio::time::sleep_until(flush_at.unwrap()).await }, if flush_at.is_some() => {
+            _ = async {
+                match flush_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            }, if flush_at.is_some() => {
                 if let Some(due) = batcher.poll(Instant::now()) {
                     dispatch(&stages, &concurrency, &mut tasks, batch::group(due, grouping));
                 }
@@ -258,8 +263,10 @@ pub async fn run_with_sink(
                 if !flush.is_empty() {
                     dispatch(&stages, &concurrency, &mut tasks, batch::group(flush, grouping));
                 }
-                let s = source.take().expect("source present until shutdown");
-                source_stopped = Some(tokio::task::spawn_blocking(move || s.shutdown()));
+                // The source is present until shutdown, which happens once.
+                if let Some(s) = source.take() {
+                    source_stopped = Some(tokio::task::spawn_blocking(move || s.shutdown()));
+                }
             }
         }
     }
@@ -647,12 +654,7 @@ impl Stages {
         if self.ledger.is_some() {
             // One writer per source offset in this process; a second copy waits for the first
             // and then finds its record in the ledger.
-            while !self
-                .dead_lettering
-                .lock()
-                .unwrap()
-                .insert(raw.source.clone())
-            {
+            while !crate::sync::lock(&self.dead_lettering).insert(raw.source.clone()) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
@@ -700,7 +702,7 @@ struct DeadLettering<'a> {
 
 impl Drop for DeadLettering<'_> {
     fn drop(&mut self) {
-        self.set.lock().unwrap().remove(self.source);
+        crate::sync::lock(self.set).remove(self.source);
     }
 }
 

@@ -5,6 +5,12 @@
 //! offset of any acknowledged event and Lago only looks within one batch; both skip an earlier
 //! failure for good. Here the committable position is the smallest offset still pending.
 
+// The pure core: no unchecked arithmetic or indexing on data (checked forms, `get`, iterators).
+#![cfg_attr(
+    not(test),
+    deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)
+)]
+
 use std::collections::{BTreeSet, HashMap};
 
 /// One partition's read-but-unsettled offsets.
@@ -26,7 +32,9 @@ impl ContiguousWatermark {
     /// gaps (compaction, transaction markers) are fine.
     pub fn track(&mut self, offset: i64) {
         self.pending.insert(offset);
-        self.next_unread = Some(self.next_unread.map_or(offset + 1, |n| n.max(offset + 1)));
+        self.next_unread = Some(self.next_unread.map_or(offset.saturating_add(1), |n| {
+            n.max(offset.saturating_add(1))
+        }));
     }
 
     /// Marks `offset` settled. Returns false when it was not pending (already settled, or never

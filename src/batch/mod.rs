@@ -1,6 +1,12 @@
 //! Grouping priced events into deliveries: one per event (billwerk), batches (Billingrails), or
 //! exact sums of events that bill identically (billwerk pre-aggregation). Pure.
 
+// The pure core: no unchecked arithmetic or indexing on data (checked forms, `get`, iterators).
+#![cfg_attr(
+    not(test),
+    deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)
+)]
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -180,7 +186,9 @@ impl Batcher {
 
     /// When the current batch must be flushed, if any.
     pub fn deadline(&self) -> Option<Instant> {
-        self.oldest.map(|o| o + self.max_wait)
+        // A wait too long to represent flushes at once rather than never.
+        self.oldest
+            .map(|o| o.checked_add(self.max_wait).unwrap_or(o))
     }
 
     /// The batch if its deadline has passed.

@@ -17,6 +17,12 @@
 //!   text, arrays and objects as compact JSON, `null` values dropped;
 //! - `price_per_unit`: optional, a JSON number or decimal string (policy is pricing's job).
 
+// The pure core: no unchecked arithmetic or indexing on data (checked forms, `get`, iterators).
+#![cfg_attr(
+    not(test),
+    deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)
+)]
+
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
@@ -383,7 +389,8 @@ fn compile_pointer(pointer: &str) -> Option<Box<[String]>> {
         return None;
     }
     Some(
-        pointer[1..]
+        pointer
+            .strip_prefix('/')?
             .split('/')
             .map(|t| t.replace("~1", "/").replace("~0", "~"))
             .collect(),
@@ -414,7 +421,7 @@ fn pointer_problem(pointer: &str) -> Option<String> {
     }
     let bytes = pointer.as_bytes();
     for (i, &b) in bytes.iter().enumerate() {
-        if b == b'~' && !matches!(bytes.get(i + 1), Some(b'0') | Some(b'1')) {
+        if b == b'~' && !matches!(bytes.get(i.saturating_add(1)), Some(b'0') | Some(b'1')) {
             return Some(format!(
                 "{pointer:?} is not a JSON Pointer: `~` must be followed by 0 (for `~`) or 1 \
                  (for `/`)"
@@ -482,7 +489,7 @@ fn show(v: &Value) -> String {
 /// `s` cut to `max` characters, with `…` when cut.
 pub fn truncate_chars(s: &str, max: usize) -> String {
     match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &s[..i]),
+        Some((i, _)) => format!("{}…", s.get(..i).unwrap_or(s)),
         None => s.to_string(),
     }
 }

@@ -16,6 +16,12 @@
 //! gate closed by a wait that had to be cut to that bound reopens as soon as a later answer shows
 //! the provider taking requests again.
 
+// The pure core: no unchecked arithmetic or indexing on data (checked forms, `get`, iterators).
+#![cfg_attr(
+    not(test),
+    deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)
+)]
+
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -30,6 +36,7 @@ use tokio::sync::watch;
 
 use crate::config::RateLimitConfig;
 use crate::deliver::RateSignals;
+use crate::sync::lock;
 
 /// Where probing without any server numbers stops growing (requests per second).
 const MAX_PROBE_RATE: f64 = 100_000.0;
@@ -223,7 +230,11 @@ impl PaceModel {
         if sent < began {
             return true;
         }
-        let grace = (self.window / 50).max(Duration::from_millis(20));
+        let grace = self
+            .window
+            .checked_div(50)
+            .unwrap_or_default()
+            .max(Duration::from_millis(20));
         if sent >= later(began, grace) {
             return false;
         }
@@ -292,7 +303,11 @@ impl PaceModel {
             // The window should have ended and has not: a tenth of it, at least 100 ms (and no
             // longer than a reset header says).
             _ => {
-                let guess = (self.window / 10).max(Duration::from_millis(100));
+                let guess = self
+                    .window
+                    .checked_div(10)
+                    .unwrap_or_default()
+                    .max(Duration::from_millis(100));
                 let pause = signals.reset_after.map_or(guess, |reset| guess.min(reset));
                 (pause.min(self.max_pause), false)
             }
@@ -319,12 +334,6 @@ fn reset_bound(estimate: Option<Instant>, reset: Duration, now: Instant) -> Inst
         Some(e) if later(e, second) > said && e < later(said, second) => e,
         _ => said,
     }
-}
-
-/// The mutex's data; a panic elsewhere while it was held left nothing half-done here (each
-/// critical section is a single assignment or read), so a poisoned lock is used as is.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The sink-wide gate a 429 closes. Opening is observable (Kafka partitions pause meanwhile).

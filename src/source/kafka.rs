@@ -47,7 +47,7 @@ impl Shared {
     fn wait_drained(&self, partitions: &[(String, i32)], deadline: Instant) -> usize {
         loop {
             let pending: usize = {
-                let w = self.watermarks.lock().unwrap();
+                let w = crate::sync::lock(&self.watermarks);
                 partitions.iter().map(|(t, p)| w.pending_in(t, *p)).sum()
             };
             if pending == 0 || Instant::now() >= deadline {
@@ -82,8 +82,8 @@ impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
-                let mut w = self.shared.watermarks.lock().unwrap();
-                let mut assigned = self.shared.assigned.lock().unwrap();
+                let mut w = crate::sync::lock(&self.shared.watermarks);
+                let mut assigned = crate::sync::lock(&self.shared.assigned);
                 for e in tpl.elements() {
                     let generation = self.shared.generation.fetch_add(1, Ordering::Relaxed) + 1;
                     w.assign(e.topic(), e.partition(), generation);
@@ -118,8 +118,8 @@ impl SourceContext {
         let unsettled = self.shared.wait_drained(partitions, deadline);
         let mut tpl = TopicPartitionList::new();
         {
-            let mut w = self.shared.watermarks.lock().unwrap();
-            let mut assigned = self.shared.assigned.lock().unwrap();
+            let mut w = crate::sync::lock(&self.shared.watermarks);
+            let mut assigned = crate::sync::lock(&self.shared.assigned);
             for (topic, partition) in partitions {
                 if let Some(mark) = w.revoke(topic, *partition) {
                     if let Some(position) = mark.committable() {
@@ -216,7 +216,9 @@ impl KafkaSource {
         let thread = std::thread::Builder::new()
             .name("kafka-source".into())
             .spawn(move || consume_loop(consumer, shared, tx, max_in_flight))
-            .expect("spawn kafka-source thread");
+            .map_err(|e| {
+                KafkaError::ClientCreation(format!("cannot start the kafka-source thread: {e}"))
+            })?;
         Ok((
             KafkaSource {
                 thread: Some(thread),
@@ -255,7 +257,7 @@ impl SourceHandle {
     pub fn settle(&self, source: &SourceRef, generation: u64) {
         // The store happens under the watermark lock so that two settlements racing on one
         // partition can never store positions out of order.
-        let mut w = self.shared.watermarks.lock().unwrap();
+        let mut w = crate::sync::lock(&self.shared.watermarks);
         let Some(moved) = w.settle(&source.topic, source.partition, generation, source.offset)
         else {
             return;
@@ -302,7 +304,7 @@ impl SourceHandle {
     }
 
     pub fn assigned_partitions(&self) -> usize {
-        self.shared.assigned.lock().unwrap().len()
+        crate::sync::lock(&self.shared.assigned).len()
     }
 
     /// Asks a broker for the first subscribed topic's metadata; true when one answered within
@@ -354,7 +356,7 @@ fn consume_loop(
                 let partition = m.partition();
                 let offset = m.offset();
                 let generation = {
-                    let assigned = shared.assigned.lock().unwrap();
+                    let assigned = crate::sync::lock(&shared.assigned);
                     assigned.get(&(topic.clone(), partition)).copied()
                 };
                 let Some(generation) = generation else {
@@ -383,7 +385,7 @@ fn consume_loop(
                         .unwrap_or_default(),
                     generation,
                 };
-                let tracked = shared.watermarks.lock().unwrap().track(
+                let tracked = crate::sync::lock(&shared.watermarks).track(
                     &raw.source.topic,
                     partition,
                     generation,
@@ -407,7 +409,10 @@ fn consume_loop(
             .set(shared.in_flight.load(Ordering::Relaxed) as f64);
     }
     // Shutdown: drain everything still assigned, commit, leave the group.
-    let partitions: Vec<(String, i32)> = shared.assigned.lock().unwrap().keys().cloned().collect();
+    let partitions: Vec<(String, i32)> = crate::sync::lock(&shared.assigned)
+        .keys()
+        .cloned()
+        .collect();
     consumer.context().drain_and_release(&consumer, &partitions);
     consumer.unsubscribe();
     // Serve the final rebalance callbacks of leaving the group.

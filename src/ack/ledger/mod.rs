@@ -239,14 +239,16 @@ impl Ledger {
 
     /// Marks a key as being delivered by this process; false when it already is.
     pub fn enter_local(&self, key: &DeliveryKey) -> bool {
-        let inserted = self.local.lock().unwrap().insert(key.clone());
-        metrics::gauge!("meterflow_ledger_in_flight").set(self.local.lock().unwrap().len() as f64);
+        let inserted = crate::sync::lock(&self.local).insert(key.clone());
+        metrics::gauge!("meterflow_ledger_in_flight")
+            .set(crate::sync::lock(&self.local).len() as f64);
         inserted
     }
 
     pub fn leave_local(&self, key: &DeliveryKey) {
-        self.local.lock().unwrap().remove(key);
-        metrics::gauge!("meterflow_ledger_in_flight").set(self.local.lock().unwrap().len() as f64);
+        crate::sync::lock(&self.local).remove(key);
+        metrics::gauge!("meterflow_ledger_in_flight")
+            .set(crate::sync::lock(&self.local).len() as f64);
     }
 }
 
