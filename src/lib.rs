@@ -39,6 +39,9 @@ pub mod dlq;
 #[allow(clippy::expect_used, clippy::unwrap_used)]
 pub mod emulator;
 pub mod event;
+/// Fuzz targets over arbitrary bytes (run as tests; see the module).
+#[doc(hidden)]
+pub mod fuzz;
 pub mod pipeline;
 pub mod pricing;
 pub mod service;

@@ -14,6 +14,7 @@ use futures::future::BoxFuture;
 use reqwest::StatusCode;
 use serde::Deserialize;
 
+pub(crate) use auth::{parse_token_answer, MAX_TOKEN_LIFETIME};
 pub use auth::{TokenError, TokenSource};
 use contracts::ContractCache;
 
@@ -41,6 +42,14 @@ pub struct BillwerkSink {
     contracts: ContractCache,
     limiter: Arc<RateLimiter>,
     readiness: Arc<Readiness>,
+}
+
+/// One contract of billwerk's `GET /contracts?externalId=` answer: only its id matters.
+#[derive(Deserialize)]
+pub(crate) struct ContractView {
+    #[serde(alias = "id", alias = "ID")]
+    #[serde(rename = "Id")]
+    pub(crate) id: String,
 }
 
 /// How a contract reference resolved.
@@ -166,12 +175,6 @@ impl BillwerkSink {
             return Err((classify_failure(status, &body), RateSignals::default()));
         }
         self.limiter.observe_sent(&signals, false, sent);
-        #[derive(Deserialize)]
-        struct ContractView {
-            #[serde(alias = "id", alias = "ID")]
-            #[serde(rename = "Id")]
-            id: String,
-        }
         let found: Vec<ContractView> = match response.json().await {
             Ok(v) => v,
             Err(e) => {
@@ -378,7 +381,7 @@ impl Sink for BillwerkSink {
 /// `api` with `segments` appended, each percent-encoded as one path segment: a `/`, `?`, `#` or
 /// `%` inside a segment is encoded, never part of the path's structure (`.` and `..` segments
 /// are dropped by `url`; contract ids are checked to be hex before they get here anyway).
-fn api_url(api: &url::Url, segments: &[&str]) -> url::Url {
+pub(crate) fn api_url(api: &url::Url, segments: &[&str]) -> url::Url {
     let mut url = api.clone();
     if let Ok(mut path) = url.path_segments_mut() {
         path.pop_if_empty().extend(segments);
@@ -459,7 +462,7 @@ fn reject_all(delivery: &Delivery, rejection: Rejection, provider_answer: String
 }
 
 /// billwerk's error body shape is undocumented: take `Message` when present, else the raw text.
-fn error_message(body: &str) -> String {
+pub(crate) fn error_message(body: &str) -> String {
     serde_json::from_str::<serde_json::Value>(body)
         .ok()
         .and_then(|v| field(&v, "Message").map(str::to_string))
@@ -467,7 +470,7 @@ fn error_message(body: &str) -> String {
 }
 
 /// A string field by case-insensitive name.
-fn field<'v>(value: &'v serde_json::Value, name: &str) -> Option<&'v str> {
+pub(crate) fn field<'v>(value: &'v serde_json::Value, name: &str) -> Option<&'v str> {
     value
         .as_object()?
         .iter()
