@@ -314,6 +314,12 @@ impl PaceModel {
         }
     }
 
+    /// How often a pause cut to `max_pause` lets one request through to ask again: once a window
+    /// (at least a second, at most `max_pause`).
+    pub fn probe_every(&self) -> Duration {
+        self.window.max(Duration::from_secs(1)).min(self.max_pause)
+    }
+
     /// Whether the window's current end came from a reset header cut to `max_pause`.
     pub fn window_end_capped(&self) -> bool {
         self.window_end_capped
@@ -342,10 +348,31 @@ pub struct QuotaGate {
     closed_until: watch::Sender<Option<tokio::time::Instant>>,
     /// When the current closure began, for `meterflow_throttled_seconds_total`.
     closed_since: Mutex<Option<tokio::time::Instant>>,
-    /// The current closure's end was cut to `rate_limit.max_pause` (the server asked for more):
-    /// the sending time of the request whose answer asked. An answer to a request sent since
-    /// then that shows the provider taking requests again may shorten it.
-    capped_since: Mutex<Option<Instant>>,
+    /// Set while the current closure's end was cut to `rate_limit.max_pause` (the server asked
+    /// for more).
+    capped: Mutex<Option<CappedClosure>>,
+}
+
+/// A closure cut to `rate_limit.max_pause`: not trusted to its end.
+#[derive(Debug, Clone, Copy)]
+struct CappedClosure {
+    /// When the request whose answer asked for it was sent. An answer to a request sent since
+    /// then that shows the provider taking requests again shortens the closure.
+    sent: Instant,
+    /// Meanwhile one request may pass every `probe_every`, from `probe_at` on, so that such an
+    /// answer can come even when nothing else is in flight.
+    probe_at: tokio::time::Instant,
+    probe_every: Duration,
+}
+
+/// Whether a waiter may pass a closed gate as the probe of a capped closure.
+enum Probe {
+    /// This caller is the probe.
+    Mine,
+    /// The next probe is due then.
+    At(tokio::time::Instant),
+    /// The closure is not capped: no probes.
+    None,
 }
 
 impl Default for QuotaGate {
@@ -359,7 +386,7 @@ impl QuotaGate {
         QuotaGate {
             closed_until: watch::channel(None).0,
             closed_since: Mutex::new(None),
-            capped_since: Mutex::new(None),
+            capped: Mutex::new(None),
         }
     }
 
@@ -370,12 +397,26 @@ impl QuotaGate {
     }
 
     /// Closes the gate until `until`, a time cut to `rate_limit.max_pause` from what the answer
-    /// to a request sent at `sent` asked: [`QuotaGate::reopen_sooner`] may shorten it.
-    pub fn close_until_capped(&self, until: tokio::time::Instant, sent: Instant) -> bool {
-        self.close(until, Some(sent))
+    /// to a request sent at `sent` asked: [`QuotaGate::reopen_sooner`] may shorten it, and
+    /// meanwhile one request may pass every `probe_every` (see [`QuotaGate::wait_open`]).
+    pub fn close_until_capped(
+        &self,
+        until: tokio::time::Instant,
+        sent: Instant,
+        probe_every: Duration,
+    ) -> bool {
+        let probe_every = probe_every.max(Duration::from_millis(100));
+        self.close(
+            until,
+            Some(CappedClosure {
+                sent,
+                probe_at: later_tokio(tokio::time::Instant::now(), probe_every),
+                probe_every,
+            }),
+        )
     }
 
-    fn close(&self, until: tokio::time::Instant, capped_sent: Option<Instant>) -> bool {
+    fn close(&self, until: tokio::time::Instant, capped: Option<CappedClosure>) -> bool {
         let mut newly_closed = false;
         let mut extended = false;
         self.closed_until
@@ -396,8 +437,16 @@ impl QuotaGate {
             *lock(&self.closed_since) = Some(tokio::time::Instant::now());
         }
         if newly_closed || extended {
-            // The closure's end is now this answer's: capped or not, as it was.
-            *lock(&self.capped_since) = capped_sent;
+            // The closure's end is now this answer's: capped or not, as it was. A probe already
+            // scheduled keeps its time.
+            let mut current = lock(&self.capped);
+            *current = match (capped, *current) {
+                (Some(new), Some(old)) => Some(CappedClosure {
+                    probe_at: old.probe_at,
+                    ..new
+                }),
+                (new, _) => new,
+            };
         }
         newly_closed
     }
@@ -411,8 +460,8 @@ impl QuotaGate {
         until: Option<tokio::time::Instant>,
         sent: Option<Instant>,
     ) -> bool {
-        let mut capped = lock(&self.capped_since);
-        let Some(capped_sent) = *capped else {
+        let mut capped = lock(&self.capped);
+        let Some(capped_sent) = capped.map(|c| c.sent) else {
             return false;
         };
         if sent.is_some_and(|s| s < capped_sent) {
@@ -441,13 +490,28 @@ impl QuotaGate {
     }
 
     /// Waits until the gate is open. True for the one caller that found the closure expired
-    /// and opened it.
+    /// and opened it. While a closure cut to `rate_limit.max_pause` lasts, one caller per probe
+    /// interval is let through (returning false) as a probe: its answer may show the provider
+    /// taking requests again, which reopens the gate for everyone.
     pub async fn wait_open(&self) -> bool {
+        let mut changes = self.closed_until.subscribe();
         let mut opened_it = false;
         loop {
-            let until = *self.closed_until.borrow();
+            let until = *changes.borrow_and_update();
+            let now = tokio::time::Instant::now();
             match until {
-                Some(t) if t > tokio::time::Instant::now() => tokio::time::sleep_until(t).await,
+                Some(t) if t > now => {
+                    let wake = match self.take_probe(now) {
+                        Probe::Mine => return opened_it,
+                        Probe::At(at) => at.min(t),
+                        Probe::None => t,
+                    };
+                    // Woken early when the closure changes (a saner answer shortened it).
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(wake) => {}
+                        _ = changes.changed() => {}
+                    }
+                }
                 Some(_) => {
                     // Expired: open it (once) and let everyone through to the pacer.
                     let opened = self.closed_until.send_if_modified(|c| {
@@ -460,7 +524,7 @@ impl QuotaGate {
                     });
                     if opened {
                         opened_it = true;
-                        *lock(&self.capped_since) = None;
+                        *lock(&self.capped) = None;
                         if let Some(since) = lock(&self.closed_since).take() {
                             metrics::gauge!("meterflow_throttled_seconds_total")
                                 .increment(since.elapsed().as_secs_f64());
@@ -469,6 +533,19 @@ impl QuotaGate {
                 }
                 None => return opened_it,
             }
+        }
+    }
+
+    /// Whether the caller may pass now as the probe of a capped closure.
+    fn take_probe(&self, now: tokio::time::Instant) -> Probe {
+        let mut capped = lock(&self.capped);
+        match capped.as_mut() {
+            Some(c) if c.probe_at <= now => {
+                c.probe_at = later_tokio(now, c.probe_every);
+                Probe::Mine
+            }
+            Some(c) => Probe::At(c.probe_at),
+            None => Probe::None,
         }
     }
 
@@ -584,7 +661,7 @@ impl RateLimiter {
             metrics::counter!("meterflow_throttled_responses_total", "sink" => self.sink)
                 .increment(1);
         }
-        let (pace, pause, window_capped) = {
+        let (pace, pause, window_capped, probe_every) = {
             let mut model = lock(&self.model);
             if !model.observe_answer(signals, throttled, sent_at, now) {
                 if throttled {
@@ -593,13 +670,18 @@ impl RateLimiter {
                 return;
             }
             let pause = throttled.then(|| model.throttle_pause(signals, now));
-            (model.pace(now), pause, model.window_end_capped())
+            (
+                model.pace(now),
+                pause,
+                model.window_end_capped(),
+                model.probe_every(),
+            )
         };
         let sent = sent_at.unwrap_or(now);
         if let Some((pause, capped)) = pause {
             let until = later_tokio(now_tokio, pause);
             let closed = if capped {
-                self.gate.close_until_capped(until, sent)
+                self.gate.close_until_capped(until, sent, probe_every)
             } else {
                 // A sane pause replaces a longer one that had to be cut to max_pause.
                 self.gate.reopen_sooner(Some(until), sent_at);
@@ -629,7 +711,7 @@ impl RateLimiter {
                 let wait = end.saturating_duration_since(now);
                 let until = later_tokio(now_tokio, wait);
                 let closed = if window_capped {
-                    self.gate.close_until_capped(until, sent)
+                    self.gate.close_until_capped(until, sent, probe_every)
                 } else {
                     if !throttled {
                         self.gate.reopen_sooner(Some(until), sent_at);
@@ -1150,6 +1232,44 @@ mod tests {
         tokio::time::advance(Duration::from_millis(5)).await;
         limiter.observe_sent(&headers(1000, 500), false, tokio::time::Instant::now());
         assert!(limiter.gate().is_closed());
+    }
+
+    /// A pause cut to max_pause with nothing else in flight: one sender passes once a window
+    /// as a probe; when its answer shows the provider taking requests, every waiting sender is
+    /// woken and let through at once, not after the hour.
+    #[tokio::test(start_paused = true)]
+    async fn a_cut_pause_probes_once_a_window_and_a_good_answer_frees_everyone() {
+        let limiter = Arc::new(RateLimiter::new(&config(60, 0.0, Some(60_000))));
+        let start = tokio::time::Instant::now();
+        let absurd = RateSignals {
+            retry_after: Some(crate::deliver::http::MAX_HEADER_WAIT),
+            ..Default::default()
+        };
+        limiter.observe_sent(&absurd, true, start);
+        let (passed, mut passes) = tokio::sync::mpsc::unbounded_channel();
+        for _ in 0..5 {
+            let (limiter, passed) = (limiter.clone(), passed.clone());
+            tokio::spawn(async move {
+                limiter.until_ready().await;
+                let _ = passed.send(tokio::time::Instant::now());
+            });
+        }
+        let probe = passes.recv().await.unwrap();
+        assert_eq!(
+            probe - start,
+            Duration::from_secs(60),
+            "one probe after a window"
+        );
+        assert!(limiter.gate().is_closed(), "the others still wait");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(passes.try_recv().is_err(), "only one probe per window");
+        // The probe is accepted: everyone goes, at the pace.
+        limiter.observe_sent(&headers(1000, 900), false, probe);
+        for _ in 0..4 {
+            let at = passes.recv().await.unwrap();
+            assert!(at - start < Duration::from_secs(62), "{:?}", at - start);
+        }
+        assert!(!limiter.gate().is_closed());
     }
 
     /// `MeterflowThrottledRatioHigh` divides 429s by requests `by (job, sink)`: without the
