@@ -26,6 +26,15 @@ pub enum CustomerRef {
     ExternalId(String),
 }
 
+/// The length of a billwerk contract id: a 12-byte object id in hexadecimal.
+pub const BILLWERK_CONTRACT_ID_LEN: usize = 24;
+
+/// Whether `id` has the shape of a billwerk contract id: exactly 24 hexadecimal characters.
+/// Anything else is refused before it can become part of a request path.
+pub fn is_billwerk_contract_id(id: &str) -> bool {
+    id.len() == BILLWERK_CONTRACT_ID_LEN && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// A usage event after decoding and validation: every field present and well-formed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UsageEvent {
@@ -149,10 +158,16 @@ pub enum RejectReason {
     /// metric, quantity, timestamp or attributes): it is a different event, and billing it as
     /// "already delivered" would lose it.
     IdConflict,
+    /// A billwerk contract id that is not 24 hexadecimal characters (it becomes part of the
+    /// request path: anything else could steer the request elsewhere).
+    InvalidContractId,
+    /// meterflow itself failed while delivering the event (a bug: the delivery task panicked).
+    /// The event may or may not have reached the provider; a replay goes through the ledger.
+    InternalError,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 10] = [
+    pub const ALL: [RejectReason; 12] = [
         RejectReason::InvalidJson,
         RejectReason::MissingField,
         RejectReason::InvalidField,
@@ -163,6 +178,8 @@ impl RejectReason {
         RejectReason::PriceNotAllowed,
         RejectReason::ProviderRejected,
         RejectReason::IdConflict,
+        RejectReason::InvalidContractId,
+        RejectReason::InternalError,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -177,6 +194,8 @@ impl RejectReason {
             RejectReason::PriceNotAllowed => "price_not_allowed",
             RejectReason::ProviderRejected => "provider_rejected",
             RejectReason::IdConflict => "id_conflict",
+            RejectReason::InvalidContractId => "invalid_contract_id",
+            RejectReason::InternalError => "internal_error",
         }
     }
 

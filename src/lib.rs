@@ -3,6 +3,27 @@
 //! The modules follow the data:
 //! [`source`] (Kafka) → [`decode`] → [`pricing`] → [`batch`] → [`deliver`] (sink, rate limit,
 //! retry) → [`ack`] (watermark, dead letters, ledger). [`pipeline`] wires them together.
+//!
+//! No panic reachable from data: outside tests, `unwrap`, `expect`, `panic!` and friends are
+//! denied; the pure core (decode, batch, the pacer, the watermark) also denies unchecked
+//! arithmetic and indexing. The few justified exceptions say why where they are allowed.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::unreachable,
+    clippy::todo,
+    clippy::unimplemented
+)]
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::unreachable
+    )
+)]
 
 pub mod ack;
 pub mod admin;
@@ -13,12 +34,19 @@ pub mod decode;
 pub mod deliver;
 pub mod demo;
 pub mod dlq;
+// Test equipment (demos, tests, users' staging): its `expect`s concern its own locks and
+// serializations, never request input, which is parsed into 4xx answers.
+#[allow(clippy::expect_used, clippy::unwrap_used)]
 pub mod emulator;
 pub mod event;
+/// Fuzz targets over arbitrary bytes (run as tests; see the module).
+#[doc(hidden)]
+pub mod fuzz;
 pub mod pipeline;
 pub mod pricing;
 pub mod service;
 pub mod signals;
 pub mod source;
+pub mod sync;
 pub mod telemetry;
 pub mod validate;

@@ -1,3 +1,6 @@
+// No panic reachable from input (see lib.rs).
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::process::ExitCode;
 
 use clap::Parser;

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use tokio::task::JoinSet;
 
 use crate::ack::deadletter::{DeadLetter, DeadLetterWriter};
@@ -158,14 +159,28 @@ enum Ledgered {
     IdConflict(Vec<EventContent>),
 }
 
+/// Builds the sink a pipeline delivers through, given the shared rate limiter.
+pub type SinkFactory = Box<dyn FnOnce(Arc<RateLimiter>) -> Arc<dyn Sink> + Send>;
+
 /// Runs the pipeline until `shutdown` resolves, then drains and returns.
 pub async fn run(
     config: Config,
     stats: Arc<RunStats>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    run_with_sink(config, stats, shutdown, None).await
+}
+
+/// [`run`], delivering through the sink `custom_sink` builds instead of the configured one: for
+/// tests that need a provider misbehaving in ways no emulator can (a sink that panics).
+pub async fn run_with_sink(
+    config: Config,
+    stats: Arc<RunStats>,
+    shutdown: impl Future<Output = ()>,
+    custom_sink: Option<SinkFactory>,
+) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
-    let decoder = EventDecoder::new(config.input.clone());
+    let decoder = EventDecoder::for_sink(config.input.clone(), config.sink.kind);
     let prices = PriceBook::new(&config).map_err(|problems| {
         anyhow::anyhow!(
             "{}",
@@ -177,12 +192,13 @@ pub async fn run(
         )
     })?;
     let limiter = Arc::new(RateLimiter::new(&config.rate_limit).for_sink(config.sink.kind.name()));
-    let sink: Arc<dyn Sink> = match config.sink.kind {
-        SinkKind::Billwerk => Arc::new(
+    let sink: Arc<dyn Sink> = match (custom_sink, config.sink.kind) {
+        (Some(make), _) => make(limiter.clone()),
+        (None, SinkKind::Billwerk) => Arc::new(
             BillwerkSink::new(&config.sink, limiter.clone())?
                 .with_readiness(stats.readiness.clone()),
         ),
-        SinkKind::Billingrails => Arc::new(
+        (None, SinkKind::Billingrails) => Arc::new(
             BillingrailsSink::new(&config.sink, limiter.clone())?
                 .with_readiness(stats.readiness.clone()),
         ),
@@ -284,7 +300,12 @@ pub async fn run(
                     }
                 }
             }
-            _ = async { tokio::time::sleep_until(flush_at.unwrap()).await }, if flush_at.is_some() => {
+            _ = async {
+                match flush_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            }, if flush_at.is_some() => {
                 if let Some(due) = batcher.poll(Instant::now()) {
                     dispatch(&stages, &concurrency, &mut tasks, batch::group(due, grouping));
                 }
@@ -292,9 +313,12 @@ pub async fn run(
             Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
                 if let Err(e) = joined {
                     if e.is_panic() {
-                        // Its events stay unsettled: the partition holds there (lag alerts fire)
-                        // and a restart redelivers them. Never skipped.
-                        tracing::error!(error = %e, "a delivery task panicked; its partition cannot advance until a restart");
+                        // Only a dead-letter write itself can get here (a delivery's panic is
+                        // caught in `dispatch`). Its events stay unsettled: the partition holds
+                        // there (lag alerts fire) and a restart redelivers them. Never skipped.
+                        metrics::counter!("meterflow_delivery_task_failures_total", "stage" => "dead_letter")
+                            .increment(1);
+                        tracing::error!(error = %e, "a dead-letter task panicked; its partition cannot advance until a restart");
                     }
                 }
             }
@@ -307,8 +331,10 @@ pub async fn run(
                 if !flush.is_empty() {
                     dispatch(&stages, &concurrency, &mut tasks, batch::group(flush, grouping));
                 }
-                let s = source.take().expect("source present until shutdown");
-                source_stopped = Some(tokio::task::spawn_blocking(move || s.shutdown()));
+                // The source is present until shutdown, which happens once.
+                if let Some(s) = source.take() {
+                    source_stopped = Some(tokio::task::spawn_blocking(move || s.shutdown()));
+                }
             }
         }
     }
@@ -385,9 +411,30 @@ fn dispatch(
         tasks.spawn(async move {
             // Permits are handed out first come, first served: sends keep partition order.
             let _permit = concurrency.acquire(&delivery).await;
-            stages.deliver(delivery).await;
+            // What a dead letter needs if the delivery dies: a bug must not pin the partition.
+            let key = delivery.key.clone();
+            let carried: Vec<(RawMessage, String)> = delivery
+                .items
+                .iter()
+                .map(|i| (i.raw.clone(), i.usage.event_id.clone()))
+                .collect();
+            let delivered = std::panic::AssertUnwindSafe(stages.deliver(delivery)).catch_unwind();
+            if let Err(panic) = delivered.await {
+                stages
+                    .delivery_died(&key, &carried, panic_text(&*panic))
+                    .await;
+            }
         });
     }
+}
+
+/// The message of a caught panic, if it has one.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_string())
 }
 
 impl Stages {
@@ -459,6 +506,33 @@ impl Stages {
         }
         for item in &items {
             self.source.settle(&item.raw.source, item.raw.generation);
+        }
+    }
+
+    /// A delivery task panicked (a bug): count it, and dead-letter its events with
+    /// `internal_error` so that their partition does not stall. Whether the provider got them is
+    /// unknown; a replay goes through the ledger, which skips what was delivered.
+    async fn delivery_died(
+        &self,
+        key: &DeliveryKey,
+        carried: &[(RawMessage, String)],
+        panic: String,
+    ) {
+        metrics::counter!("meterflow_delivery_task_failures_total", "stage" => "delivery")
+            .increment(1);
+        tracing::error!(delivery_key = %key, events = carried.len(), %panic, "a delivery task panicked (a bug, please report it); its events are dead-lettered as internal_error");
+        let rejection = Rejection::new(
+            RejectReason::InternalError,
+            format!(
+                "meterflow's delivery task failed ({panic}); the event may or may not have \
+                 reached the provider: replay it after the fix (the ledger skips what was \
+                 delivered)"
+            ),
+        );
+        for (raw, event_id) in carried {
+            self.dead_letter(raw, &rejection, None, Some((event_id, key)))
+                .await;
+            self.source.settle(&raw.source, raw.generation);
         }
     }
 
@@ -694,12 +768,7 @@ impl Stages {
         if self.ledger.is_some() {
             // One writer per source offset in this process; a second copy waits for the first
             // and then finds its record in the ledger.
-            while !self
-                .dead_lettering
-                .lock()
-                .unwrap()
-                .insert(raw.source.clone())
-            {
+            while !crate::sync::lock(&self.dead_lettering).insert(raw.source.clone()) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
@@ -747,7 +816,7 @@ struct DeadLettering<'a> {
 
 impl Drop for DeadLettering<'_> {
     fn drop(&mut self) {
-        self.set.lock().unwrap().remove(self.source);
+        crate::sync::lock(self.set).remove(self.source);
     }
 }
 

@@ -37,6 +37,8 @@ pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
+            // Fails only for an empty bucket list: these are constant and non-empty (were one
+            // empty, the default buckets would do).
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(
                     Matcher::Full("meterflow_request_duration_seconds".into()),
@@ -50,7 +52,7 @@ pub fn metrics_handle() -> PrometheusHandle {
                         &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
                     )
                 })
-                .expect("bucket lists are non-empty")
+                .unwrap_or_else(|_| PrometheusBuilder::new())
                 .build_recorder();
             let handle = recorder.handle();
             // Histogram samples are held until upkeep folds them in: without it, a process that
@@ -78,7 +80,7 @@ const MAX_CONTRACT_LABELS: usize = 1000;
 /// Bounds the cardinality of the per-contract metric.
 pub fn bounded_contract_label(contract: &str) -> String {
     static SEEN: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
-    let mut seen = SEEN.get_or_init(Default::default).lock().unwrap();
+    let mut seen = crate::sync::lock(SEEN.get_or_init(Default::default));
     if seen.contains(contract) {
         return contract.to_string();
     }

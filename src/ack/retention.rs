@@ -365,7 +365,7 @@ mod tests {
     struct Fixed(std::sync::Mutex<Offsets>);
     impl GroupOffsets for Fixed {
         fn offsets(&self) -> Result<Offsets, String> {
-            Ok(self.0.lock().unwrap().clone())
+            Ok(crate::sync::lock(&self.0).clone())
         }
     }
 
@@ -406,7 +406,7 @@ mod tests {
             "a re-read of the event finds it delivered"
         );
         // The partition moves on past everything read before the snapshot: now it goes.
-        *probe.0.lock().unwrap() = offsets(&[(0, 0, 500, Some(500)), (1, 0, 90, Some(90))]);
+        *crate::sync::lock(&probe.0) = offsets(&[(0, 0, 500, Some(500)), (1, 0, 90, Some(90))]);
         assert_eq!(
             prune_once(&store, retention, probe.clone(), &mut gate).await,
             1

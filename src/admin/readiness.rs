@@ -85,7 +85,7 @@ impl Readiness {
 
     /// The partitions held right now (see [`crate::source::SourceHandle::pinned`]).
     pub fn set_pinned(&self, pinned: Vec<Pinned>) {
-        *self.pinned.lock().unwrap() = pinned;
+        *crate::sync::lock(&self.pinned) = pinned;
     }
 
     pub fn set_assigned_partitions(&self, n: usize) {
@@ -191,10 +191,7 @@ impl Readiness {
     /// `kafka.stuck_after`, naming each such partition.
     fn progress(&self, now: Instant) -> Check {
         let limit = Duration::from_millis(self.stuck_after_ms.load(Ordering::Relaxed));
-        let mut stuck: Vec<String> = self
-            .pinned
-            .lock()
-            .unwrap()
+        let mut stuck: Vec<String> = crate::sync::lock(&self.pinned)
             .iter()
             .filter_map(|p| {
                 let held = now.saturating_duration_since(p.since);

@@ -1,6 +1,12 @@
 //! Grouping priced events into deliveries: one per event (billwerk), batches (Billingrails), or
 //! exact sums of events that bill identically (billwerk pre-aggregation). Pure.
 
+// The pure core: no unchecked arithmetic or indexing on data (checked forms, `get`, iterators).
+#![cfg_attr(
+    not(test),
+    deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)
+)]
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -72,7 +78,10 @@ pub fn group(items: Vec<DeliveryItem>, grouping: Grouping) -> Vec<Delivery> {
         }
         Grouping::Aggregate { bucket } => {
             type GroupKey = (CustomerRef, String, Option<ProductOverride>, DateTime<Utc>);
-            let mut groups: BTreeMap<String, (GroupKey, Vec<DeliveryItem>)> = BTreeMap::new();
+            // Per billing key, one or more sums: an event whose addition would overflow or round
+            // a sum starts another one (the first that takes it exactly), so every delivered
+            // quantity is the exact sum of its events.
+            let mut groups: BTreeMap<String, Vec<ExactGroup>> = BTreeMap::new();
             for mut item in items {
                 let bucket_start = bucket.truncate(item.usage.due_date);
                 item.usage.due_date = bucket_start;
@@ -84,26 +93,67 @@ pub fn group(items: Vec<DeliveryItem>, grouping: Grouping) -> Vec<Delivery> {
                 );
                 // A stable textual form keeps the output order deterministic.
                 let sort_key = format!("{key:?}");
-                groups
-                    .entry(sort_key)
-                    .or_insert_with(|| (key, Vec::new()))
-                    .1
-                    .push(item);
+                let sums = groups.entry(sort_key).or_default();
+                let quantity = item.usage.quantity;
+                match sums
+                    .iter_mut()
+                    .find_map(|g| exact_add(g.sum, quantity).map(|sum| (g, sum)))
+                {
+                    Some((group, sum)) => {
+                        group.sum = sum;
+                        group.items.push(item);
+                    }
+                    None => sums.push(ExactGroup {
+                        sum: quantity,
+                        items: vec![item],
+                    }),
+                }
             }
             groups
                 .into_values()
-                .map(|(_, items)| Delivery {
-                    key: DeliveryKey::for_events(items.iter().map(|i| i.usage.event_id.as_str())),
-                    items,
+                .flatten()
+                .map(|group| Delivery {
+                    key: DeliveryKey::for_events(
+                        group.items.iter().map(|i| i.usage.event_id.as_str()),
+                    ),
+                    items: group.items,
                 })
                 .collect()
         }
     }
 }
 
-/// The total quantity a delivery bills.
-pub fn delivered_quantity(delivery: &Delivery) -> Decimal {
-    delivery.items.iter().map(|i| i.usage.quantity).sum()
+/// Events of one billing key whose quantities add up exactly to `sum`.
+struct ExactGroup {
+    sum: Decimal,
+    items: Vec<DeliveryItem>,
+}
+
+/// `a + b` exactly, or `None` when the sum cannot be represented: it overflows (about 7.9e28),
+/// or it needs more digits than rust_decimal's 96-bit mantissa holds, in which case
+/// `checked_add` would silently drop the last ones (`8 + 0.1234567890123456789012345678` →
+/// `8.123456789012345678901234568`). rust_decimal adds at the larger scale of its operands and
+/// only lowers the scale to round, so a lower scale than the operands' means digits were lost.
+pub fn exact_add(a: Decimal, b: Decimal) -> Option<Decimal> {
+    if a.is_zero() {
+        return Some(b);
+    }
+    if b.is_zero() {
+        return Some(a);
+    }
+    let sum = a.checked_add(b)?;
+    (sum.scale() >= a.scale().max(b.scale())).then_some(sum)
+}
+
+/// The exact sum of `quantities`, or `None` when it cannot be represented (see [`exact_add`]).
+pub fn exact_sum(quantities: impl IntoIterator<Item = Decimal>) -> Option<Decimal> {
+    quantities.into_iter().try_fold(Decimal::ZERO, exact_add)
+}
+
+/// The total quantity a delivery bills; `None` when its events cannot be summed exactly
+/// ([`group`] never builds such a delivery).
+pub fn delivered_quantity(delivery: &Delivery) -> Option<Decimal> {
+    exact_sum(delivery.items.iter().map(|i| i.usage.quantity))
 }
 
 /// Accumulates items until `max_events` or until the oldest has waited `max_wait`.
@@ -136,7 +186,9 @@ impl Batcher {
 
     /// When the current batch must be flushed, if any.
     pub fn deadline(&self) -> Option<Instant> {
-        self.oldest.map(|o| o + self.max_wait)
+        // A wait too long to represent flushes at once rather than never.
+        self.oldest
+            .map(|o| o.checked_add(self.max_wait).unwrap_or(o))
     }
 
     /// The batch if its deadline has passed.
@@ -227,10 +279,134 @@ mod tests {
         );
         let mut sums: Vec<String> = d
             .iter()
-            .map(|d| delivered_quantity(d).to_string())
+            .map(|d| delivered_quantity(d).unwrap().to_string())
             .collect();
         sums.sort();
         assert_eq!(sums, vec!["1", "3.3", "5"]);
+    }
+
+    fn aggregate(items: Vec<DeliveryItem>) -> Vec<Delivery> {
+        group(
+            items,
+            Grouping::Aggregate {
+                bucket: Bucket::Hour,
+            },
+        )
+    }
+
+    /// Issue 11, problem 1: two quantities of 5e28 for one contract, component and hour made
+    /// the delivery task panic ("Addition overflowed") again and again, pinning the partition.
+    #[test]
+    fn aggregation_never_sums_past_the_decimal_range() {
+        let huge = "50000000000000000000000000000";
+        let d = aggregate(vec![
+            item("a", "c", "x", huge, 0),
+            item("b", "c", "x", huge, 1),
+        ]);
+        assert_eq!(d.len(), 2, "two records, each with one event");
+        for delivery in &d {
+            assert_eq!(delivery.items.len(), 1);
+            assert_eq!(
+                delivered_quantity(delivery).map(|q| q.to_string()),
+                Some(huge.to_string())
+            );
+        }
+    }
+
+    /// Issue 11, problem 1: `8 + 0.1234567890123456789012345678` was billed as
+    /// `8.123456789012345678901234568` (rounded to fit 96 bits).
+    #[test]
+    fn aggregation_never_rounds_a_sum() {
+        let tiny = "0.1234567890123456789012345678";
+        let d = aggregate(vec![
+            item("a", "c", "x", "8", 0),
+            item("b", "c", "x", tiny, 1),
+            item("c", "c", "x", "2", 2),
+        ]);
+        let mut sums: Vec<String> = d
+            .iter()
+            .map(|d| delivered_quantity(d).unwrap().to_string())
+            .collect();
+        sums.sort();
+        // The 2 joins the first sum that takes it exactly.
+        assert_eq!(sums, vec![tiny.to_string(), "10".to_string()]);
+    }
+
+    #[test]
+    fn exact_add_refuses_overflow_and_rounding_only() {
+        let d = |s: &str| Decimal::from_str(s).unwrap();
+        assert_eq!(exact_add(d("1.5"), d("2.25")), Some(d("3.75")));
+        assert_eq!(exact_add(d("0.000"), d("5")), Some(d("5")));
+        assert_eq!(exact_add(Decimal::MAX, d("1")), None);
+        assert_eq!(exact_add(d("8"), d("0.1234567890123456789012345678")), None);
+        // 28 decimal places fit when the integer part is small enough.
+        assert_eq!(
+            exact_add(d("1"), d("0.1234567890123456789012345678")),
+            Some(d("1.1234567890123456789012345678"))
+        );
+        assert_eq!(exact_sum([d("1"), d("2"), d("3")]), Some(d("6")));
+        assert_eq!(exact_sum([Decimal::MAX, Decimal::MAX]), None);
+    }
+
+    /// The exact decimal text of a sum, by schoolbook addition over digit strings: the reference
+    /// the aggregation is checked against (it has no 96-bit limit).
+    fn reference_sum(values: &[Decimal]) -> String {
+        const SCALE: usize = 28;
+        let mut acc: Vec<u8> = Vec::new(); // little-endian decimal digits at scale 28
+        for v in values {
+            let text = format!("{}{}", v.mantissa(), "0".repeat(SCALE - v.scale() as usize));
+            let digits: Vec<u8> = text.bytes().rev().map(|b| b - b'0').collect();
+            let mut carry = 0;
+            for i in 0..digits.len().max(acc.len()) {
+                if i == acc.len() {
+                    acc.push(0);
+                }
+                let sum = acc[i] + digits.get(i).copied().unwrap_or(0) + carry;
+                acc[i] = sum % 10;
+                carry = sum / 10;
+            }
+            if carry > 0 {
+                acc.push(carry);
+            }
+        }
+        while acc.len() <= SCALE {
+            acc.push(0);
+        }
+        let text: String = acc.iter().rev().map(|d| char::from(b'0' + d)).collect();
+        let (int, frac) = text.split_at(text.len() - SCALE);
+        let int = int.trim_start_matches('0');
+        let int = if int.is_empty() { "0" } else { int };
+        let frac = frac.trim_end_matches('0');
+        if frac.is_empty() {
+            int.to_string()
+        } else {
+            format!("{int}.{frac}")
+        }
+    }
+
+    /// Quantities across the whole decimal range: tiny ones with 28 places, huge ones near the
+    /// limit, and everyday ones.
+    fn any_quantity() -> impl Strategy<Value = Decimal> {
+        prop_oneof![
+            (1i64..1_000_000, 0u32..7).prop_map(|(m, s)| Decimal::new(m, s)),
+            (1u128..(1u128 << 96), 0u32..=28)
+                .prop_map(|(m, s)| Decimal::from_i128_with_scale(m as i128, s)),
+            (1u128..(1u128 << 96)).prop_map(|m| Decimal::from_i128_with_scale(m as i128, 0)),
+        ]
+    }
+
+    #[test]
+    fn reference_sum_is_right() {
+        let d = |s: &str| Decimal::from_str(s).unwrap();
+        assert_eq!(
+            reference_sum(&[d("8"), d("0.1234567890123456789012345678")]),
+            "8.1234567890123456789012345678"
+        );
+        assert_eq!(reference_sum(&[d("0.5"), d("0.5")]), "1");
+        assert_eq!(
+            reference_sum(&[Decimal::MAX, d("1")]),
+            "79228162514264337593543950336"
+        );
     }
 
     #[test]
@@ -269,11 +445,43 @@ mod tests {
             for d in &deliveries {
                 let first = &d.items[0].usage;
                 let CustomerRef::ContractId(c) = &first.customer else { unreachable!() };
-                *got.entry((c.clone(), first.component_id.clone(), first.due_date.timestamp())).or_default() += delivered_quantity(d);
+                *got.entry((c.clone(), first.component_id.clone(), first.due_date.timestamp())).or_default() += delivered_quantity(d).unwrap();
                 seen += d.items.len();
             }
             prop_assert_eq!(seen, items.len());
             prop_assert_eq!(got, expected);
+        }
+
+        /// However large or precise the quantities, aggregation never panics, never rounds and
+        /// loses no event: each delivery's quantity is the exact sum of its events (checked
+        /// against schoolbook addition), and only sums that cannot be represented are split.
+        #[test]
+        fn aggregation_is_exact_across_the_decimal_range(
+            events in proptest::collection::vec((0usize..2, any_quantity(), 0i64..120), 1..60)
+        ) {
+            let items: Vec<DeliveryItem> = events.iter().enumerate().map(|(i, (c, q, m))| {
+                item(&format!("e{i}"), &format!("c{c}"), "k", &q.to_string(), *m)
+            }).collect();
+            let deliveries = aggregate(items.clone());
+            let mut seen: Vec<String> = Vec::new();
+            for d in &deliveries {
+                let quantities: Vec<Decimal> = d.items.iter().map(|i| i.usage.quantity).collect();
+                let sum = delivered_quantity(d);
+                prop_assert!(sum.is_some(), "a delivery whose sum cannot be made: {:?}", quantities);
+                prop_assert_eq!(sum.unwrap().normalize().to_string(), reference_sum(&quantities));
+                seen.extend(d.items.iter().map(|i| i.usage.event_id.clone()));
+            }
+            seen.sort();
+            let mut want: Vec<String> = items.iter().map(|i| i.usage.event_id.clone()).collect();
+            want.sort();
+            prop_assert_eq!(seen, want, "every event in exactly one delivery");
+            // Everyday quantities still go out as one record per billing key.
+            if events.iter().all(|(_, q, _)| *q < Decimal::from(1_000_000)  && q.scale() < 7) {
+                let keys: std::collections::HashSet<String> = deliveries.iter().map(|d| {
+                    format!("{:?}{}", d.items[0].usage.customer, d.items[0].usage.due_date)
+                }).collect();
+                prop_assert_eq!(keys.len(), deliveries.len());
+            }
         }
     }
 }

@@ -272,6 +272,10 @@ pub struct RateLimitConfig {
     pub headroom: f64,
     /// Requests per second before the first answer tells the real limit.
     pub initial_rate: u32,
+    /// The longest a 429 or a spent window pauses the senders, whatever `Retry-After` or
+    /// `X-RateLimit-Reset` say; at least `window`.
+    #[serde(with = "humantime_serde")]
+    pub max_pause: Duration,
 }
 
 impl Default for RateLimitConfig {
@@ -281,6 +285,7 @@ impl Default for RateLimitConfig {
             limit: None,
             headroom: 0.005,
             initial_rate: 10,
+            max_pause: Duration::from_secs(3600),
         }
     }
 }

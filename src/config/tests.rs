@@ -169,6 +169,7 @@ fn the_full_example_sets_every_key() {
         "limit",
         "headroom",
         "initial_rate",
+        "max_pause",
         "initial_backoff",
         "max_backoff",
         "[components]",
@@ -642,6 +643,16 @@ fn rate_limit_and_retry_rules() {
         |c| c.rate_limit.initial_rate = 0,
         "rate_limit.initial_rate",
         &["is 0"],
+    );
+    assert_problem(
+        |c| c.rate_limit.max_pause = Duration::from_secs(30),
+        "rate_limit.max_pause",
+        &["30s is out of range", "rate_limit.window (1m)"],
+    );
+    assert_problem(
+        |c| c.rate_limit.max_pause = Duration::from_secs(8 * 24 * 3600),
+        "rate_limit.max_pause",
+        &["8days", "at most 7d"],
     );
     assert_problem(
         |c| c.retry.initial_backoff = Duration::from_secs(60),

@@ -408,6 +408,9 @@ fn sink(config: &Config, p: &mut Problems) {
     }
 }
 
+/// The largest `rate_limit.max_pause` accepted.
+const MAX_PAUSE_BOUND: Duration = Duration::from_secs(7 * 24 * 3600);
+
 fn rate_limit_and_retry(config: &Config, p: &mut Problems) {
     let r = &config.rate_limit;
     if r.window.is_zero() {
@@ -436,6 +439,16 @@ fn rate_limit_and_retry(config: &Config, p: &mut Problems) {
         p.add(
             "rate_limit.initial_rate",
             "is 0: expected at least 1 request per second",
+        );
+    }
+    if r.max_pause < r.window || r.max_pause > MAX_PAUSE_BOUND {
+        p.add(
+            "rate_limit.max_pause",
+            format!(
+                "{} is out of range: expected at least rate_limit.window ({}) and at most 7d",
+                humantime::format_duration(r.max_pause),
+                humantime::format_duration(r.window)
+            ),
         );
     }
     let t = &config.retry;

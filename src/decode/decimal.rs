@@ -22,125 +22,117 @@ pub enum DecimalError {
 
 /// Parses a decimal exactly, keeping its scale (`"12.50"` has scale 2).
 pub fn parse_decimal(s: &str) -> Result<Decimal, DecimalError> {
-    let b = s.as_bytes();
-    let mut i = 0;
-    let negative = match b.first() {
-        Some(b'-') => {
-            i += 1;
-            true
-        }
-        Some(b'+') => {
-            i += 1;
-            false
-        }
-        _ => false,
+    let (negative, rest) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, s.strip_prefix('+').unwrap_or(s)),
     };
-    let int_start = i;
-    while i < b.len() && b[i].is_ascii_digit() {
-        i += 1;
-    }
-    let int_digits = &s[int_start..i];
+    let (int_digits, rest) = split_digits(rest);
     if int_digits.is_empty() {
         return Err(DecimalError::Syntax);
     }
-    let mut frac_digits = "";
-    if i < b.len() && b[i] == b'.' {
-        i += 1;
-        let start = i;
-        while i < b.len() && b[i].is_ascii_digit() {
-            i += 1;
-        }
-        frac_digits = &s[start..i];
-        if frac_digits.is_empty() {
-            return Err(DecimalError::Syntax);
-        }
-    }
-    let mut exponent: i64 = 0;
-    if i < b.len() && (b[i] == b'e' || b[i] == b'E') {
-        i += 1;
-        let exp_negative = match b.get(i) {
-            Some(b'-') => {
-                i += 1;
-                true
+    let (frac_digits, rest) = match rest.strip_prefix('.') {
+        Some(after) => match split_digits(after) {
+            ("", _) => return Err(DecimalError::Syntax),
+            split => split,
+        },
+        None => ("", rest),
+    };
+    let (exponent, rest): (i64, &str) = match rest.strip_prefix(['e', 'E']) {
+        Some(after) => {
+            let (exp_negative, after) = match after.strip_prefix('-') {
+                Some(after) => (true, after),
+                None => (false, after.strip_prefix('+').unwrap_or(after)),
+            };
+            let (digits, rest) = split_digits(after);
+            if digits.is_empty() {
+                return Err(DecimalError::Syntax);
             }
-            Some(b'+') => {
-                i += 1;
-                false
+            let digits = digits.trim_start_matches('0');
+            // Any exponent beyond a few hundred cannot fit; don't build huge strings for it.
+            if digits.len() > 4 {
+                return Err(if exp_negative {
+                    DecimalError::TooPrecise
+                } else {
+                    DecimalError::TooLarge
+                });
             }
-            _ => false,
-        };
-        let start = i;
-        while i < b.len() && b[i].is_ascii_digit() {
-            i += 1;
-        }
-        let digits = s[start..i].trim_start_matches('0');
-        if start == i {
-            return Err(DecimalError::Syntax);
-        }
-        // Any exponent beyond a few hundred cannot fit; don't build huge strings for it.
-        if digits.len() > 4 {
-            return Err(if exp_negative {
-                DecimalError::TooPrecise
+            let e: i64 = if digits.is_empty() {
+                0
             } else {
-                DecimalError::TooLarge
-            });
+                digits.parse().map_err(|_| DecimalError::Syntax)?
+            };
+            // |e| ≤ 9999: negating cannot overflow.
+            (if exp_negative { e.saturating_neg() } else { e }, rest)
         }
-        let e: i64 = if digits.is_empty() {
-            0
-        } else {
-            digits.parse().map_err(|_| DecimalError::Syntax)?
-        };
-        exponent = if exp_negative { -e } else { e };
-    }
-    if i != b.len() {
+        None => (0, rest),
+    };
+    if !rest.is_empty() {
         return Err(DecimalError::Syntax);
     }
 
     // value = digits × 10^-scale
-    let mut digits: String = String::with_capacity(int_digits.len() + frac_digits.len());
+    let mut digits: String =
+        String::with_capacity(int_digits.len().saturating_add(frac_digits.len()));
     digits.push_str(int_digits);
     digits.push_str(frac_digits);
-    let mut scale = frac_digits.len() as i64 - exponent;
+    let frac_len = i64::try_from(frac_digits.len()).map_err(|_| DecimalError::TooPrecise)?;
+    let mut scale = frac_len.saturating_sub(exponent);
     if scale < 0 {
         if digits.trim_start_matches('0').is_empty() {
             scale = 0;
         } else {
-            if -scale > 40 {
+            if scale < -40 {
                 return Err(DecimalError::TooLarge);
             }
-            digits.extend(std::iter::repeat_n('0', (-scale) as usize));
+            // 1 ..= 40 zeros.
+            digits.extend(std::iter::repeat_n('0', scale.unsigned_abs() as usize));
             scale = 0;
         }
     }
     // Only trailing zeros may be dropped to fit the scale: that keeps the value exact.
     while scale > MAX_SCALE && digits.ends_with('0') {
         digits.pop();
-        scale -= 1;
+        scale = scale.saturating_sub(1);
     }
     if scale > MAX_SCALE {
         return Err(DecimalError::TooPrecise);
     }
+    // 0 ..= 28 from here.
+    let scale = u32::try_from(scale).map_err(|_| DecimalError::TooPrecise)?;
     let significant = digits.trim_start_matches('0');
     if significant.len() > 29 {
-        return Err(if scale > 0 && significant.len() <= 29 + scale as usize {
-            DecimalError::TooPrecise
-        } else {
-            DecimalError::TooLarge
-        });
+        return Err(
+            if scale > 0 && significant.len() <= 29_usize.saturating_add(scale as usize) {
+                DecimalError::TooPrecise
+            } else {
+                DecimalError::TooLarge
+            },
+        );
     }
     let mantissa: i128 = if significant.is_empty() {
         0
     } else {
         significant.parse().map_err(|_| DecimalError::Syntax)?
     };
-    let mantissa = if negative { -mantissa } else { mantissa };
-    Decimal::try_from_i128_with_scale(mantissa, scale as u32).map_err(|_| {
+    // At most 29 digits: negating cannot overflow an i128.
+    let mantissa = if negative {
+        mantissa.saturating_neg()
+    } else {
+        mantissa
+    };
+    Decimal::try_from_i128_with_scale(mantissa, scale).map_err(|_| {
         if scale > 0 {
             DecimalError::TooPrecise
         } else {
             DecimalError::TooLarge
         }
     })
+}
+
+/// The leading ASCII digits of `s`, and the rest.
+fn split_digits(s: &str) -> (&str, &str) {
+    let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    s.split_at_checked(end).unwrap_or((s, ""))
 }
 
 #[cfg(test)]

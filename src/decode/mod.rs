@@ -7,7 +7,8 @@
 //! - JSON `null` counts as absent, for every field;
 //! - `id`: non-empty string or JSON number (kept as its text), at most 200 characters;
 //! - exactly one of `contract_id` (string) and `contract_external_id` (string, or an integer kept
-//!   as its text, since product ids often are numbers);
+//!   as its text, since product ids often are numbers); for billwerk a `contract_id` is exactly
+//!   24 hexadecimal characters (`invalid_contract_id`: it becomes part of the request path);
 //! - `metric`: non-empty string;
 //! - `quantity`: JSON number or decimal string, parsed exactly (no binary floating point), > 0,
 //!   scientific notation accepted when the value fits a decimal with at most 28 decimal places;
@@ -16,14 +17,20 @@
 //!   text, arrays and objects as compact JSON, `null` values dropped;
 //! - `price_per_unit`: optional, a JSON number or decimal string (policy is pricing's job).
 
+// The pure core: no unchecked arithmetic or indexing on data (checked forms, `get`, iterators).
+#![cfg_attr(
+    not(test),
+    deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)
+)]
+
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde_json::Value;
 
-use crate::config::{ConfigProblem, InputMapping};
-use crate::event::{CustomerRef, RejectReason, Rejection, UsageEvent};
+use crate::config::{ConfigProblem, InputMapping, SinkKind};
+use crate::event::{is_billwerk_contract_id, CustomerRef, RejectReason, Rejection, UsageEvent};
 
 mod decimal;
 pub use decimal::{parse_decimal, DecimalError};
@@ -42,6 +49,8 @@ const SHOWN_VALUE_CHARS: usize = 100;
 pub struct EventDecoder {
     mapping: InputMapping,
     fields: Fields,
+    /// `contract_id` must be a billwerk contract id (24 hex characters).
+    billwerk_contract_ids: bool,
 }
 
 /// The mapping's pointers, split into reference tokens once.
@@ -127,7 +136,20 @@ impl EventDecoder {
             attributes: Field::new("attributes", &mapping.attributes),
             price_per_unit: Field::new("price_per_unit", &mapping.price_per_unit),
         };
-        EventDecoder { mapping, fields }
+        EventDecoder {
+            mapping,
+            fields,
+            billwerk_contract_ids: false,
+        }
+    }
+
+    /// A decoder with the sink's rules: for billwerk, a `contract_id` must be 24 hexadecimal
+    /// characters (Billingrails account ids have no fixed shape and only travel in the body).
+    pub fn for_sink(mapping: InputMapping, sink: SinkKind) -> Self {
+        EventDecoder {
+            billwerk_contract_ids: sink == SinkKind::Billwerk,
+            ..Self::new(mapping)
+        }
     }
 
     pub fn mapping(&self) -> &InputMapping {
@@ -207,11 +229,19 @@ impl EventDecoder {
                     ),
                 ))
             }
-            (Some(v), None) => CustomerRef::ContractId(required_string(
-                &f.contract_id,
-                v,
-                "billwerk's contract id (a string)",
-            )?),
+            (Some(v), None) => {
+                let id = required_string(&f.contract_id, v, "billwerk's contract id (a string)")?;
+                if self.billwerk_contract_ids && !is_billwerk_contract_id(&id) {
+                    return Err(f.contract_id.invalid(
+                        RejectReason::InvalidContractId,
+                        v,
+                        "is not a billwerk contract id, expected exactly 24 hexadecimal \
+                         characters like \"5cd186af443e551fe8e4f5dd\" (use contract_external_id \
+                         for the product's own ids)",
+                    ));
+                }
+                CustomerRef::ContractId(id)
+            }
             (None, Some(Value::Number(n))) if n.is_u64() || n.is_i64() => {
                 CustomerRef::ExternalId(n.to_string())
             }
@@ -359,7 +389,8 @@ fn compile_pointer(pointer: &str) -> Option<Box<[String]>> {
         return None;
     }
     Some(
-        pointer[1..]
+        pointer
+            .strip_prefix('/')?
             .split('/')
             .map(|t| t.replace("~1", "/").replace("~0", "~"))
             .collect(),
@@ -390,7 +421,7 @@ fn pointer_problem(pointer: &str) -> Option<String> {
     }
     let bytes = pointer.as_bytes();
     for (i, &b) in bytes.iter().enumerate() {
-        if b == b'~' && !matches!(bytes.get(i + 1), Some(b'0') | Some(b'1')) {
+        if b == b'~' && !matches!(bytes.get(i.saturating_add(1)), Some(b'0') | Some(b'1')) {
             return Some(format!(
                 "{pointer:?} is not a JSON Pointer: `~` must be followed by 0 (for `~`) or 1 \
                  (for `/`)"
@@ -458,7 +489,7 @@ fn show(v: &Value) -> String {
 /// `s` cut to `max` characters, with `…` when cut.
 pub fn truncate_chars(s: &str, max: usize) -> String {
     match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &s[..i]),
+        Some((i, _)) => format!("{}…", s.get(..i).unwrap_or(s)),
         None => s.to_string(),
     }
 }

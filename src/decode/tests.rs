@@ -192,6 +192,43 @@ fn contract_rules() {
     assert_rejected(&ext, RejectReason::InvalidField, &["an array"]);
 }
 
+/// Issue 11, problem 2: `5cd186af443e551fe8e4f5d0/../../../../oauth/token/?x=` was pasted into
+/// the usage URL and sent, with the bearer token, as `POST /oauth/token/?x=/usage`. For billwerk
+/// a contract id is exactly 24 hex characters; anything else is dead-lettered at decode.
+#[test]
+fn billwerk_contract_ids_are_24_hex_characters() {
+    let billwerk = EventDecoder::for_sink(InputMapping::default(), SinkKind::Billwerk);
+    let decode = |id: &str| billwerk.decode(with("contract_id", json!(id)).to_string().as_bytes());
+    for bad in [
+        "5cd186af443e551fe8e4f5d0/../../../../oauth/token/?x=",
+        "5cd186af443e551fe8e4f5d",
+        "5cd186af443e551fe8e4f5dd0",
+        "5cd186af443e551fe8e4f5dg",
+        "5cd186af443e551fe8e4f5d%",
+        "../../../../../../../../",
+        " 5cd186af443e551fe8e4f5d",
+        "５cd186af443e551fe8e4f5d",
+    ] {
+        let r = decode(bad).expect_err(bad);
+        assert_eq!(r.reason, RejectReason::InvalidContractId, "{bad}: {r}");
+        assert!(r.detail.contains("24 hexadecimal characters"), "{r}");
+    }
+    for good in ["5cd186af443e551fe8e4f5dd", "5CD186AF443E551FE8E4F5DD"] {
+        assert_eq!(
+            decode(good).unwrap().customer,
+            CustomerRef::ContractId(good.into())
+        );
+    }
+    // External ids have no fixed shape: they travel as an encoded query value.
+    let mut ext = without("contract_id");
+    ext["contract_external_id"] = json!("acme/../x?y=1&z#");
+    assert!(billwerk.decode(ext.to_string().as_bytes()).is_ok());
+    // Billingrails account ids have no fixed shape either; they only travel in the body.
+    let billingrails = EventDecoder::for_sink(InputMapping::default(), SinkKind::Billingrails);
+    let any = with("contract_id", json!("acct_42"));
+    assert!(billingrails.decode(any.to_string().as_bytes()).is_ok());
+}
+
 #[test]
 fn metric_rules() {
     assert_rejected(

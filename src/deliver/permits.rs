@@ -159,7 +159,7 @@ mod tests {
         drop(stuck);
         drop(others);
         assert!(
-            permits.contracts.lock().unwrap().is_empty(),
+            crate::sync::lock(&permits.contracts).is_empty(),
             "idle contracts are forgotten"
         );
     }

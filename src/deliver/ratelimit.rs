@@ -10,6 +10,17 @@
 //!   retries alike). governor cannot change a quota in place and a limiter rebuilt from old state
 //!   misbehaves, so a new pace swaps in a whole new limiter (arc-swap) that starts with its burst
 //!   already spent.
+//!
+//! No provider number can panic or stall this for long (docs/rate-limiting.md, "Bounds"): every
+//! wait is at most `rate_limit.max_pause`, the pace lies in [`MIN_PACE`] ..= [`MAX_PACE`], and a
+//! gate closed by a wait that had to be cut to that bound reopens as soon as a later answer shows
+//! the provider taking requests again.
+
+// The pure core: no unchecked arithmetic or indexing on data (checked forms, `get`, iterators).
+#![cfg_attr(
+    not(test),
+    deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)
+)]
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -25,9 +36,26 @@ use tokio::sync::watch;
 
 use crate::config::RateLimitConfig;
 use crate::deliver::RateSignals;
+use crate::sync::lock;
 
 /// Where probing without any server numbers stops growing (requests per second).
 const MAX_PROBE_RATE: f64 = 100_000.0;
+
+/// The fastest pace ever set (requests per second), whatever limit a server announces: a huge
+/// `X-RateLimit-Limit` over a short window made governor's quota period zero (a panic).
+pub const MAX_PACE: f64 = 1_000_000.0;
+/// The slowest pace ever set (requests per second).
+pub const MIN_PACE: f64 = 0.01;
+
+/// `t + d`, or `t` itself in the (unreachable: waits are bounded) case of an overflow.
+fn later(t: Instant, d: Duration) -> Instant {
+    t.checked_add(d).unwrap_or(t)
+}
+
+/// `t + d` for tokio instants, like [`later`].
+fn later_tokio(t: tokio::time::Instant, d: Duration) -> tokio::time::Instant {
+    t.checked_add(d).unwrap_or(t)
+}
 
 /// What the model tells the sender.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -42,6 +70,10 @@ pub enum Pace {
 #[derive(Debug, Clone)]
 pub struct PaceModel {
     window: Duration,
+    /// The longest pause any answer can impose (`rate_limit.max_pause`, at least `window`).
+    max_pause: Duration,
+    /// The window's end came from a reset header that had to be cut to `max_pause`.
+    window_end_capped: bool,
     headroom: f64,
     configured_limit: Option<u32>,
     /// The server's limit, once seen.
@@ -64,8 +96,11 @@ pub struct PaceModel {
 
 impl PaceModel {
     pub fn new(config: &RateLimitConfig) -> Self {
+        let window = config.window.max(Duration::from_millis(1));
         PaceModel {
-            window: config.window.max(Duration::from_millis(1)),
+            window,
+            max_pause: config.max_pause.max(window),
+            window_end_capped: false,
             headroom: config.headroom.clamp(0.0, 0.5),
             configured_limit: config.limit,
             limit: None,
@@ -136,7 +171,8 @@ impl PaceModel {
                     // the send rather than from the answer keeps the round trip (and any stall
                     // before this answer was read) out of the estimate, and is still never early:
                     // requests sent a window later reach the server a window after this one did.
-                    self.window_end = Some(sent_at.unwrap_or(now) + self.window);
+                    self.window_end = Some(later(sent_at.unwrap_or(now), self.window));
+                    self.window_end_capped = false;
                     self.window_began_sent = sent_at;
                 }
                 if window_rolled || window_passed || self.remaining.is_none() || first_sight {
@@ -151,7 +187,7 @@ impl PaceModel {
                     self.successes_since_throttle = 0;
                     self.slow_start = false;
                 } else {
-                    self.successes_since_throttle += 1;
+                    self.successes_since_throttle = self.successes_since_throttle.saturating_add(1);
                     // About once per second of sending at the current rate: double while in
                     // slow start, then grow gently.
                     if f64::from(self.successes_since_throttle) >= self.probe_rate.max(1.0) {
@@ -163,6 +199,10 @@ impl PaceModel {
             }
         }
         if let Some(reset_after) = signals.reset_after {
+            // A reset further away than any pause may last is cut to that bound (an epoch-ms
+            // value taken for seconds would otherwise close the gate for decades).
+            self.window_end_capped = reset_after > self.max_pause;
+            let reset_after = reset_after.min(self.max_pause);
             self.window_end = Some(reset_bound(self.window_end, reset_after, now));
         }
         if throttled {
@@ -190,8 +230,12 @@ impl PaceModel {
         if sent < began {
             return true;
         }
-        let grace = (self.window / 50).max(Duration::from_millis(20));
-        if sent >= began + grace {
+        let grace = self
+            .window
+            .checked_div(50)
+            .unwrap_or_default()
+            .max(Duration::from_millis(20));
+        if sent >= later(began, grace) {
             return false;
         }
         let (Some(limit), Some(current)) = (self.limit, self.remaining) else {
@@ -216,7 +260,7 @@ impl PaceModel {
         }
         let limit = self.limit.unwrap_or(0);
         let remaining = self.remaining.unwrap_or(limit);
-        let window_end = self.window_end.unwrap_or(now + self.window);
+        let window_end = self.window_end.unwrap_or_else(|| later(now, self.window));
         if window_end <= now {
             // The window ended without an answer telling us about the next one: it is fresh.
             return Pace::Rate(per_window(limit).max(0.1));
@@ -226,7 +270,10 @@ impl PaceModel {
         if spendable < 1.0 {
             return Pace::WaitUntil(window_end);
         }
-        let time_left = (window_end - now).as_secs_f64().max(0.001);
+        let time_left = window_end
+            .saturating_duration_since(now)
+            .as_secs_f64()
+            .max(0.001);
         // Catching up after an idle spell is allowed (fixed windows), but not without bound.
         let ceiling = per_window(limit) * 4.0;
         Pace::Rate((spendable / time_left).min(ceiling).max(0.1))
@@ -235,19 +282,47 @@ impl PaceModel {
     /// How long a 429 closes the gate: `Retry-After` when the server sends it (an explicit
     /// instruction, honoured as is), else until the window's end as far as the model knows it
     /// (which a reset header has already bounded).
+    ///
+    /// Never longer than `rate_limit.max_pause`.
     pub fn pause_after_throttle(&self, signals: &RateSignals, now: Instant) -> Duration {
+        self.throttle_pause(signals, now).0
+    }
+
+    /// [`PaceModel::pause_after_throttle`], and whether the server asked for longer than
+    /// `rate_limit.max_pause` (the pause was cut to it): such a closure yields to any later,
+    /// saner answer.
+    pub fn throttle_pause(&self, signals: &RateSignals, now: Instant) -> (Duration, bool) {
         if let Some(d) = signals.retry_after {
-            return d;
+            return (d.min(self.max_pause), d > self.max_pause);
         }
         match self.window_end {
-            Some(end) if end > now => end - now,
+            Some(end) if end > now => (
+                end.saturating_duration_since(now).min(self.max_pause),
+                self.window_end_capped,
+            ),
             // The window should have ended and has not: a tenth of it, at least 100 ms (and no
             // longer than a reset header says).
             _ => {
-                let guess = (self.window / 10).max(Duration::from_millis(100));
-                signals.reset_after.map_or(guess, |reset| guess.min(reset))
+                let guess = self
+                    .window
+                    .checked_div(10)
+                    .unwrap_or_default()
+                    .max(Duration::from_millis(100));
+                let pause = signals.reset_after.map_or(guess, |reset| guess.min(reset));
+                (pause.min(self.max_pause), false)
             }
         }
+    }
+
+    /// How often a pause cut to `max_pause` lets one request through to ask again: once a window
+    /// (at least a second, at most `max_pause`).
+    pub fn probe_every(&self) -> Duration {
+        self.window.max(Duration::from_secs(1)).min(self.max_pause)
+    }
+
+    /// Whether the window's current end came from a reset header cut to `max_pause`.
+    pub fn window_end_capped(&self) -> bool {
+        self.window_end_capped
     }
 }
 
@@ -256,13 +331,13 @@ impl PaceModel {
 /// `now + reset`, and an estimate inside that span (from the last observed reset: finer than a
 /// second) is kept. Outside it, or with a fractional header, the header rules.
 fn reset_bound(estimate: Option<Instant>, reset: Duration, now: Instant) -> Instant {
-    let said = now + reset;
+    let said = later(now, reset);
     if reset.subsec_nanos() != 0 {
         return said;
     }
     let second = Duration::from_secs(1);
     match estimate {
-        Some(e) if e + second > said && e < said + second => e,
+        Some(e) if later(e, second) > said && e < later(said, second) => e,
         _ => said,
     }
 }
@@ -273,6 +348,31 @@ pub struct QuotaGate {
     closed_until: watch::Sender<Option<tokio::time::Instant>>,
     /// When the current closure began, for `meterflow_throttled_seconds_total`.
     closed_since: Mutex<Option<tokio::time::Instant>>,
+    /// Set while the current closure's end was cut to `rate_limit.max_pause` (the server asked
+    /// for more).
+    capped: Mutex<Option<CappedClosure>>,
+}
+
+/// A closure cut to `rate_limit.max_pause`: not trusted to its end.
+#[derive(Debug, Clone, Copy)]
+struct CappedClosure {
+    /// When the request whose answer asked for it was sent. An answer to a request sent since
+    /// then that shows the provider taking requests again shortens the closure.
+    sent: Instant,
+    /// Meanwhile one request may pass every `probe_every`, from `probe_at` on, so that such an
+    /// answer can come even when nothing else is in flight.
+    probe_at: tokio::time::Instant,
+    probe_every: Duration,
+}
+
+/// Whether a waiter may pass a closed gate as the probe of a capped closure.
+enum Probe {
+    /// This caller is the probe.
+    Mine,
+    /// The next probe is due then.
+    At(tokio::time::Instant),
+    /// The closure is not capped: no probes.
+    None,
 }
 
 impl Default for QuotaGate {
@@ -286,17 +386,44 @@ impl QuotaGate {
         QuotaGate {
             closed_until: watch::channel(None).0,
             closed_since: Mutex::new(None),
+            capped: Mutex::new(None),
         }
     }
 
     /// Closes the gate until `until` (never shortens an existing closure). Returns true when
     /// this call closed an open gate.
     pub fn close_until(&self, until: tokio::time::Instant) -> bool {
+        self.close(until, None)
+    }
+
+    /// Closes the gate until `until`, a time cut to `rate_limit.max_pause` from what the answer
+    /// to a request sent at `sent` asked: [`QuotaGate::reopen_sooner`] may shorten it, and
+    /// meanwhile one request may pass every `probe_every` (see [`QuotaGate::wait_open`]).
+    pub fn close_until_capped(
+        &self,
+        until: tokio::time::Instant,
+        sent: Instant,
+        probe_every: Duration,
+    ) -> bool {
+        let probe_every = probe_every.max(Duration::from_millis(100));
+        self.close(
+            until,
+            Some(CappedClosure {
+                sent,
+                probe_at: later_tokio(tokio::time::Instant::now(), probe_every),
+                probe_every,
+            }),
+        )
+    }
+
+    fn close(&self, until: tokio::time::Instant, capped: Option<CappedClosure>) -> bool {
         let mut newly_closed = false;
+        let mut extended = false;
         self.closed_until
             .send_if_modified(|current| match *current {
                 Some(t) if t >= until => false,
                 Some(_) => {
+                    extended = true;
                     *current = Some(until);
                     true
                 }
@@ -307,9 +434,53 @@ impl QuotaGate {
                 }
             });
         if newly_closed {
-            *self.closed_since.lock().unwrap() = Some(tokio::time::Instant::now());
+            *lock(&self.closed_since) = Some(tokio::time::Instant::now());
+        }
+        if newly_closed || extended {
+            // The closure's end is now this answer's: capped or not, as it was. A probe already
+            // scheduled keeps its time.
+            let mut current = lock(&self.capped);
+            *current = match (capped, *current) {
+                (Some(new), Some(old)) => Some(CappedClosure {
+                    probe_at: old.probe_at,
+                    ..new
+                }),
+                (new, _) => new,
+            };
         }
         newly_closed
+    }
+
+    /// A saner answer than the one that closed the gate: when the current closure was cut to
+    /// `rate_limit.max_pause` (the server asked for longer, e.g. `Retry-After: 100000000000`) and
+    /// this answer's request left after the one that asked (`sent`; `None`: now), the closure
+    /// ends at `until` instead (`None`: now), if that is sooner. Returns true when it did.
+    pub fn reopen_sooner(
+        &self,
+        until: Option<tokio::time::Instant>,
+        sent: Option<Instant>,
+    ) -> bool {
+        let mut capped = lock(&self.capped);
+        let Some(capped_sent) = capped.map(|c| c.sent) else {
+            return false;
+        };
+        if sent.is_some_and(|s| s < capped_sent) {
+            return false;
+        }
+        let until = until.unwrap_or_else(tokio::time::Instant::now);
+        let shortened = self
+            .closed_until
+            .send_if_modified(|current| match *current {
+                Some(t) if t > until => {
+                    *current = Some(until);
+                    true
+                }
+                _ => false,
+            });
+        if shortened {
+            *capped = None;
+        }
+        shortened
     }
 
     pub fn is_closed(&self) -> bool {
@@ -319,13 +490,28 @@ impl QuotaGate {
     }
 
     /// Waits until the gate is open. True for the one caller that found the closure expired
-    /// and opened it.
+    /// and opened it. While a closure cut to `rate_limit.max_pause` lasts, one caller per probe
+    /// interval is let through (returning false) as a probe: its answer may show the provider
+    /// taking requests again, which reopens the gate for everyone.
     pub async fn wait_open(&self) -> bool {
+        let mut changes = self.closed_until.subscribe();
         let mut opened_it = false;
         loop {
-            let until = *self.closed_until.borrow();
+            let until = *changes.borrow_and_update();
+            let now = tokio::time::Instant::now();
             match until {
-                Some(t) if t > tokio::time::Instant::now() => tokio::time::sleep_until(t).await,
+                Some(t) if t > now => {
+                    let wake = match self.take_probe(now) {
+                        Probe::Mine => return opened_it,
+                        Probe::At(at) => at.min(t),
+                        Probe::None => t,
+                    };
+                    // Woken early when the closure changes (a saner answer shortened it).
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(wake) => {}
+                        _ = changes.changed() => {}
+                    }
+                }
                 Some(_) => {
                     // Expired: open it (once) and let everyone through to the pacer.
                     let opened = self.closed_until.send_if_modified(|c| {
@@ -338,7 +524,8 @@ impl QuotaGate {
                     });
                     if opened {
                         opened_it = true;
-                        if let Some(since) = self.closed_since.lock().unwrap().take() {
+                        *lock(&self.capped) = None;
+                        if let Some(since) = lock(&self.closed_since).take() {
                             metrics::gauge!("meterflow_throttled_seconds_total")
                                 .increment(since.elapsed().as_secs_f64());
                         }
@@ -346,6 +533,19 @@ impl QuotaGate {
                 }
                 None => return opened_it,
             }
+        }
+    }
+
+    /// Whether the caller may pass now as the probe of a capped closure.
+    fn take_probe(&self, now: tokio::time::Instant) -> Probe {
+        let mut capped = lock(&self.capped);
+        match capped.as_mut() {
+            Some(c) if c.probe_at <= now => {
+                c.probe_at = later_tokio(now, c.probe_every);
+                Probe::Mine
+            }
+            Some(c) => Probe::At(c.probe_at),
+            None => Probe::None,
         }
     }
 
@@ -461,27 +661,46 @@ impl RateLimiter {
             metrics::counter!("meterflow_throttled_responses_total", "sink" => self.sink)
                 .increment(1);
         }
-        let (pace, pause) = {
-            let mut model = self.model.lock().unwrap();
+        let (pace, pause, window_capped, probe_every) = {
+            let mut model = lock(&self.model);
             if !model.observe_answer(signals, throttled, sent_at, now) {
                 if throttled {
                     tracing::debug!("429 for a request sent in an earlier window: no pause");
                 }
                 return;
             }
-            let pause = throttled.then(|| model.pause_after_throttle(signals, now));
-            (model.pace(now), pause)
+            let pause = throttled.then(|| model.throttle_pause(signals, now));
+            (
+                model.pace(now),
+                pause,
+                model.window_end_capped(),
+                model.probe_every(),
+            )
         };
-        if let Some(pause) = pause {
-            if self.gate.close_until(now_tokio + pause) {
+        let sent = sent_at.unwrap_or(now);
+        if let Some((pause, capped)) = pause {
+            let until = later_tokio(now_tokio, pause);
+            let closed = if capped {
+                self.gate.close_until_capped(until, sent, probe_every)
+            } else {
+                // A sane pause replaces a longer one that had to be cut to max_pause.
+                self.gate.reopen_sooner(Some(until), sent_at);
+                self.gate.close_until(until)
+            };
+            if closed {
                 tracing::warn!(
                     pause_ms = pause.as_millis() as u64,
+                    cut_to_max_pause = capped,
                     "provider answered 429: all senders pause"
                 );
             }
         }
         match pace {
             Pace::Rate(rate) => {
+                if !throttled && self.gate.reopen_sooner(None, sent_at) {
+                    tracing::info!("the provider takes requests again: the pause it asked for (cut to rate_limit.max_pause) ends now");
+                }
+                let rate = bounded_pace(rate);
                 let current = self.paced.load().rate;
                 if (rate - current).abs() > current * 0.05 {
                     tracing::debug!(rate, previous = current, "pace swapped");
@@ -489,10 +708,19 @@ impl RateLimiter {
                 }
             }
             Pace::WaitUntil(end) => {
-                let until = now_tokio + end.saturating_duration_since(now);
-                if self.gate.close_until(until) {
+                let wait = end.saturating_duration_since(now);
+                let until = later_tokio(now_tokio, wait);
+                let closed = if window_capped {
+                    self.gate.close_until_capped(until, sent, probe_every)
+                } else {
+                    if !throttled {
+                        self.gate.reopen_sooner(Some(until), sent_at);
+                    }
+                    self.gate.close_until(until)
+                };
+                if closed {
                     tracing::debug!(
-                        wait_ms = end.saturating_duration_since(now).as_millis() as u64,
+                        wait_ms = wait.as_millis() as u64,
                         "window budget spent: all senders wait for the window's end"
                     );
                 }
@@ -502,7 +730,7 @@ impl RateLimiter {
     }
 
     fn publish(&self) {
-        let model = self.model.lock().unwrap();
+        let model = lock(&self.model);
         if let Some(limit) = model.limit() {
             metrics::gauge!("meterflow_quota_limit").set(f64::from(limit));
         }
@@ -513,17 +741,30 @@ impl RateLimiter {
     }
 }
 
-/// A fresh limiter for `rate` per second whose small burst (20 ms worth, to absorb timer
-/// granularity) is already spent, so a swap never lets a burst through.
+/// `rate` within [`MIN_PACE`] ..= [`MAX_PACE`] (NaN: the slowest).
+fn bounded_pace(rate: f64) -> f64 {
+    if rate.is_nan() {
+        MIN_PACE
+    } else {
+        rate.clamp(MIN_PACE, MAX_PACE)
+    }
+}
+
+/// A fresh limiter for `rate` per second (bounded to [`MIN_PACE`] ..= [`MAX_PACE`]) whose small
+/// burst (20 ms worth, to absorb timer granularity) is already spent, so a swap never lets a
+/// burst through.
 fn paced(rate: f64) -> Paced {
-    let rate = rate.max(0.01);
-    let period = Duration::from_secs_f64(1.0 / rate);
-    let burst = ((rate * 0.02).ceil() as u32).max(1);
+    let rate = bounded_pace(rate);
+    // 1 µs ..= 100 s for the bounded rates; the fallbacks are unreachable.
+    let period = Duration::try_from_secs_f64(1.0 / rate)
+        .unwrap_or(Duration::from_secs(100))
+        .max(Duration::from_nanos(1));
+    let burst = NonZeroU32::new(((rate * 0.02).ceil() as u32).max(1)).unwrap_or(NonZeroU32::MIN);
     let quota = Quota::with_period(period)
-        .expect("period is positive")
-        .allow_burst(NonZeroU32::new(burst).expect("burst ≥ 1"));
+        .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+        .allow_burst(burst);
     let limiter = governor::RateLimiter::direct_with_clock(quota, TokioClock);
-    for _ in 0..burst {
+    for _ in 0..burst.get() {
         let _ = limiter.check();
     }
     Paced { rate, limiter }
@@ -539,6 +780,7 @@ mod tests {
             limit,
             headroom,
             initial_rate: 10,
+            max_pause: Duration::from_secs(3600),
         }
     }
 
@@ -886,6 +1128,148 @@ mod tests {
         // 100/s: 200 further requests take ~2 s, never less.
         assert!(elapsed >= Duration::from_millis(1990), "{elapsed:?}");
         assert!(elapsed <= Duration::from_millis(2100), "{elapsed:?}");
+    }
+
+    /// Issue 11, problem 3: no wait any answer asks for exceeds `rate_limit.max_pause`, and
+    /// the model says when it had to cut one.
+    #[test]
+    fn waits_are_cut_to_max_pause() {
+        let t0 = Instant::now();
+        let hour = Duration::from_secs(3600);
+        let mut m = PaceModel::new(&config(60, 0.0, None));
+        let absurd = RateSignals {
+            retry_after: Some(crate::deliver::http::MAX_HEADER_WAIT),
+            ..Default::default()
+        };
+        assert_eq!(m.throttle_pause(&absurd, t0), (hour, true));
+        let sane = RateSignals {
+            retry_after: Some(Duration::from_secs(5)),
+            ..Default::default()
+        };
+        assert_eq!(m.throttle_pause(&sane, t0), (Duration::from_secs(5), false));
+        // An epoch-millisecond reset read as seconds would be ~56 000 years away.
+        m.observe(
+            &with_reset(100, 0, crate::deliver::http::MAX_HEADER_WAIT),
+            true,
+            t0,
+        );
+        assert!(m.window_end_capped());
+        assert_eq!(m.window_end(), Some(t0 + hour));
+        assert_eq!(m.pace(t0), Pace::WaitUntil(t0 + hour));
+        assert_eq!(m.throttle_pause(&RateSignals::default(), t0), (hour, true));
+    }
+
+    /// Issue 11, problem 3: `Quota::with_period(..).expect` panicked for a large
+    /// `X-RateLimit-Limit` over a short window (the period rounded to zero).
+    #[tokio::test(start_paused = true)]
+    async fn a_huge_limit_over_a_short_window_paces_at_the_bound() {
+        let mut short = config(1, 0.0, None);
+        short.window = Duration::from_millis(1);
+        let limiter = RateLimiter::new(&short);
+        limiter.observe(&headers(u32::MAX, u32::MAX), false);
+        assert_eq!(limiter.rate(), MAX_PACE);
+        limiter.until_ready().await;
+        for rate in [f64::NAN, f64::INFINITY, -1.0, 0.0, 1e300] {
+            let p = paced(rate);
+            assert!(
+                (MIN_PACE..=MAX_PACE).contains(&p.rate),
+                "{rate}: {}",
+                p.rate
+            );
+        }
+    }
+
+    /// Issue 11, problem 3: a huge Retry-After closed the gate for years and no later answer
+    /// could open it. Now it closes for at most max_pause, and an answer to a request sent
+    /// after the absurd one's that shows the provider taking requests reopens it.
+    #[tokio::test(start_paused = true)]
+    async fn a_later_sane_answer_reopens_a_gate_closed_by_an_absurd_one() {
+        let limiter = RateLimiter::new(&config(60, 0.0, None));
+        let before = tokio::time::Instant::now();
+        tokio::time::advance(Duration::from_millis(5)).await;
+        let absurd_sent = tokio::time::Instant::now();
+        let absurd = RateSignals {
+            retry_after: Some(crate::deliver::http::MAX_HEADER_WAIT),
+            ..Default::default()
+        };
+        limiter.observe_sent(&absurd, true, absurd_sent);
+        let until = *limiter.gate().subscribe().borrow();
+        assert_eq!(until, Some(absurd_sent + Duration::from_secs(3600)));
+        // An answer to a request sent before the absurd one proves nothing.
+        limiter.observe_sent(&headers(1000, 900), false, before);
+        assert!(limiter.gate().is_closed());
+        // One sent after it, accepted: the provider takes requests again.
+        tokio::time::advance(Duration::from_millis(5)).await;
+        limiter.observe_sent(&headers(1000, 899), false, tokio::time::Instant::now());
+        assert!(!limiter.gate().is_closed());
+        tokio::time::timeout(Duration::from_secs(1), limiter.until_ready())
+            .await
+            .expect("the gate opens without waiting out the cut pause");
+
+        // A later 429 with a sane Retry-After shortens a cut closure to its own time. (Past the
+        // grace after the window's first answer, so the 429s are not taken for late ones.)
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let absurd_sent = tokio::time::Instant::now();
+        limiter.observe_sent(&absurd, true, absurd_sent);
+        tokio::time::advance(Duration::from_millis(5)).await;
+        let sane = RateSignals {
+            retry_after: Some(Duration::from_secs(2)),
+            ..headers(1000, 0)
+        };
+        let sane_sent = tokio::time::Instant::now();
+        limiter.observe_sent(&sane, true, sane_sent);
+        let until = (*limiter.gate().subscribe().borrow()).unwrap();
+        assert!(
+            until <= sane_sent + Duration::from_secs(60),
+            "{:?}",
+            until - sane_sent
+        );
+
+        // A sane closure is never shortened by a 2xx (only a cut one is).
+        let limiter = RateLimiter::new(&config(60, 0.0, None));
+        let sent = tokio::time::Instant::now();
+        limiter.observe_sent(&sane, true, sent);
+        tokio::time::advance(Duration::from_millis(5)).await;
+        limiter.observe_sent(&headers(1000, 500), false, tokio::time::Instant::now());
+        assert!(limiter.gate().is_closed());
+    }
+
+    /// A pause cut to max_pause with nothing else in flight: one sender passes once a window
+    /// as a probe; when its answer shows the provider taking requests, every waiting sender is
+    /// woken and let through at once, not after the hour.
+    #[tokio::test(start_paused = true)]
+    async fn a_cut_pause_probes_once_a_window_and_a_good_answer_frees_everyone() {
+        let limiter = Arc::new(RateLimiter::new(&config(60, 0.0, Some(60_000))));
+        let start = tokio::time::Instant::now();
+        let absurd = RateSignals {
+            retry_after: Some(crate::deliver::http::MAX_HEADER_WAIT),
+            ..Default::default()
+        };
+        limiter.observe_sent(&absurd, true, start);
+        let (passed, mut passes) = tokio::sync::mpsc::unbounded_channel();
+        for _ in 0..5 {
+            let (limiter, passed) = (limiter.clone(), passed.clone());
+            tokio::spawn(async move {
+                limiter.until_ready().await;
+                let _ = passed.send(tokio::time::Instant::now());
+            });
+        }
+        let probe = passes.recv().await.unwrap();
+        assert_eq!(
+            probe - start,
+            Duration::from_secs(60),
+            "one probe after a window"
+        );
+        assert!(limiter.gate().is_closed(), "the others still wait");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(passes.try_recv().is_err(), "only one probe per window");
+        // The probe is accepted: everyone goes, at the pace.
+        limiter.observe_sent(&headers(1000, 900), false, probe);
+        for _ in 0..4 {
+            let at = passes.recv().await.unwrap();
+            assert!(at - start < Duration::from_secs(62), "{:?}", at - start);
+        }
+        assert!(!limiter.gate().is_closed());
     }
 
     /// `MeterflowThrottledRatioHigh` divides 429s by requests `by (job, sink)`: without the

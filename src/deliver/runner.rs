@@ -208,7 +208,17 @@ impl DeliveryRunner {
         Some(
             outcomes
                 .into_iter()
-                .map(|o| o.expect("every item has an outcome when the loop ends"))
+                // Every item has an outcome when the loop ends; were one missing (a bug), it is
+                // dead-lettered rather than left unsettled.
+                .map(|o| {
+                    o.unwrap_or_else(|| ItemOutcome::DeadLetter {
+                        rejection: crate::event::Rejection::new(
+                            crate::event::RejectReason::InternalError,
+                            "the delivery ended without an outcome for this event (a bug)",
+                        ),
+                        provider_answer: None,
+                    })
+                })
                 .collect(),
         )
     }

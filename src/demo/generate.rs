@@ -94,14 +94,14 @@ impl EventGenerator {
         }
         if !self.rng.random_bool(self.invalid_share.clamp(0.0, 1.0)) {
             return Generated {
-                payload: serde_json::to_vec(&event).expect("json"),
+                payload: event.to_string().into_bytes(),
                 invalid: None,
             };
         }
         let kind = INVALID_KINDS[self.rng.random_range(0..INVALID_KINDS.len())];
         match kind {
             "invalid_json" => {
-                let mut bytes = serde_json::to_vec(&event).expect("json");
+                let mut bytes = event.to_string().into_bytes();
                 bytes.truncate(bytes.len() / 2);
                 return Generated {
                     payload: bytes,
@@ -112,12 +112,14 @@ impl EventGenerator {
             "unknown_metric" => event["metric"] = json!("teleportations"),
             "invalid_timestamp" => event["timestamp"] = json!("last tuesday"),
             _ => {
-                event.as_object_mut().expect("object").remove("contract_id");
+                if let Some(fields) = event.as_object_mut() {
+                    fields.remove("contract_id");
+                }
                 event["contract_external_id"] = json!("no-such-customer");
             }
         }
         Generated {
-            payload: serde_json::to_vec(&event).expect("json"),
+            payload: event.to_string().into_bytes(),
             invalid: Some(kind),
         }
     }

@@ -64,8 +64,10 @@ pub struct ReplayArgs {
 }
 
 fn reason_parser() -> impl TypedValueParser<Value = RejectReason> {
-    PossibleValuesParser::new(RejectReason::ALL.map(|r| r.as_str()))
-        .map(|s| RejectReason::parse(&s).expect("only possible values reach here"))
+    PossibleValuesParser::new(RejectReason::ALL.map(|r| r.as_str())).try_map(|s| {
+        // Only the possible values reach here.
+        RejectReason::parse(&s).ok_or_else(|| format!("unknown reason {s:?}"))
+    })
 }
 
 pub async fn run(args: DlqArgs) -> anyhow::Result<()> {

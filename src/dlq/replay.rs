@@ -267,14 +267,14 @@ async fn send_chunk(
     let forget: Vec<String> = chunk.iter().flat_map(|s| s.forget.clone()).collect();
     let url = config.ledger.url.trim();
     if !forget.is_empty() && !url.is_empty() && url != "none" {
-        if ledger.is_none() {
-            *ledger = Some(
+        let store = match ledger {
+            Some(store) => store,
+            None => ledger.insert(
                 LedgerStore::connect(url)
                     .await
                     .map_err(|e| ReplayError::Ledger(e.to_string()))?,
-            );
-        }
-        let store = ledger.as_ref().expect("opened above");
+            ),
+        };
         report.rejections_forgotten += store
             .forget_rejections(&forget)
             .await

@@ -164,7 +164,7 @@ impl GapMonitor {
     /// up, so that a first record past it becomes a gap.
     fn learn_starts(&mut self) {
         let waiting: Vec<((String, i32), u64, i64)> = {
-            let w = self.shared.watermarks.lock().unwrap();
+            let w = crate::sync::lock(&self.shared.watermarks);
             w.iter_generations()
                 .filter_map(|(k, g, w)| w.awaits_start().map(|first| (k.clone(), g, first)))
                 .collect()
@@ -179,7 +179,7 @@ impl GapMonitor {
                     continue;
                 }
             };
-            let mut w = self.shared.watermarks.lock().unwrap();
+            let mut w = crate::sync::lock(&self.shared.watermarks);
             let Some(mark) = w.current(&topic, partition, generation) else {
                 continue;
             };
@@ -222,7 +222,7 @@ impl GapMonitor {
 
     fn verify_due_gaps(&mut self) {
         let gaps: Vec<((String, i32), u64, Gap)> = {
-            let w = self.shared.watermarks.lock().unwrap();
+            let w = crate::sync::lock(&self.shared.watermarks);
             w.iter_generations()
                 .filter_map(|(k, g, w)| w.first_gap().map(|gap| (k.clone(), g, gap)))
                 .collect()
@@ -302,7 +302,7 @@ impl GapMonitor {
         let resumed = self.shared.epoch + Duration::from_millis(resumed_ms);
         let now = Instant::now();
         let idle: Vec<((String, i32), u64, i64)> = {
-            let w = self.shared.watermarks.lock().unwrap();
+            let w = crate::sync::lock(&self.shared.watermarks);
             w.iter_generations()
                 .filter_map(|(k, g, w)| {
                     let (next, last_read) = w.read_up_to()?;
@@ -576,7 +576,7 @@ impl GapMonitor {
         };
         let mut to_send = Vec::with_capacity(v.recovered.len());
         {
-            let mut w = self.shared.watermarks.lock().unwrap();
+            let mut w = crate::sync::lock(&self.shared.watermarks);
             let Some(mark) = w.current(topic, partition, generation) else {
                 return;
             };
@@ -644,7 +644,7 @@ impl GapMonitor {
     /// age of the oldest unsettled event.
     fn report(&self) {
         let parts: Vec<((String, i32), Option<Instant>)> = {
-            let w = self.shared.watermarks.lock().unwrap();
+            let w = crate::sync::lock(&self.shared.watermarks);
             w.iter()
                 .map(|(k, w)| (k.clone(), w.oldest_unsettled()))
                 .collect()

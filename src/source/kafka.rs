@@ -58,7 +58,7 @@ impl Shared {
     fn wait_drained(&self, partitions: &[(String, i32)], deadline: Instant) -> usize {
         loop {
             let pending: usize = {
-                let w = self.watermarks.lock().unwrap();
+                let w = crate::sync::lock(&self.watermarks);
                 partitions.iter().map(|(t, p)| w.pending_in(t, *p)).sum()
             };
             if pending == 0 || Instant::now() >= deadline {
@@ -99,8 +99,8 @@ impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
-                let mut w = self.shared.watermarks.lock().unwrap();
-                let mut assigned = self.shared.assigned.lock().unwrap();
+                let mut w = crate::sync::lock(&self.shared.watermarks);
+                let mut assigned = crate::sync::lock(&self.shared.assigned);
                 for e in tpl.elements() {
                     let generation = self.shared.generation.fetch_add(1, Ordering::Relaxed) + 1;
                     w.assign(e.topic(), e.partition(), generation);
@@ -135,8 +135,8 @@ impl SourceContext {
         let unsettled = self.shared.wait_drained(partitions, deadline);
         let mut tpl = TopicPartitionList::new();
         {
-            let mut w = self.shared.watermarks.lock().unwrap();
-            let mut assigned = self.shared.assigned.lock().unwrap();
+            let mut w = crate::sync::lock(&self.shared.watermarks);
+            let mut assigned = crate::sync::lock(&self.shared.assigned);
             for (topic, partition) in partitions {
                 if let Some(mark) = w.revoke(topic, *partition) {
                     if let Some(position) = mark.committable() {
@@ -309,7 +309,7 @@ impl SourceHandle {
     pub fn settle(&self, source: &SourceRef, generation: u64) {
         // The store happens under the watermark lock so that two settlements racing on one
         // partition can never store positions out of order.
-        let mut w = self.shared.watermarks.lock().unwrap();
+        let mut w = crate::sync::lock(&self.shared.watermarks);
         let Some(moved) = w.settle(&source.topic, source.partition, generation, source.offset)
         else {
             return;
@@ -323,7 +323,7 @@ impl SourceHandle {
     /// Partitions whose committed offset is held by something unsettled (an event, an offset
     /// gap not verified yet, a start position not known yet): where, and since when.
     pub fn pinned(&self) -> Vec<crate::admin::readiness::Pinned> {
-        let w = self.shared.watermarks.lock().unwrap();
+        let w = crate::sync::lock(&self.shared.watermarks);
         w.iter()
             .filter_map(|((topic, partition), mark)| {
                 mark.oldest_unsettled()
@@ -362,7 +362,7 @@ impl SourceHandle {
     }
 
     pub fn assigned_partitions(&self) -> usize {
-        self.shared.assigned.lock().unwrap().len()
+        crate::sync::lock(&self.shared.assigned).len()
     }
 
     /// Asks a broker for the first subscribed topic's metadata; true when one answered within
@@ -426,14 +426,14 @@ fn consume_loop(
                 let partition = m.partition();
                 let offset = m.offset();
                 let generation = {
-                    let assigned = shared.assigned.lock().unwrap();
+                    let assigned = crate::sync::lock(&shared.assigned);
                     assigned.get(&(topic.to_string(), partition)).copied()
                 };
                 let Some(generation) = generation else {
                     continue;
                 };
                 let (tracked, awaits_start) = {
-                    let mut w = shared.watermarks.lock().unwrap();
+                    let mut w = crate::sync::lock(&shared.watermarks);
                     match w.current(topic, partition, generation) {
                         Some(mark) => {
                             let tracked = mark.track(offset, Instant::now());
@@ -473,7 +473,10 @@ fn consume_loop(
             .set(shared.in_flight.load(Ordering::Relaxed) as f64);
     }
     // Shutdown: drain everything still assigned, commit, leave the group.
-    let partitions: Vec<(String, i32)> = shared.assigned.lock().unwrap().keys().cloned().collect();
+    let partitions: Vec<(String, i32)> = crate::sync::lock(&shared.assigned)
+        .keys()
+        .cloned()
+        .collect();
     consumer.context().drain_and_release(&consumer, &partitions);
     consumer.unsubscribe();
     // Serve the final rebalance callbacks of leaving the group.

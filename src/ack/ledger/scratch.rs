@@ -40,6 +40,8 @@ impl ScratchDatabase {
 
     /// For tests: a scratch database on [`server_url`], or `None` (with a note) when no
     /// PostgreSQL answers outside CI. Under CI (`CI` set) an unreachable server is a failure.
+    // Test support, never called by the service: a panic is how a test fails.
+    #[allow(clippy::panic)]
     pub async fn for_test() -> Option<ScratchDatabase> {
         let server = server_url();
         match ScratchDatabase::create(&server).await {

@@ -8,7 +8,7 @@
 //! refused, the events named in `details` are dead-lettered and the rest re-sent by the runner;
 //! when the answer names none, the sink bisects the batch itself to find them.
 
-mod answer;
+pub(crate) mod answer;
 mod bisect;
 pub mod payload;
 

@@ -47,6 +47,10 @@ pub struct TokenSource {
 /// Renew this long before the announced expiry.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
 
+/// The longest a token is kept, whatever `expires_in` says: a value near u64::MAX overflowed
+/// `Instant` (a panic). Renewing a long-lived token once a day costs one request.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
 impl TokenSource {
     pub fn new(
         client: reqwest::Client,
@@ -69,9 +73,11 @@ impl TokenSource {
     pub async fn token(&self) -> Result<String, TokenError> {
         let mut current = self.current.lock().await;
         if let Some(t) = current.as_ref() {
-            if t.expires_at
-                .is_none_or(|e| Instant::now() + EXPIRY_MARGIN < e)
-            {
+            if t.expires_at.is_none_or(|e| {
+                Instant::now()
+                    .checked_add(EXPIRY_MARGIN)
+                    .is_some_and(|soon| soon < e)
+            }) {
                 return Ok(t.value.clone());
             }
         }
@@ -118,23 +124,100 @@ impl TokenSource {
             metrics::counter!("meterflow_token_refreshes_total", "result" => "error").increment(1);
             return Err(TokenError::Unavailable(format!("HTTP {status}")));
         }
-        let answer: TokenAnswer = response.json().await.map_err(|e| {
+        let body = response.bytes().await.map_err(|e| {
             metrics::counter!("meterflow_token_refreshes_total", "result" => "error").increment(1);
             TokenError::Unavailable(format!("unreadable token answer: {}", without_url(&e)))
         })?;
-        let expires_at = answer
-            .expires_in
-            .as_ref()
-            .and_then(|v| {
-                v.as_u64()
-                    .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
-            })
-            .map(|secs| Instant::now() + Duration::from_secs(secs));
+        let (value, lifetime) = parse_token_answer(&body).map_err(|problem| {
+            metrics::counter!("meterflow_token_refreshes_total", "result" => "error").increment(1);
+            TokenError::Unavailable(problem)
+        })?;
+        let expires_at = lifetime.and_then(|l| Instant::now().checked_add(l));
         metrics::counter!("meterflow_token_refreshes_total", "result" => "ok").increment(1);
-        tracing::info!(expires_in_s = ?expires_at.map(|e| e.saturating_duration_since(Instant::now()).as_secs()), "billwerk access token obtained");
-        Ok(Token {
-            value: answer.access_token,
-            expires_at,
+        tracing::info!(expires_in_s = ?lifetime.map(|l| l.as_secs()), "billwerk access token obtained");
+        Ok(Token { value, expires_at })
+    }
+}
+
+/// The token and its lifetime from a token answer `{"access_token", "expires_in"?}`. Pure.
+/// `expires_in` (seconds, a number or a numeric string) is bounded to [`MAX_TOKEN_LIFETIME`];
+/// a missing or unreadable one means "until a call answers 401". A token that cannot travel in
+/// an `Authorization` header (empty, control characters, non-ASCII) is refused here rather than
+/// failing every request later.
+pub fn parse_token_answer(body: &[u8]) -> Result<(String, Option<Duration>), String> {
+    let answer: TokenAnswer =
+        serde_json::from_slice(body).map_err(|e| format!("unreadable token answer: {e}"))?;
+    let token = answer.access_token;
+    if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "the token answer's access_token ({} bytes) is empty or has characters an \
+             Authorization header cannot carry",
+            token.len()
+        ));
+    }
+    let lifetime = answer
+        .expires_in
+        .as_ref()
+        .and_then(|v| match v {
+            serde_json::Value::Number(n) => n.as_str().parse::<f64>().ok(),
+            serde_json::Value::String(s) => s.trim().parse::<f64>().ok(),
+            _ => None,
         })
+        .filter(|secs| secs.is_finite() && *secs >= 0.0)
+        .map(|secs| {
+            Duration::try_from_secs_f64(secs.min(MAX_TOKEN_LIFETIME.as_secs_f64()))
+                .unwrap_or(MAX_TOKEN_LIFETIME)
+        });
+    Ok((token, lifetime))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 11, problem 3: `expires_in` near u64::MAX overflowed `Instant` (a panic).
+    #[test]
+    fn token_lifetimes_are_bounded() {
+        let parse = |body: &str| parse_token_answer(body.as_bytes());
+        for huge in [
+            r#"{"access_token":"t","expires_in":18446744073709551615}"#,
+            r#"{"access_token":"t","expires_in":"18446744073709551615"}"#,
+            r#"{"access_token":"t","expires_in":1e308}"#,
+            r#"{"access_token":"t","expires_in":99999999999999999999999999999}"#,
+        ] {
+            assert_eq!(
+                parse(huge),
+                Ok(("t".into(), Some(MAX_TOKEN_LIFETIME))),
+                "{huge}"
+            );
+            let (_, lifetime) = parse(huge).unwrap();
+            assert!(Instant::now().checked_add(lifetime.unwrap()).is_some());
+        }
+        assert_eq!(
+            parse(r#"{"access_token":"t","expires_in":3600}"#),
+            Ok(("t".into(), Some(Duration::from_secs(3600))))
+        );
+        assert_eq!(
+            parse(r#"{"access_token":"t","expires_in":"90.5"}"#),
+            Ok(("t".into(), Some(Duration::from_secs_f64(90.5))))
+        );
+        for none in [
+            r#"{"access_token":"t"}"#,
+            r#"{"access_token":"t","expires_in":-5}"#,
+            r#"{"access_token":"t","expires_in":"soon"}"#,
+            r#"{"access_token":"t","expires_in":null}"#,
+            r#"{"access_token":"t","expires_in":[1]}"#,
+        ] {
+            assert_eq!(parse(none), Ok(("t".into(), None)), "{none}");
+        }
+        for bad in [
+            r#"{"access_token":""}"#,
+            r#"{"access_token":"a\r\nX-Evil: 1"}"#,
+            r#"{"access_token":"tök"}"#,
+            r#"{"expires_in":5}"#,
+            "not json",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -19,11 +19,11 @@ impl ContractCache {
     }
 
     pub fn get(&self, external_id: &str) -> Option<String> {
-        self.inner.lock().unwrap().0.get(external_id).cloned()
+        crate::sync::lock(&self.inner).0.get(external_id).cloned()
     }
 
     pub fn insert(&self, external_id: String, contract_id: String) {
-        let mut guard = self.inner.lock().unwrap();
+        let mut guard = crate::sync::lock(&self.inner);
         let (map, order) = &mut *guard;
         if map.insert(external_id.clone(), contract_id).is_none() {
             order.push_back(external_id);
@@ -40,7 +40,7 @@ impl ContractCache {
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.inner.lock().unwrap().0.len()
+        crate::sync::lock(&self.inner).0.len()
     }
 }
 

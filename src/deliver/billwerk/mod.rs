@@ -14,6 +14,7 @@ use futures::future::BoxFuture;
 use reqwest::StatusCode;
 use serde::Deserialize;
 
+pub(crate) use auth::{parse_token_answer, MAX_TOKEN_LIFETIME};
 pub use auth::{TokenError, TokenSource};
 use contracts::ContractCache;
 
@@ -24,7 +25,7 @@ use crate::deliver::http::{
 };
 use crate::deliver::ratelimit::RateLimiter;
 use crate::deliver::{Attempt, Delivery, RateSignals, Reconciled, RetryCause, Sink};
-use crate::event::{CustomerRef, RejectReason, Rejection};
+use crate::event::{is_billwerk_contract_id, CustomerRef, RejectReason, Rejection};
 
 /// How far before the first send a reconciliation looks: billwerk filters on its own creation
 /// time, and its clock and ours differ.
@@ -34,12 +35,21 @@ const LIST_PAGE: usize = 500;
 
 pub struct BillwerkSink {
     client: reqwest::Client,
-    api: String,
+    /// `{base_url}/api/v1`; paths below it are built segment by segment ([`api_url`]).
+    api: url::Url,
     legal_entity_id: Option<String>,
     tokens: TokenSource,
     contracts: ContractCache,
     limiter: Arc<RateLimiter>,
     readiness: Arc<Readiness>,
+}
+
+/// One contract of billwerk's `GET /contracts?externalId=` answer: only its id matters.
+#[derive(Deserialize)]
+pub(crate) struct ContractView {
+    #[serde(alias = "id", alias = "ID")]
+    #[serde(rename = "Id")]
+    pub(crate) id: String,
 }
 
 /// How a contract reference resolved.
@@ -60,6 +70,15 @@ impl BillwerkSink {
             .clone()
             .ok_or_else(|| anyhow::anyhow!("sink.client_secret is required for billwerk"))?;
         let base = config.base_url.trim_end_matches('/').to_string();
+        let api = url::Url::parse(&format!("{base}/api/v1"))
+            .ok()
+            .filter(|u| !u.cannot_be_a_base() && matches!(u.scheme(), "http" | "https"))
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "sink.base_url {base:?} is not an http(s) URL: expected e.g. \
+                     \"https://sandbox.billwerk.com\""
+                )
+            })?;
         Ok(BillwerkSink {
             tokens: TokenSource::new(
                 client.clone(),
@@ -69,7 +88,7 @@ impl BillwerkSink {
                 config.legal_entity_id.clone(),
             ),
             client,
-            api: format!("{base}/api/v1"),
+            api,
             legal_entity_id: config.legal_entity_id.clone(),
             contracts: ContractCache::new(config.contract_cache_size),
             limiter,
@@ -88,7 +107,7 @@ impl BillwerkSink {
     async fn call(
         &self,
         endpoint: &'static str,
-        build: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
+        build: impl Fn(&reqwest::Client, &url::Url) -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, CallError> {
         let mut renewed = false;
         loop {
@@ -115,7 +134,20 @@ impl BillwerkSink {
 
     async fn resolve(&self, customer: &CustomerRef) -> Result<Contract, (Attempt, RateSignals)> {
         let external_id = match customer {
-            CustomerRef::ContractId(id) => return Ok(Contract::Id(id.clone())),
+            // Checked at decode too; here it guards the path whatever built the event.
+            CustomerRef::ContractId(id) if is_billwerk_contract_id(id) => {
+                return Ok(Contract::Id(id.clone()))
+            }
+            CustomerRef::ContractId(id) => {
+                return Ok(Contract::Unknown(Rejection::new(
+                    RejectReason::InvalidContractId,
+                    format!(
+                        "contract_id {:?} is not a billwerk contract id: expected exactly 24 \
+                         hexadecimal characters",
+                        crate::decode::truncate_chars(id, 100)
+                    ),
+                )))
+            }
             CustomerRef::ExternalId(e) => e,
         };
         if let Some(id) = self.contracts.get(external_id) {
@@ -125,7 +157,8 @@ impl BillwerkSink {
         let sent = tokio::time::Instant::now();
         let response = self
             .call("contracts", |c, api| {
-                c.get(format!("{api}/contracts"))
+                // reqwest percent-encodes query values: `&`, `#`, `/` stay inside the value.
+                c.get(api_url(api, &["contracts"]))
                     .query(&[("externalId", external_id.as_str())])
             })
             .await;
@@ -142,12 +175,6 @@ impl BillwerkSink {
             return Err((classify_failure(status, &body), RateSignals::default()));
         }
         self.limiter.observe_sent(&signals, false, sent);
-        #[derive(Deserialize)]
-        struct ContractView {
-            #[serde(alias = "id", alias = "ID")]
-            #[serde(rename = "Id")]
-            id: String,
-        }
         let found: Vec<ContractView> = match response.json().await {
             Ok(v) => v,
             Err(e) => {
@@ -162,6 +189,14 @@ impl BillwerkSink {
             }
         };
         match found.as_slice() {
+            [one] if !is_billwerk_contract_id(&one.id) => Ok(Contract::Unknown(Rejection::new(
+                RejectReason::InvalidContractId,
+                format!(
+                    "billwerk's contract lookup for ExternalId {external_id:?} answered the id \
+                     {:?}, which is not 24 hexadecimal characters; not using it in a request path",
+                    crate::decode::truncate_chars(&one.id, 100)
+                ),
+            ))),
             [one] => {
                 self.contracts.insert(external_id.clone(), one.id.clone());
                 Ok(Contract::Id(one.id.clone()))
@@ -199,10 +234,28 @@ impl BillwerkSink {
             }
             Err(failure) => return failure,
         };
-        let body = payload::usage_body(delivery);
+        let Some(body) = payload::usage_body(delivery) else {
+            // Unreachable through `batch::group`, which never makes such a sum; refused rather
+            // than rounded if it ever were.
+            return (
+                reject_all(
+                    delivery,
+                    Rejection::new(
+                        RejectReason::InvalidQuantity,
+                        format!(
+                            "the quantities of these {} events cannot be summed exactly (the sum \
+                             exceeds the decimal range or needs more than 28 significant digits)",
+                            delivery.items.len()
+                        ),
+                    ),
+                    String::new(),
+                ),
+                RateSignals::default(),
+            );
+        };
         let response = self
             .call("usage", |c, api| {
-                c.post(format!("{api}/contracts/{contract}/usage"))
+                c.post(api_url(api, &["contracts", &contract, "usage"]))
                     .json(&body)
             })
             .await;
@@ -273,7 +326,8 @@ impl BillwerkSink {
                     if let Some(from) = &cursor_now {
                         q.push(("from", from.clone()));
                     }
-                    c.get(format!("{api}/contracts/{contract}/usage")).query(&q)
+                    c.get(api_url(api, &["contracts", &contract, "usage"]))
+                        .query(&q)
                 })
                 .await
                 .map_err(|e| format!("{:?}", e.into_attempt()))?;
@@ -322,6 +376,17 @@ impl Sink for BillwerkSink {
     ) -> BoxFuture<'a, Result<Reconciled, String>> {
         Box::pin(self.reconcile_inner(delivery, sent_since))
     }
+}
+
+/// `api` with `segments` appended, each percent-encoded as one path segment: a `/`, `?`, `#` or
+/// `%` inside a segment is encoded, never part of the path's structure (`.` and `..` segments
+/// are dropped by `url`; contract ids are checked to be hex before they get here anyway).
+pub(crate) fn api_url(api: &url::Url, segments: &[&str]) -> url::Url {
+    let mut url = api.clone();
+    if let Ok(mut path) = url.path_segments_mut() {
+        path.pop_if_empty().extend(segments);
+    }
+    url
 }
 
 /// Why a call produced no answer to classify.
@@ -402,7 +467,7 @@ fn reject_all(delivery: &Delivery, rejection: Rejection, provider_answer: String
 }
 
 /// billwerk's error body shape is undocumented: take `Message` when present, else the raw text.
-fn error_message(body: &str) -> String {
+pub(crate) fn error_message(body: &str) -> String {
     serde_json::from_str::<serde_json::Value>(body)
         .ok()
         .and_then(|v| field(&v, "Message").map(str::to_string))
@@ -410,7 +475,7 @@ fn error_message(body: &str) -> String {
 }
 
 /// A string field by case-insensitive name.
-fn field<'v>(value: &'v serde_json::Value, name: &str) -> Option<&'v str> {
+pub(crate) fn field<'v>(value: &'v serde_json::Value, name: &str) -> Option<&'v str> {
     value
         .as_object()?
         .iter()
@@ -440,6 +505,38 @@ mod tests {
         for permanent in [400, 404, 422] {
             assert_eq!(retry(permanent), None, "{permanent} must dead-letter");
         }
+    }
+
+    /// Issue 11, problem 2: ids are path segments, never path text; external ids are encoded
+    /// query values.
+    #[test]
+    fn event_values_cannot_change_the_request_path() {
+        let api = url::Url::parse("https://billwerk.example/api/v1").unwrap();
+        let hostile = "5cd186af443e551fe8e4f5d0/../../../../oauth/token/?x=";
+        let url = api_url(&api, &["contracts", hostile, "usage"]);
+        assert_eq!(url.host_str(), Some("billwerk.example"));
+        assert_eq!(
+            url.path(),
+            "/api/v1/contracts/5cd186af443e551fe8e4f5d0%2F..%2F..%2F..%2F..%2Foauth%2Ftoken%2F%3Fx=/usage"
+        );
+        assert_eq!(url.query(), None);
+        let client = reqwest::Client::new();
+        let lookup = client
+            .get(api_url(&api, &["contracts"]))
+            .query(&[("externalId", "acme&take=1#/../x y")])
+            .build()
+            .unwrap();
+        assert_eq!(lookup.url().path(), "/api/v1/contracts");
+        assert_eq!(
+            lookup.url().query(),
+            Some("externalId=acme%26take%3D1%23%2F..%2Fx+y")
+        );
+        // A base URL with a trailing path keeps it.
+        let nested = url::Url::parse("https://h/tenant/api/v1").unwrap();
+        assert_eq!(
+            api_url(&nested, &["contracts", "5cd186af443e551fe8e4f5dd", "usage"]).path(),
+            "/tenant/api/v1/contracts/5cd186af443e551fe8e4f5dd/usage"
+        );
     }
 
     #[test]

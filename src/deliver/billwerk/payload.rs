@@ -27,10 +27,12 @@ pub fn decimal_number(d: Decimal) -> Value {
 }
 
 /// The body of `POST /contracts/{id}/usage` for a delivery: one record whose quantity is the
-/// exact sum of its items (one item unless pre-aggregated).
-pub fn usage_body(delivery: &Delivery) -> Value {
-    let first = &delivery.items[0].usage;
-    let quantity: Decimal = delivery.items.iter().map(|i| i.usage.quantity).sum();
+/// exact sum of its items (one item unless pre-aggregated). `None` for a delivery without items
+/// or whose sum cannot be represented exactly (aggregation never builds one).
+pub fn usage_body(delivery: &Delivery) -> Option<Value> {
+    let first = &delivery.items.first()?.usage;
+    let quantity: Decimal =
+        crate::batch::exact_sum(delivery.items.iter().map(|i| i.usage.quantity))?;
     let mut body = Map::new();
     body.insert(
         "ComponentId".into(),
@@ -55,7 +57,7 @@ pub fn usage_body(delivery: &Delivery) -> Value {
         }
         body.insert("ProductOverride".into(), Value::Object(po));
     }
-    Value::Object(body)
+    Some(Value::Object(body))
 }
 
 #[cfg(test)]
