@@ -206,6 +206,7 @@ async fn readyz_follows_a_pipeline_and_metrics_show_its_traffic_without_secrets(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_reports_an_unreachable_broker() {
+    let metrics = meterflow::telemetry::metrics_handle();
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic("usage", 1, 1).unwrap();
     cluster.create_topic("usage-dlq", 1, 1).unwrap();
@@ -256,6 +257,13 @@ async fn readyz_reports_an_unreachable_broker() {
     assert!(
         reported_ms + 1000 >= outage.as_millis(),
         "a broker answer during the outage? {reported_ms} ms after {outage:?}: {report:?}"
+    );
+    // The consumer's errors during the outage are counted, by librdkafka's code (issue 11:
+    // they were only logged).
+    let rendered = metrics.render();
+    assert!(
+        rendered.contains("meterflow_consumer_errors_total{code="),
+        "no consumer error counted:\n{rendered}"
     );
     cluster.broker_up(1).unwrap();
 

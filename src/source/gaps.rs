@@ -368,11 +368,8 @@ impl GapMonitor {
         }
     }
 
-    /// Re-reads `range` from a trusted anchor (see the module comment). For a gap, `range.end`
-    /// is the record read after the jump, and every offset of the range is either returned or
-    /// found absent. For a stalled read (`tail`), `range.end` is the high watermark: the records
-    /// up to it (at most [`TAIL_MAX_RECORDS`]) are returned and nothing is concluded about the
-    /// others.
+    /// Re-reads `range` from a trusted anchor: [`verify_range`] with this partition's log
+    /// start and the re-read consumer.
     fn verify(
         &mut self,
         topic: &str,
@@ -385,87 +382,18 @@ impl GapMonitor {
             .consumer
             .fetch_watermarks(topic, partition, LOOKUP_TIMEOUT)
             .map_err(|e| format!("cannot read the partition's watermarks: {e}"))?;
-        let mut verified = Verified::default();
-        let mut start = range.start;
-        if start < low && !tail {
-            let below = start..low.min(range.end);
-            start = below.end;
-            verified.below_log_start = Some(below);
-        }
-        if start >= range.end {
-            return Ok(verified);
-        }
-        let mut anchor = (start - 1).max(low);
-        let mut lowest_tried = anchor;
-        let mut tried = BTreeSet::new();
-        for _ in 0..MAX_ANCHORS {
-            if self.shared.shutdown.load(Ordering::Acquire) {
-                return Err("shutting down".into());
-            }
-            tried.insert(anchor);
-            lowest_tried = lowest_tried.min(anchor);
-            verified.fetches += 1;
-            let read = self.reread(
+        let wanted = range.clone();
+        verify_range(low, range, tail, |anchor, at_log_start, from| {
+            self.reread(
                 topic,
                 partition,
                 generation,
                 anchor,
-                anchor == low,
-                start..range.end,
+                at_log_start,
+                from..wanted.end,
                 tail,
-            )?;
-            // No record at all: the broker holds nothing from the anchor on (then the anchor,
-            // a record read before, is gone: trusted only at the log start), or it skipped to a
-            // next batch that does not exist yet (Tansu): move back like for a skip.
-            let first = match read.first {
-                Some(first) => first,
-                None if anchor == low && tail => return Ok(verified),
-                None if anchor == low => {
-                    return Err(format!("a re-read from offset {anchor} returned no record"))
-                }
-                None => i64::MAX,
-            };
-            if first == anchor || (anchor == low && first >= low) {
-                if tail {
-                    verified.recovered = read.records;
-                    return Ok(verified);
-                }
-                if !read.reached_end {
-                    return Err(format!(
-                        "a re-read from offset {anchor} ended before offset {}",
-                        range.end
-                    ));
-                }
-                let mut next = start;
-                for m in &read.records {
-                    let o = m.source.offset;
-                    if o > next {
-                        verified.absent.push(next..o);
-                    }
-                    next = o + 1;
-                }
-                if next < range.end {
-                    verified.absent.push(next..range.end);
-                }
-                verified.recovered = read.records;
-                return Ok(verified);
-            }
-            // The broker did not answer from the anchor: it skipped it too.
-            anchor = if first < start && !tried.contains(&first) {
-                // A record it does hold before the range: ask from there.
-                first
-            } else {
-                let back = (start - lowest_tried).saturating_mul(4).max(2);
-                (start.saturating_sub(back)).max(low)
-            };
-            if tried.contains(&anchor) {
-                break;
-            }
-        }
-        Err(format!(
-            "no fetch from before offset {start} was answered from where it started ({} tried)",
-            tried.len()
-        ))
+            )
+        })
     }
 
     /// Reads from `anchor` until the record at or after `range.end` (a tail read: until the
@@ -683,6 +611,90 @@ impl GapMonitor {
     }
 }
 
+/// Re-reads `range` from a trusted anchor (see the module comment), through
+/// `reread(anchor, anchor is the log start, first offset of interest)`; `low` is the log start
+/// offset. Pure: the fetches are the caller's. For a gap, `range.end` is the record read after
+/// the jump, and every offset of the range is either returned or found absent. For a stalled
+/// read (`tail`, `range.end` unbounded) the records the broker has from `range.start` on (at
+/// most [`TAIL_MAX_RECORDS`]) are returned and nothing is concluded about the others.
+fn verify_range(
+    low: i64,
+    range: Range<i64>,
+    tail: bool,
+    mut reread: impl FnMut(i64, bool, i64) -> Result<ReRead, String>,
+) -> Result<Verified, String> {
+    let mut verified = Verified::default();
+    let mut start = range.start;
+    if start < low && !tail {
+        let below = start..low.min(range.end);
+        start = below.end;
+        verified.below_log_start = Some(below);
+    }
+    if start >= range.end {
+        return Ok(verified);
+    }
+    let mut anchor = (start - 1).max(low);
+    let mut lowest_tried = anchor;
+    let mut tried = BTreeSet::new();
+    for _ in 0..MAX_ANCHORS {
+        tried.insert(anchor);
+        lowest_tried = lowest_tried.min(anchor);
+        verified.fetches += 1;
+        let read = reread(anchor, anchor == low, start)?;
+        // No record at all: the broker holds nothing from the anchor on (then the anchor,
+        // a record read before, is gone: trusted only at the log start), or it skipped to a
+        // next batch that does not exist yet (Tansu): move back like for a skip.
+        let first = match read.first {
+            Some(first) => first,
+            None if anchor == low && tail => return Ok(verified),
+            None if anchor == low => {
+                return Err(format!("a re-read from offset {anchor} returned no record"))
+            }
+            None => i64::MAX,
+        };
+        if first == anchor || (anchor == low && first >= low) {
+            if tail {
+                verified.recovered = read.records;
+                return Ok(verified);
+            }
+            if !read.reached_end {
+                return Err(format!(
+                    "a re-read from offset {anchor} ended before offset {}",
+                    range.end
+                ));
+            }
+            let mut next = start;
+            for m in &read.records {
+                let o = m.source.offset;
+                if o > next {
+                    verified.absent.push(next..o);
+                }
+                next = o + 1;
+            }
+            if next < range.end {
+                verified.absent.push(next..range.end);
+            }
+            verified.recovered = read.records;
+            return Ok(verified);
+        }
+        // The broker did not answer from the anchor: it skipped it too.
+        anchor = if first < start && !tried.contains(&first) {
+            // A record it does hold before the range: ask from there.
+            first
+        } else {
+            let back = (start - lowest_tried).saturating_mul(4).max(2);
+            (start.saturating_sub(back)).max(low)
+        };
+        if tried.contains(&anchor) {
+            break;
+        }
+    }
+    Err(format!(
+        "no fetch from before offset {start} was answered from where it started ({} tried)",
+        tried.len()
+    ))
+}
+
 #[derive(Debug, Default)]
 struct ReRead {
     first: Option<i64>,
@@ -690,4 +702,190 @@ struct ReRead {
     records: Vec<RawMessage>,
     /// The read got to the record after the gap.
     reached_end: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::SourceRef;
+    use std::collections::BTreeSet;
+
+    /// A partition's log as a broker serves it: the records it holds, in batches.
+    struct Broker {
+        records: BTreeSet<i64>,
+        batch_bases: BTreeSet<i64>,
+        /// Tansu 0.6 memory storage: a fetch from inside a batch is answered from the next one.
+        skips_to_next_batch: bool,
+        fetches: Vec<i64>,
+    }
+
+    impl Broker {
+        fn new(records: impl IntoIterator<Item = i64>, batch: i64, skips: bool) -> Broker {
+            let records: BTreeSet<i64> = records.into_iter().collect();
+            let batch_bases = records
+                .iter()
+                .map(|o| o - o % batch)
+                .map(|b| *records.range(b..).next().unwrap())
+                .collect();
+            Broker {
+                records,
+                batch_bases,
+                skips_to_next_batch: skips,
+                fetches: Vec::new(),
+            }
+        }
+
+        fn read(
+            &mut self,
+            anchor: i64,
+            at_log_start: bool,
+            from: i64,
+            end: i64,
+            tail: bool,
+        ) -> ReRead {
+            self.fetches.push(anchor);
+            let start = if self.skips_to_next_batch {
+                match self.batch_bases.range(anchor..).next() {
+                    Some(b) => *b,
+                    None => return ReRead::default(),
+                }
+            } else {
+                anchor
+            };
+            let mut read = ReRead::default();
+            for &o in self.records.range(start..) {
+                if read.first.is_none() {
+                    read.first = Some(o);
+                    if o != anchor && !at_log_start {
+                        return read;
+                    }
+                }
+                if o >= end {
+                    read.reached_end = true;
+                    return read;
+                }
+                if o >= from {
+                    read.records.push(RawMessage {
+                        source: SourceRef {
+                            topic: "t".into(),
+                            partition: 0,
+                            offset: o,
+                        },
+                        key: None,
+                        payload: bytes::Bytes::new(),
+                        headers: Vec::new(),
+                        generation: 1,
+                    });
+                }
+            }
+            read.reached_end = tail;
+            read
+        }
+    }
+
+    fn run(
+        broker: &mut Broker,
+        low: i64,
+        range: Range<i64>,
+        tail: bool,
+    ) -> Result<Verified, String> {
+        let end = range.end;
+        verify_range(low, range, tail, |anchor, at_log_start, from| {
+            Ok(broker.read(anchor, at_log_start, from, end, tail))
+        })
+    }
+
+    fn offsets(v: &Verified) -> Vec<i64> {
+        v.recovered.iter().map(|m| m.source.offset).collect()
+    }
+
+    /// Issue 11's jump (1885 → 4384 with batches of 2 500): a re-read from 1884 is answered
+    /// from 2500, which proves nothing; the anchor moves back until a fetch is answered from
+    /// where it started, and the whole gap comes back. Nothing is declared absent.
+    #[test]
+    fn a_skip_to_the_next_batch_is_not_taken_for_a_confirmation() {
+        let mut broker = Broker::new(0..10_000, 2_500, true);
+        let v = run(&mut broker, 0, 1885..4384, false).unwrap();
+        assert!(v.absent.is_empty(), "{:?}", v.absent);
+        assert_eq!(offsets(&v), (1885..4384).collect::<Vec<_>>());
+        assert!(broker.fetches.len() > 1, "{:?}", broker.fetches);
+        assert_eq!(broker.fetches[0], 1884, "first from the last record read");
+    }
+
+    /// Compaction: 10..20 are gone. A fetch from 9 is answered with 9, then 20: absent.
+    #[test]
+    fn a_real_gap_is_confirmed_by_a_read_answered_from_its_anchor() {
+        let mut broker = Broker::new((0..10).chain(20..30), 100, false);
+        let v = run(&mut broker, 0, 10..20, false).unwrap();
+        assert_eq!(v.absent, vec![10..20]);
+        assert!(v.recovered.is_empty());
+        assert_eq!(broker.fetches, vec![9]);
+        // Part absent, part there (a broker that skipped in its first answer only).
+        let mut broker = Broker::new((0..12).chain(15..30), 100, false);
+        let v = run(&mut broker, 0, 10..20, false).unwrap();
+        assert_eq!(offsets(&v), vec![10, 11, 15, 16, 17, 18, 19]);
+        assert_eq!(v.absent, vec![12..15]);
+    }
+
+    /// The record before the gap was compacted away too: the anchor moves back to one the
+    /// broker does return.
+    #[test]
+    fn a_missing_anchor_moves_back() {
+        let mut broker = Broker::new((0..5).chain(20..30), 100, false);
+        let v = run(&mut broker, 0, 10..20, false).unwrap();
+        assert_eq!(v.absent, vec![10..20]);
+        assert_eq!(broker.fetches.first(), Some(&9));
+        // Even with every record before the gap gone, the log start is trusted.
+        let mut broker = Broker::new(20..30, 100, false);
+        let v = run(&mut broker, 0, 10..20, false).unwrap();
+        assert_eq!(v.absent, vec![10..20]);
+    }
+
+    /// A broker whose answers never start where they were asked confirms nothing: the gap stays
+    /// unverified and keeps holding the position.
+    #[test]
+    fn a_broker_that_never_answers_from_the_anchor_confirms_nothing() {
+        // Answers every fetch with nothing (no batch starts at or after any anchor).
+        let mut broker = Broker::new(0..5000, 5000, true);
+        broker.batch_bases.clear();
+        let err = run(&mut broker, 0, 1885..4384, false).unwrap_err();
+        assert!(err.contains("returned no record"), "{err}");
+        // Batches at 0 and 4384 only: the anchor walks back to the log start, which is trusted,
+        // and there the whole batch comes back.
+        let mut broker = Broker::new(0..5000, 4384, true);
+        let v = run(&mut broker, 0, 1885..4384, false).unwrap();
+        assert_eq!(offsets(&v), (1885..4384).collect::<Vec<_>>());
+        assert!(broker.fetches.len() <= MAX_ANCHORS);
+    }
+
+    /// The documented limit: an answer from the log start offset is trusted, so a broker that
+    /// reports a log start inside a batch and then skips that batch is believed.
+    #[test]
+    fn the_limit_a_log_start_inside_a_skipped_batch_is_believed() {
+        let mut broker = Broker::new(0..5000, 4384, true);
+        let v = run(&mut broker, 1000, 1885..4384, false).unwrap();
+        assert_eq!(v.absent, vec![1885..4384]);
+    }
+
+    #[test]
+    fn offsets_below_the_log_start_are_reported_apart() {
+        let mut broker = Broker::new(100..200, 1000, false);
+        let v = run(&mut broker, 100, 50..150, false).unwrap();
+        assert_eq!(v.below_log_start, Some(50..100));
+        assert_eq!(offsets(&v), (100..150).collect::<Vec<_>>());
+        assert!(v.absent.is_empty());
+    }
+
+    /// Tansu answers a fetch from inside the last batch with nothing: the stalled read finds
+    /// the rest of that batch by moving the anchor back.
+    #[test]
+    fn a_stalled_tail_is_read_from_a_trusted_anchor() {
+        let mut broker = Broker::new(0..10_000, 1_250, true);
+        let v = run(&mut broker, 0, 9151..i64::MAX, true).unwrap();
+        assert_eq!(offsets(&v), (9151..10_000).collect::<Vec<_>>());
+        // Caught up for real: nothing.
+        let mut broker = Broker::new(0..10_000, 1_250, false);
+        let v = run(&mut broker, 0, 10_000..i64::MAX, true).unwrap();
+        assert!(v.recovered.is_empty());
+    }
 }
