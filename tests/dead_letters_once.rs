@@ -175,6 +175,13 @@ fn spawn(config: &Path, log: &Path, env: &[(&str, &str)]) -> Child {
     command.spawn().expect("meterflow starts")
 }
 
+/// The last lines of a log, for a failure's diagnosis.
+fn tail(log: &Path, lines: usize) -> String {
+    let text = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 fn count_in(log: &Path, needle: &str) -> usize {
     String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default())
         .lines()
@@ -361,5 +368,197 @@ async fn kill_nine_and_broker_restarts_leave_one_dead_letter_per_invalid_event()
         kinds,
         BTreeMap::new(),
         "no source offset dead-lettered twice"
+    );
+}
+
+/// The admin address the process that started last logged (JSON logs: `"addr":"…"`).
+fn admin_addr(log: &Path) -> Option<String> {
+    let text = String::from_utf8_lossy(&std::fs::read(log).ok()?).into_owned();
+    let last_start = text.rfind("=== test: a meterflow process starts")?;
+    let line = text[last_start..]
+        .lines()
+        .find(|l| l.contains("admin server listening"))?;
+    let (_, rest) = line.split_once("\"addr\":\"")?;
+    Some(rest[..rest.find('"')?].to_string())
+}
+
+/// `meterflow_events_dead_lettered_total`, summed over reasons, from a process's /metrics.
+async fn dead_lettered_metric(addr: &str) -> u64 {
+    let body = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .expect("metrics answer")
+        .text()
+        .await
+        .unwrap();
+    body.lines()
+        .filter(|l| l.starts_with("meterflow_events_dead_lettered_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Issue 16's test: a process is killed after the broker acknowledged a letter and before the
+/// ledger recorded it (and so before its offset could be committed); the next process runs
+/// through a broker restart while it writes letters. Counted by `dlq replay --dry-run`, by the
+/// topic itself and by the metric (both processes' values summed): one letter per invalid
+/// event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_between_a_letters_acknowledgement_and_its_record_leaves_one_letter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let Some(mut broker) = common::require_tansu(dir) else {
+        return;
+    };
+    let brokers = broker.brokers();
+    let run = rand::random::<u32>();
+    let (topic, dlq, group) = (
+        format!("usage-{run}"),
+        format!("dlq-{run}"),
+        format!("g-{run}"),
+    );
+    common::create_topics(&brokers, &[(&topic, 2), (&dlq, 1)]).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let emulator = billwerk::start(
+        BillwerkOptions::default()
+            .with_limit(RateLimitSettings::per_window(200, Duration::from_secs(1))),
+        listener,
+    )
+    .await
+    .unwrap();
+    let events = 600;
+    let mut invalid = 0;
+    let payloads: Vec<Vec<u8>> = (0..events)
+        .map(|i| match i % 4 {
+            1 => {
+                invalid += 1;
+                format!("{{\"id\": \"broken_{run}_{i}\"").into_bytes()
+            }
+            _ => serde_json::to_vec(&json!({
+                "id": format!("once_{run}_{i}"), "contract_id": CONTRACT, "metric": "api_calls",
+                "quantity": "1", "timestamp": "2026-11-20T10:15:00Z"
+            }))
+            .unwrap(),
+        })
+        .collect();
+    common::produce(&brokers, &topic, 2, &payloads).await;
+    let config = dir.join("meterflow.toml");
+    let log = dir.join("meterflow.log");
+    let ledger = format!("sqlite://{}", dir.join("ledger.db").display());
+    std::fs::write(
+        &config,
+        common::billwerk_config(
+            &brokers,
+            &group,
+            &topic,
+            &dlq,
+            &emulator.base_url(),
+            &ledger,
+        )
+        .replace(
+            "max_wait = \"20ms\"",
+            "max_wait = \"20ms\"\nmax_in_flight = 60",
+        )
+        .replace("max_events = 200", "max_events = 20")
+        .replace(
+            "[admin]\nlisten = \"\"",
+            "[admin]\nlisten = \"127.0.0.1:0\"\n\n[log]\nformat = \"json\"",
+        ),
+    )
+    .unwrap();
+
+    // 1. The 10th letter stalls between the broker's acknowledgement and the ledger's record.
+    let mut first = spawn(
+        &config,
+        &log,
+        &[("METERFLOW_TEST_STALL_AFTER_DEAD_LETTER", "10")],
+    );
+    let stalled = common::wait_until(Duration::from_secs(60), || {
+        count_in(&log, "test hook: stalling after a dead letter") == 1
+    })
+    .await;
+    assert!(
+        stalled,
+        "the first process reached the window\n{}",
+        tail(&log, 30)
+    );
+    let first_counted = dead_lettered_metric(&admin_addr(&log).unwrap()).await;
+    let _ = first.kill();
+    let _ = first.wait();
+
+    // 2. The next process; the broker goes away and comes back while it writes letters.
+    let written_before = count_in(&log, "event dead-lettered");
+    let mut second = spawn(&config, &log, &[]);
+    common::wait_until(Duration::from_secs(60), || {
+        count_in(&log, "event dead-lettered") >= written_before + 5
+    })
+    .await;
+    let in_flight_at_restart = count_in(&log, "event dead-lettered") - written_before;
+    broker.kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    broker.restart();
+    let done = common::wait_until(Duration::from_secs(120), || {
+        common::committed_total(&brokers, &group, &topic, 2) >= events as i64
+    })
+    .await;
+    assert!(done, "every offset committed");
+    let second_counted = dead_lettered_metric(&admin_addr(&log).unwrap()).await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &second.id().to_string()])
+        .status();
+    assert!(second.wait().unwrap().success(), "SIGTERM exits 0");
+
+    // 3. Count.
+    let replay = Command::new(env!("CARGO_BIN_EXE_meterflow"))
+        .args([
+            "dlq",
+            "replay",
+            "--dry-run",
+            "--reason",
+            "invalid_json",
+            "--config",
+        ])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&replay.stdout);
+    assert!(
+        replay.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    let would_replay = stdout
+        .lines()
+        .filter(|l| l.starts_with("would replay"))
+        .count();
+    let letters = read_letters(&brokers, &dlq);
+    println!(
+        "kill between acknowledgement and record: invalid events {invalid}; letters in the topic {}; \
+         dlq replay --dry-run would replay {would_replay}; metric {first_counted} (killed process) + \
+         {second_counted} (next process); letters written before the broker restart {in_flight_at_restart}; \
+         found by look-up {}",
+        letters.len(),
+        count_in(&log, "dead letter found in the topic"),
+    );
+    assert_eq!(
+        count_in(&log, "dead letter found in the topic"),
+        1,
+        "the stalled letter was looked for and found"
+    );
+    assert_eq!(
+        letters.len(),
+        invalid,
+        "one letter per invalid event in the topic"
+    );
+    assert_eq!(
+        would_replay, invalid,
+        "dlq replay --dry-run: one per invalid event\n{stdout}"
+    );
+    assert!(
+        stdout.contains("second copies skipped 0"),
+        "dlq replay saw no second copy\n{stdout}"
+    );
+    assert_eq!(
+        first_counted + second_counted,
+        invalid as u64,
+        "meterflow_events_dead_lettered_total counts each invalid event once"
     );
 }

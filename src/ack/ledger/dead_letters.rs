@@ -147,3 +147,76 @@ pub(super) async fn written(
     .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::DeadLetterClaim;
+    use crate::ack::ledger::Ledger;
+    use crate::event::SourceRef;
+
+    fn source(offset: i64) -> SourceRef {
+        SourceRef {
+            topic: "usage".into(),
+            partition: 3,
+            offset,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_intent_is_recorded_once_and_gives_way_to_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("l.db").display());
+        let ledger = Ledger::open(&url, Duration::ZERO).await.unwrap();
+        let s = source(42);
+        let DeadLetterClaim::Claimed { updated_at_ms } =
+            ledger.claim_dead_letter(&s, 1, 100).await.unwrap()
+        else {
+            panic!("a new intent is ours")
+        };
+        // A second claim (a restart) sees the first intent, with its partition and floor.
+        assert_eq!(
+            ledger.claim_dead_letter(&s, 0, 250).await.unwrap(),
+            DeadLetterClaim::Intended {
+                dlq_partition: 1,
+                floor: 100,
+                updated_at_ms
+            }
+        );
+        // Taking it over is a compare-and-set: one winner.
+        let next = ledger
+            .touch_dead_letter(&s, updated_at_ms)
+            .await
+            .unwrap()
+            .expect("first touch wins");
+        assert!(next > updated_at_ms);
+        assert_eq!(
+            ledger.touch_dead_letter(&s, updated_at_ms).await.unwrap(),
+            None,
+            "a stale touch loses"
+        );
+        ledger.dead_lettered(&s).await.unwrap();
+        assert_eq!(
+            ledger.claim_dead_letter(&s, 1, 300).await.unwrap(),
+            DeadLetterClaim::Written
+        );
+        assert_eq!(
+            ledger.touch_dead_letter(&s, next).await.unwrap(),
+            None,
+            "a written letter's intent is gone"
+        );
+        assert!(ledger.is_dead_lettered(&s).await.unwrap());
+        drop(ledger);
+        // Durable: a restarted process sees the same.
+        let ledger = Ledger::open(&url, Duration::ZERO).await.unwrap();
+        assert_eq!(
+            ledger.claim_dead_letter(&s, 1, 300).await.unwrap(),
+            DeadLetterClaim::Written
+        );
+        assert!(matches!(
+            ledger.claim_dead_letter(&source(43), 1, 300).await.unwrap(),
+            DeadLetterClaim::Claimed { .. }
+        ));
+    }
+}
