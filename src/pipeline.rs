@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use tokio::task::JoinSet;
 
-use crate::ack::deadletter::{DeadLetter, DeadLetterWriter};
+use crate::ack::deadletter::{DeadLetter, DeadLetterWriter, Written};
 use crate::ack::ledger::{
     AggregateClaim, Claim, EarlierAggregate, EventContent, Ledger, LedgerStore,
 };
@@ -61,12 +61,6 @@ struct Stages {
     per_contract_metrics: bool,
     /// Deliveries are pre-aggregated: the ledger maps each event to its aggregate.
     aggregating: bool,
-    /// Source offsets whose dead letter this process is writing right now. A message can be in
-    /// flight twice: when the group loses a partition (e.g. the broker restarted and forgot the
-    /// member) and assigns it again, the consumer re-reads from the committed offset while the
-    /// first copy is still being settled. The ledger's record comes after the write, so without
-    /// this both copies would find "not dead-lettered yet" and write.
-    dead_lettering: std::sync::Mutex<std::collections::HashSet<crate::event::SourceRef>>,
 }
 
 /// What is checked right before every POST (after the pacer and the 429 gate let it go, which
@@ -216,6 +210,15 @@ pub async fn run_with_sink(
         &properties,
         config.retry.clone(),
     )?;
+    // A missing or forbidden dead-letter topic stops the start, before anything is consumed
+    // (while a SIGTERM during the check still ends the run cleanly).
+    tokio::select! {
+        checked = dead_letters.check_topic() => checked?,
+        _ = &mut shutdown => {
+            tracing::info!("stopped during start-up, before anything was read");
+            return Ok(());
+        }
+    }
     // The ledger before the source: nothing is read before claims can be made. A ledger that
     // does not answer yet holds the start, and a SIGTERM meanwhile stops it cleanly.
     let ledger = tokio::select! {
@@ -264,7 +267,6 @@ pub async fn run_with_sink(
         stats: stats.clone(),
         per_contract_metrics: config.admin.per_contract_metrics,
         aggregating: matches!(grouping, Grouping::Aggregate { .. }),
-        dead_lettering: Default::default(),
     });
     let concurrency = Arc::new(Permits::new(
         config.sink.concurrency,
@@ -756,8 +758,8 @@ impl Stages {
         }
     }
 
-    /// Writes the dead letter (once: the ledger remembers it by source coordinates), then
-    /// settles the event.
+    /// Writes the dead letter, once per source offset (see `ack::deadletter`); returns when it
+    /// is in the topic, so the caller may settle the event.
     async fn dead_letter(
         &self,
         raw: &RawMessage,
@@ -765,58 +767,23 @@ impl Stages {
         provider_answer: Option<&str>,
         ids: Option<(&String, &DeliveryKey)>,
     ) {
-        if self.ledger.is_some() {
-            // One writer per source offset in this process; a second copy waits for the first
-            // and then finds its record in the ledger.
-            while !crate::sync::lock(&self.dead_lettering).insert(raw.source.clone()) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+        let letter = DeadLetter {
+            raw,
+            rejection,
+            provider_answer,
+            event_id: ids.map(|(id, _)| id.as_str()),
+            delivery_key: ids.map(|(_, k)| k),
+        };
+        match self
+            .dead_letters
+            .write_once(letter, self.ledger.as_ref())
+            .await
+        {
+            Written::Now | Written::Found => {
+                self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
             }
+            Written::Before => {}
         }
-        // Frees the offset when this write ends, however it ends (a cancelled task included).
-        let _writing = self.ledger.as_ref().map(|_| DeadLettering {
-            set: &self.dead_lettering,
-            source: &raw.source,
-        });
-        if let Some(ledger) = &self.ledger {
-            let written = ledger.is_dead_lettered(&raw.source).await.unwrap_or(false);
-            if written {
-                tracing::info!(
-                    partition = raw.source.partition,
-                    offset = raw.source.offset,
-                    "dead letter already written (before a restart, or for an earlier copy of \
-                     this message); not writing it twice"
-                );
-                return;
-            }
-        }
-        self.dead_letters
-            .write(DeadLetter {
-                raw,
-                rejection,
-                provider_answer,
-                event_id: ids.map(|(id, _)| id.as_str()),
-                delivery_key: ids.map(|(_, k)| k),
-            })
-            .await;
-        if let Some(ledger) = &self.ledger {
-            while let Err(e) = ledger.dead_lettered(&raw.source).await {
-                tracing::error!(error = %e, "ledger unavailable; retrying the dead-letter record");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// A dead letter being written for one source offset (see `Stages::dead_lettering`).
-struct DeadLettering<'a> {
-    set: &'a std::sync::Mutex<std::collections::HashSet<crate::event::SourceRef>>,
-    source: &'a crate::event::SourceRef,
-}
-
-impl Drop for DeadLettering<'_> {
-    fn drop(&mut self) {
-        crate::sync::lock(self.set).remove(self.source);
     }
 }
 

@@ -272,6 +272,86 @@ async fn replays_selected_letters_with_their_original_key_payload_and_headers() 
     assert_eq!(unique.len(), 3, "{froms:?}");
 }
 
+/// Issue 16: the topic may hold two letters for one source offset (written by an older
+/// version, or by a broker that lost an acknowledgement); the event is replayed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_letter_for_a_source_offset_is_skipped_and_counted() {
+    let (_cluster, brokers) = cluster();
+    let w = writer(&brokers);
+    let twice = raw(20, "k-twice", br#"{"id":"evt_twice","metric":"x"}"#, &[]);
+    let once = raw(21, "k-once", br#"{"id":"evt_once","metric":"x"}"#, &[]);
+    // Without a ledger nothing stops a second write: two letters for offset 20.
+    write(&w, &twice, RejectReason::UnknownMetric, None).await;
+    write(&w, &once, RejectReason::UnknownMetric, None).await;
+    write(&w, &twice, RejectReason::UnknownMetric, None).await;
+    assert_eq!(read_all(&brokers, "usage-dlq").len(), 3);
+
+    let config = config(&brokers, "http://127.0.0.1:1", "none");
+    let mut lines = Vec::new();
+    let report = replay(
+        &config,
+        &options(Filter {
+            reasons: vec![RejectReason::UnknownMetric],
+            ..Filter::default()
+        }),
+        |l| lines.push(l.to_string()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.scanned, 3);
+    assert_eq!(report.second_copies, 1, "the second letter for offset 20");
+    assert_eq!(report.replayed, by_reason(&[("unknown_metric", 2)]));
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        meterflow::dlq::summary(&report, false).contains("second copies skipped 1"),
+        "the summary says how many"
+    );
+    let replayed = read_all(&brokers, "usage");
+    assert_eq!(replayed.len(), 2, "each event once");
+}
+
+/// A letter whose payload was cut to fit the topic cannot be replayed from the letter: the
+/// replay says so, with the original's size and digest, and where the original was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_letter_is_not_replayed_and_says_where_the_original_was() {
+    let (_cluster, brokers) = cluster();
+    // A producer limit of 20 000 bytes: a 30 000-byte event is cut.
+    let w = DeadLetterWriter::new(
+        &brokers,
+        "usage-dlq",
+        &[("message.max.bytes".into(), "20000".into())],
+        RetryConfig::default(),
+    )
+    .unwrap();
+    let big = raw(30, "k-big", &vec![b'x'; 30_000], &[]);
+    write(&w, &big, RejectReason::InvalidJson, None).await;
+    let letters = read_all(&brokers, "usage-dlq");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].header("meterflow.payload_size"), Some("30000"));
+    assert!(letters[0].payload.len() < 20_000);
+
+    let config = config(&brokers, "http://127.0.0.1:1", "none");
+    let report = replay(
+        &config,
+        &options(Filter {
+            reasons: vec![RejectReason::InvalidJson],
+            ..Filter::default()
+        }),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.replayed_total(), 0, "a cut payload is not an event");
+    assert_eq!(report.failures.len(), 1, "{:?}", report.failures);
+    let failure = &report.failures[0];
+    assert!(
+        failure.contains("cut to fit")
+            && failure.contains("30000 bytes")
+            && failure.contains("usage/0/30"),
+        "{failure}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filters_by_event_id_and_dead_letter_time() {
     let (_cluster, brokers) = cluster();
@@ -479,7 +559,8 @@ async fn dry_run_lists_what_would_be_replayed_and_produces_nothing() {
         "{stdout}"
     );
     assert!(
-        stdout.contains("scanned 2, selected 1, would replay 1, problems 0"),
+        stdout
+            .contains("scanned 2, second copies skipped 0, selected 1, would replay 1, problems 0"),
         "{stdout}"
     );
     assert!(stdout.contains("dry run: nothing was produced"), "{stdout}");
@@ -503,7 +584,7 @@ async fn dry_run_lists_what_would_be_replayed_and_produces_nothing() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(
-        stdout.contains("scanned 2, selected 2, replayed 2, problems 0"),
+        stdout.contains("scanned 2, second copies skipped 0, selected 2, replayed 2, problems 0"),
         "{stdout}"
     );
     assert!(stdout.contains("invalid_json"), "{stdout}");

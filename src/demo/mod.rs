@@ -83,7 +83,10 @@ pub struct DemoReport {
     pub produced: usize,
     pub produced_invalid: BTreeMap<String, usize>,
     pub delivered_records: u64,
+    /// Dead letters by reason, one per source offset (a second letter for an offset is the same
+    /// event: counted in `dead_letter_copies`, not here).
     pub dead_lettered: BTreeMap<String, usize>,
+    pub dead_letter_copies: usize,
     pub duplicate_keys: u64,
     pub requests: u64,
     pub throttled: u64,
@@ -300,7 +303,7 @@ pub async fn run_demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
         "result=\"found\"",
     );
     let expected_dead = report.produced_invalid.values().sum::<usize>();
-    report.dead_lettered = count_dead_letters(&brokers, expected_dead);
+    (report.dead_lettered, report.dead_letter_copies) = count_dead_letters(&brokers, expected_dead);
     // Clients first, then the cluster they talk to (or librdkafka logs "all brokers down").
     drop(producer);
     drop(cluster);
@@ -414,8 +417,12 @@ listen = ""
     )
 }
 
-fn count_dead_letters(brokers: &str, expected: usize) -> BTreeMap<String, usize> {
+/// Dead letters by reason, each source offset once; and how many second letters for an offset
+/// the topic holds.
+fn count_dead_letters(brokers: &str, expected: usize) -> (BTreeMap<String, usize>, usize) {
     let mut out = BTreeMap::new();
+    let mut copies = 0;
+    let mut seen = crate::dlq::select::SeenSources::default();
     let Ok(consumer) = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "meterflow-demo-dlq-reader")
@@ -424,10 +431,10 @@ fn count_dead_letters(brokers: &str, expected: usize) -> BTreeMap<String, usize>
         .set("session.timeout.ms", "6000")
         .create::<BaseConsumer>()
     else {
-        return out;
+        return (out, copies);
     };
     if consumer.subscribe(&["usage-dead-letters"]).is_err() {
-        return out;
+        return (out, copies);
     }
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut read = 0;
@@ -438,21 +445,27 @@ fn count_dead_letters(brokers: &str, expected: usize) -> BTreeMap<String, usize>
             Some(Ok(m)) => {
                 quiet_since = Instant::now();
                 read += 1;
-                let reason = m
+                let headers: Vec<(String, Vec<u8>)> = m
                     .headers()
-                    .and_then(|hs| {
+                    .map(|hs| {
                         hs.iter()
-                            .find(|h| h.key == "meterflow.reason")
-                            .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+                            .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                            .collect()
                     })
-                    .unwrap_or_else(|| "?".into());
+                    .unwrap_or_default();
+                let info = crate::dlq::select::LetterInfo::from_headers(&headers, None);
+                if seen.is_second_copy(&info) {
+                    copies += 1;
+                    continue;
+                }
+                let reason = info.reason.unwrap_or_else(|| "?".into());
                 *out.entry(reason).or_default() += 1;
             }
             _ if read >= expected && quiet_since.elapsed() > Duration::from_secs(1) => break,
             _ => {}
         }
     }
-    out
+    (out, copies)
 }
 
 fn sum_metric_with(rendered: &str, name: &str, label: &str) -> u64 {
@@ -512,6 +525,10 @@ fn print_report(args: &DemoArgs, r: &DemoReport) {
             n
         );
     }
+    println!(
+        "  {:<34} {:>10}",
+        "  second letters for one event", r.dead_letter_copies
+    );
     println!(
         "  {:<34} {:>10}",
         "billed twice (duplicate keys)", r.duplicate_keys

@@ -130,9 +130,10 @@ async fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
 /// The closing table: scanned, selected, replayed, by reason.
 pub fn summary(report: &ReplayReport, dry_run: bool) -> String {
     let mut out = format!(
-        "dead-letter topic {}: scanned {}, selected {}, {} {}, problems {}\n",
+        "dead-letter topic {}: scanned {}, second copies skipped {}, selected {}, {} {}, problems {}\n",
         report.dead_letter_topic,
         report.scanned,
+        report.second_copies,
         report.selected_total(),
         if dry_run { "would replay" } else { "replayed" },
         if dry_run {
@@ -190,11 +191,12 @@ mod tests {
             ]
             .into(),
             rejections_forgotten: 2,
+            second_copies: 3,
             failures: Vec::new(),
         };
         assert_eq!(
             summary(&report, false),
-            "dead-letter topic usage-dlq: scanned 120, selected 12, replayed 12, problems 0\n\
+            "dead-letter topic usage-dlq: scanned 120, second copies skipped 3, selected 12, replayed 12, problems 0\n\
              \x20 reason             selected  replayed\n\
              \x20 provider_rejected         2         2\n\
              \x20 unknown_metric           10        10\n\

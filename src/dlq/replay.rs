@@ -18,7 +18,7 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-use super::select::{event_id_in_payload, replay_headers, Filter, LetterInfo};
+use super::select::{event_id_in_payload, replay_headers, Filter, LetterInfo, SeenSources};
 use crate::ack::deadletter::is_consumer_only;
 use crate::ack::ledger::LedgerStore;
 use crate::config::Config;
@@ -47,6 +47,9 @@ pub struct ReplayReport {
     pub replayed: BTreeMap<String, u64>,
     /// Provider refusals removed from the delivery ledger so the events are sent again.
     pub rejections_forgotten: u64,
+    /// Letters skipped because an earlier letter in the topic has the same source topic,
+    /// partition and offset (the same event, dead-lettered twice).
+    pub second_copies: u64,
     /// One line per letter that was selected but not replayed, and one if reading stalled.
     pub failures: Vec<String>,
 }
@@ -149,6 +152,7 @@ pub async fn replay(
     let mut chunk: Vec<Selected> = Vec::new();
     let mut in_flight = FuturesUnordered::new();
     let mut last_progress = Instant::now();
+    let mut seen = SeenSources::default();
 
     while !unfinished.is_empty() {
         let wait = options.idle_timeout.saturating_sub(last_progress.elapsed());
@@ -192,7 +196,8 @@ pub async fn replay(
             continue; // written after the replay started (possibly by this replay's own events)
         }
         report.scanned += 1;
-        let Some(selected) = select(config, options, &topic, &message, &mut report) else {
+        let Some(selected) = select(config, options, &topic, &message, &mut seen, &mut report)
+        else {
             continue;
         };
         line(&format!(
@@ -315,6 +320,7 @@ fn select(
     options: &ReplayOptions,
     topic: &str,
     message: &OwnedMessage,
+    seen: &mut SeenSources,
     report: &mut ReplayReport,
 ) -> Option<Selected> {
     let headers: Vec<(String, Vec<u8>)> = message
@@ -331,11 +337,36 @@ fn select(
         info.event_id =
             event_id_in_payload(message.payload().unwrap_or_default(), &config.input.id);
     }
+    let coordinates = format!("{topic}/{}/{}", message.partition(), message.offset());
+    if seen.is_second_copy(&info) {
+        report.second_copies += 1;
+        tracing::info!(
+            letter = coordinates,
+            source_topic = info.source_topic.as_deref().unwrap_or(""),
+            source_partition = info.source_partition.as_deref().unwrap_or(""),
+            source_offset = info.source_offset.as_deref().unwrap_or(""),
+            "skipping a second letter for a source offset already seen in this scan"
+        );
+        return None;
+    }
     if !options.filter.selects(&info) {
         return None;
     }
-    let coordinates = format!("{topic}/{}/{}", message.partition(), message.offset());
     let reason = info.reason.clone().unwrap_or_else(|| "unknown".into());
+    if let Some((size, sha256)) = &info.truncated {
+        *report.selected.entry(reason.clone()).or_default() += 1;
+        report.failures.push(format!(
+            "{coordinates}: its payload was cut to fit the dead-letter topic (original {} bytes, \
+             sha256 {}); produce the original again from {}/{}/{} while the source topic retains \
+             it, or from the producer",
+            size.as_deref().unwrap_or("?"),
+            sha256.as_deref().unwrap_or("?"),
+            info.source_topic.as_deref().unwrap_or("?"),
+            info.source_partition.as_deref().unwrap_or("?"),
+            info.source_offset.as_deref().unwrap_or("?"),
+        ));
+        return None;
+    }
     let target = match (&options.to, &info.source_topic) {
         (Some(to), _) => to.clone(),
         (None, Some(source)) if config.kafka.topics.contains(source) => source.clone(),

@@ -22,6 +22,9 @@ pub struct LetterInfo {
     pub source_partition: Option<String>,
     pub source_offset: Option<String>,
     pub dead_lettered_at: Option<DateTime<Utc>>,
+    /// The payload was cut to fit the topic (`meterflow.payload_truncated`): the original
+    /// size and SHA-256, when the headers say.
+    pub truncated: Option<(Option<String>, Option<String>)>,
 }
 
 impl LetterInfo {
@@ -47,6 +50,29 @@ impl LetterInfo {
             source_partition: text(headers::SOURCE_PARTITION),
             source_offset: text(headers::SOURCE_OFFSET),
             dead_lettered_at,
+            truncated: (text(headers::PAYLOAD_TRUNCATED).as_deref() == Some("true"))
+                .then(|| (text(headers::PAYLOAD_SIZE), text(headers::PAYLOAD_SHA256))),
+        }
+    }
+}
+
+/// The source offsets of the letters seen so far in one scan. A second letter for the same
+/// source offset (written again after a crash, by a version or a broker that could not
+/// prevent it) is the same event: a replay skips it, and counts it.
+#[derive(Debug, Default)]
+pub struct SeenSources(HashSet<(String, String, String)>);
+
+impl SeenSources {
+    /// True when a letter for the same source topic, partition and offset was seen before.
+    /// Letters without all three coordinates are never taken for copies.
+    pub fn is_second_copy(&mut self, letter: &LetterInfo) -> bool {
+        match (
+            &letter.source_topic,
+            &letter.source_partition,
+            &letter.source_offset,
+        ) {
+            (Some(t), Some(p), Some(o)) => !self.0.insert((t.clone(), p.clone(), o.clone())),
+            _ => false,
         }
     }
 }
@@ -227,6 +253,47 @@ mod tests {
             "no time: outside any window"
         );
         assert!(!by_reason.selects(&letter("no_such_reason", None, "2026-11-20T10:00:00Z")));
+    }
+
+    #[test]
+    fn a_second_letter_for_the_same_source_offset_is_a_copy() {
+        let at = |o: &str| {
+            LetterInfo::from_headers(
+                &hs(&[
+                    ("meterflow.source.topic", "usage"),
+                    ("meterflow.source.partition", "1"),
+                    ("meterflow.source.offset", o),
+                ]),
+                None,
+            )
+        };
+        let mut seen = SeenSources::default();
+        assert!(!seen.is_second_copy(&at("5")));
+        assert!(!seen.is_second_copy(&at("6")));
+        assert!(seen.is_second_copy(&at("5")));
+        let no_coordinates = LetterInfo::default();
+        assert!(!seen.is_second_copy(&no_coordinates));
+        assert!(
+            !seen.is_second_copy(&no_coordinates),
+            "never a copy without coordinates"
+        );
+    }
+
+    #[test]
+    fn a_truncated_letter_says_so() {
+        let info = LetterInfo::from_headers(
+            &hs(&[
+                ("meterflow.payload_truncated", "true"),
+                ("meterflow.payload_size", "999000"),
+                ("meterflow.payload_sha256", "ab12"),
+            ]),
+            None,
+        );
+        assert_eq!(
+            info.truncated,
+            Some((Some("999000".into()), Some("ab12".into())))
+        );
+        assert_eq!(LetterInfo::default().truncated, None);
     }
 
     #[test]

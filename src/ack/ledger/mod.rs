@@ -9,6 +9,7 @@
 //! several replicas share the consumer group. Writes are group-committed by one task so a busy
 //! pipeline pays one transaction per group, not per event.
 
+mod dead_letters;
 pub mod scratch;
 mod store;
 
@@ -20,6 +21,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::event::{DeliveryKey, SourceRef};
+pub use dead_letters::DeadLetterClaim;
 pub use store::LedgerStore;
 
 /// What the ledger knows of a delivery key at claim time.
@@ -146,9 +148,23 @@ pub(crate) enum Op {
         delivered: bool,
         receipt: String,
     },
+    /// The letter is written: its intent gives way to the record.
     DeadLettered {
         source: SourceRef,
         reply: oneshot::Sender<Result<(), LedgerError>>,
+    },
+    /// Records the intent to write a source offset's dead letter, unless written or intended.
+    ClaimDeadLetter {
+        source: SourceRef,
+        dlq_partition: i32,
+        floor: i64,
+        reply: oneshot::Sender<Result<DeadLetterClaim, LedgerError>>,
+    },
+    /// Compare-and-set on a dead-letter intent's `updated_at`.
+    TouchDeadLetter {
+        source: SourceRef,
+        expected_updated_at_ms: i64,
+        reply: oneshot::Sender<Result<Option<i64>, LedgerError>>,
     },
     IsDeadLettered {
         source: SourceRef,
@@ -295,6 +311,39 @@ impl Ledger {
     pub async fn dead_lettered(&self, source: &SourceRef) -> Result<(), LedgerError> {
         self.call(|reply| Op::DeadLettered {
             source: source.clone(),
+            reply,
+        })
+        .await
+    }
+
+    /// Before writing a dead letter: records "writing it into dead-letter partition
+    /// `dlq_partition`, whose end is now `floor`" — or answers that it is written, or that
+    /// someone else recorded that intent (see [`DeadLetterClaim`]).
+    pub async fn claim_dead_letter(
+        &self,
+        source: &SourceRef,
+        dlq_partition: i32,
+        floor: i64,
+    ) -> Result<DeadLetterClaim, LedgerError> {
+        self.call(|reply| Op::ClaimDeadLetter {
+            source: source.clone(),
+            dlq_partition,
+            floor,
+            reply,
+        })
+        .await
+    }
+
+    /// Moves a dead-letter intent's `updated_at` from `expected` to now; `None` when it moved
+    /// meanwhile (someone else took it over, or wrote the letter).
+    pub async fn touch_dead_letter(
+        &self,
+        source: &SourceRef,
+        expected_updated_at_ms: i64,
+    ) -> Result<Option<i64>, LedgerError> {
+        self.call(|reply| Op::TouchDeadLetter {
+            source: source.clone(),
+            expected_updated_at_ms,
             reply,
         })
         .await

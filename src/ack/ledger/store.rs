@@ -6,6 +6,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyConnection, AnyPool, Executor, Row};
 use tokio::sync::mpsc;
 
+use super::dead_letters::{self, DeadLetterClaim};
 use super::{
     from_ms, now_ms, AggregateClaim, Checked, Claim, EarlierAggregate, EventContent, LedgerError,
     Op,
@@ -161,7 +162,7 @@ async fn set_up_schema(pool: &AnyPool, sqlite: bool) -> Result<(), sqlx::Error> 
         tx.execute(sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(SCHEMA_LOCK))
             .await?;
     }
-    for statement in SCHEMA {
+    for statement in SCHEMA.iter().chain(dead_letters::SCHEMA) {
         tx.execute(*statement).await?;
     }
     tx.commit().await
@@ -220,6 +221,10 @@ enum Reply {
         tokio::sync::oneshot::Sender<Result<bool, LedgerError>>,
         bool,
     ),
+    DeadLetter(
+        tokio::sync::oneshot::Sender<Result<DeadLetterClaim, LedgerError>>,
+        DeadLetterClaim,
+    ),
 }
 
 impl Reply {
@@ -230,6 +235,7 @@ impl Reply {
             Reply::Aggregate(tx, a) => drop(tx.send(Ok(a))),
             Reply::Unit(tx) => drop(tx.send(Ok(()))),
             Reply::Bool(tx, b) => drop(tx.send(Ok(b))),
+            Reply::DeadLetter(tx, c) => drop(tx.send(Ok(c))),
         }
     }
 
@@ -241,6 +247,7 @@ impl Reply {
             Reply::Aggregate(tx, _) => drop(tx.send(Err(err()))),
             Reply::Unit(tx) => drop(tx.send(Err(err()))),
             Reply::Bool(tx, _) => drop(tx.send(Err(err()))),
+            Reply::DeadLetter(tx, _) => drop(tx.send(Err(err()))),
         }
     }
 }
@@ -343,17 +350,27 @@ async fn apply(
                 .await?;
             }
             Op::DeadLettered { source, reply } => {
-                sqlx::query(
-                    "INSERT INTO meterflow_dead_letters (topic, source_partition, source_offset, written_at)
-                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                )
-                .bind(source.topic.as_str())
-                .bind(i64::from(source.partition))
-                .bind(source.offset)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+                dead_letters::written(&mut tx, &source, now).await?;
                 replies.push(Reply::Unit(reply));
+            }
+            Op::ClaimDeadLetter {
+                source,
+                dlq_partition,
+                floor,
+                reply,
+            } => {
+                let claim =
+                    dead_letters::claim(&mut tx, &source, dlq_partition, floor, now).await?;
+                replies.push(Reply::DeadLetter(reply, claim));
+            }
+            Op::TouchDeadLetter {
+                source,
+                expected_updated_at_ms,
+                reply,
+            } => {
+                let next =
+                    dead_letters::touch(&mut tx, &source, expected_updated_at_ms, now).await?;
+                replies.push(Reply::Touch(reply, next));
             }
             Op::IsDeadLettered { source, reply } => {
                 let found = sqlx::query(
