@@ -65,6 +65,10 @@ pub struct BillwerkArgs {
     /// as accounts with an entity hierarchy do.
     #[arg(long, value_name = "ID")]
     pub require_legal_entity: Option<String>,
+    /// Answer at most N records per usage-list page, even when `take` asks for more (as a
+    /// server may): clients must page until an empty page.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub list_page_cap: Option<u64>,
     #[command(flatten)]
     pub limit: RateLimitArgs,
     #[command(flatten)]
@@ -273,6 +277,9 @@ impl BillwerkArgs {
             require_legal_entity: self.require_legal_entity.clone(),
             limit: self.limit.settings(),
             faults: self.faults.settings(),
+            list_page_cap: self
+                .list_page_cap
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
         };
         let notes = vec![
             format!("client id {id_source}"),

@@ -260,6 +260,10 @@ impl BillwerkSink {
         let from_date = payload::billwerk_timestamp(sent_since - RECONCILE_CLOCK_MARGIN);
         let key = delivery.key.as_str();
         let mut cursor: Option<String> = None;
+        // A server may cap its pages below `take`: only an empty page ends the search. A bound,
+        // so a server whose listing never ends cannot hold the delivery forever.
+        const MAX_PAGES: usize = 2000;
+        let mut pages = 0_usize;
         loop {
             self.limiter.until_ready().await;
             let sent = tokio::time::Instant::now();
@@ -295,13 +299,25 @@ impl BillwerkSink {
                     return Ok(Reconciled::Found { receipt: id });
                 }
             }
-            if page.len() < LIST_PAGE {
+            let Some(last) = page.last() else {
                 return Ok(Reconciled::NotFound);
+            };
+            // "Not found" re-sends the usage: say it only after the whole listing was read.
+            let next = field(last, "Id").map(str::to_string);
+            if next.is_none() || next == cursor {
+                return Err(format!(
+                    "listing usage of contract {contract}: the paging cursor did not advance (last record id {next:?}); \
+                     not re-sending until a later look-up reads the listing to its end"
+                ));
             }
-            cursor = page.last().and_then(|r| field(r, "Id")).map(str::to_string);
-            if cursor.is_none() {
-                return Ok(Reconciled::NotFound);
+            pages = pages.saturating_add(1);
+            if pages >= MAX_PAGES {
+                return Err(format!(
+                    "listing usage of contract {contract}: no end after {pages} pages; \
+                     not re-sending until a later look-up reads the listing to its end"
+                ));
             }
+            cursor = next;
         }
     }
 }

@@ -344,10 +344,13 @@ async fn list_usage(
         Ok(contract_id) => contract_id,
         Err(refused) => return refused.into_response(),
     };
-    let query = match usage_query(query.as_deref().unwrap_or("")) {
+    let mut query = match usage_query(query.as_deref().unwrap_or("")) {
         Ok(query) => query,
         Err(problem) => return message(StatusCode::BAD_REQUEST, problem),
     };
+    if let Some(cap) = app.billwerk.list_page_cap {
+        query.take = query.take.min(cap);
+    }
     let records = app.billwerk.ledger().list(&contract_id, &query);
     let answers: Vec<UsageAnswer<'_>> = records.iter().map(UsageAnswer::of).collect();
     json(StatusCode::OK, &answers)

@@ -53,6 +53,9 @@ pub struct BillwerkOptions {
     pub require_legal_entity: Option<String>,
     pub limit: RateLimitSettings,
     pub faults: FaultSettings,
+    /// Answer at most this many records per usage-list page, whatever `take` asks for: a
+    /// server may cap its pages below the documented 500, and a client must page on anyway.
+    pub list_page_cap: Option<usize>,
 }
 
 impl Default for BillwerkOptions {
@@ -67,6 +70,7 @@ impl Default for BillwerkOptions {
             require_legal_entity: None,
             limit: RateLimitSettings::default(),
             faults: FaultSettings::default(),
+            list_page_cap: None,
         }
     }
 }
@@ -91,12 +95,24 @@ impl BillwerkOptions {
         self
     }
 
+    /// Caps every usage-list page at `records` (see [`BillwerkOptions::list_page_cap`]).
+    pub fn with_list_page_cap(mut self, records: usize) -> Self {
+        self.list_page_cap = Some(records);
+        self
+    }
+
     fn validate(&self) -> Result<(), EmulatorError> {
         handle::validate_common(&self.limit, &self.faults)?;
         if self.token_lifetime.is_zero() {
             return Err(EmulatorError::invalid(
                 "token_lifetime",
                 "must be longer than 0 (e.g. \"1h\")",
+            ));
+        }
+        if self.list_page_cap == Some(0) {
+            return Err(EmulatorError::invalid(
+                "list_page_cap",
+                "must be at least 1 (a page of 0 records ends every listing)",
             ));
         }
         for contract in &self.contracts {
@@ -119,6 +135,7 @@ pub struct Billwerk {
     accept_any_contract: bool,
     components: Option<HashSet<String>>,
     require_legal_entity: Option<String>,
+    list_page_cap: Option<usize>,
     ledger: Mutex<UsageLedger>,
 }
 
@@ -138,6 +155,7 @@ impl Billwerk {
             components: (!options.components.is_empty())
                 .then(|| options.components.into_iter().collect()),
             require_legal_entity: options.require_legal_entity,
+            list_page_cap: options.list_page_cap,
             ledger: Mutex::new(UsageLedger::new(id_prefix)),
         }
     }
