@@ -237,6 +237,11 @@ impl KafkaSource {
         for (k, v) in &options.properties {
             config.set(k, v);
         }
+        // A `debug` property asks for librdkafka's debug lines (e.g. `cgrp`: group joins and
+        // assignments); the warning level set above would drop them.
+        if options.properties.iter().any(|(k, _)| k == "debug") {
+            config.set_log_level(RDKafkaLogLevel::Debug);
+        }
         let consumer: SourceConsumer = config.create_with_context(SourceContext {
             shared: shared.clone(),
         })?;

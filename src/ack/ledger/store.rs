@@ -155,17 +155,20 @@ impl LedgerStore {
 /// On PostgreSQL, under a transaction-scoped advisory lock: concurrent `CREATE TABLE IF NOT
 /// EXISTS` on a fresh database races on the catalogue ("duplicate key value violates unique
 /// constraint pg_type_typname_nsp_index"), so two replicas starting together would see one of
-/// them fail. The lock is released with the transaction; DDL is transactional there.
+/// them fail. One statement per transaction: `CREATE INDEX IF NOT EXISTS` locks its table
+/// even when the index exists, and a transaction that kept one table's lock while waiting for
+/// the next deadlocked with a running replica's writes (which touch several tables).
 async fn set_up_schema(pool: &AnyPool, sqlite: bool) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    if !sqlite {
-        tx.execute(sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(SCHEMA_LOCK))
-            .await?;
-    }
     for statement in SCHEMA.iter().chain(dead_letters::SCHEMA) {
+        let mut tx = pool.begin().await?;
+        if !sqlite {
+            tx.execute(sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(SCHEMA_LOCK))
+                .await?;
+        }
         tx.execute(*statement).await?;
+        tx.commit().await?;
     }
-    tx.commit().await
+    Ok(())
 }
 
 /// The advisory lock key meterflow's schema set-up takes on PostgreSQL (any constant; this one

@@ -360,8 +360,9 @@ impl BillwerkSink {
             let next = field(last, "Id").map(str::to_string);
             if next.is_none() || next == cursor {
                 return Err(format!(
-                    "listing usage of contract {contract}: the paging cursor did not advance (last record id {next:?}); \
-                     not re-sending until a later look-up reads the listing to its end"
+                    "listing usage of contract {contract}: the paging cursor did not advance (last record id {}); \
+                     not re-sending until a later look-up reads the listing to its end",
+                    next.as_deref().unwrap_or("missing")
                 ));
             }
             pages = pages.saturating_add(1);
