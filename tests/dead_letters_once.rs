@@ -5,7 +5,7 @@
 //! (one write call, or two) and by which process wrote it.
 //!
 //! `METERFLOW_DLQ_KILLS` sets the number of kills (default 4), `METERFLOW_DLQ_EVENTS` the
-//! number of events (default 6000, three in ten of them invalid).
+//! number of events (default 3000, three in ten of them invalid).
 
 mod common;
 
@@ -27,8 +27,9 @@ use meterflow::emulator::faults::FaultSettings;
 use meterflow::emulator::ratelimit::RateLimitSettings;
 
 const CONTRACT: &str = "5cd186af443e551fe8e4f5a1";
-/// Well-formed, but billwerk does not know it: refused with a 404.
-const UNKNOWN_CONTRACT: &str = "5cd186af443e551fe8e4f5b9";
+/// The `api_calls` component: the only one in the emulator's catalogue, so `storage_gb` usage
+/// (mapped by the test config) is refused with a 422.
+const API_CALLS: &str = "5ce53069443e551b9caccc64";
 
 /// One letter as read back: where it sits in the dead-letter topic and what it says.
 #[derive(Debug, Clone)]
@@ -211,7 +212,7 @@ async fn kill_nine_and_broker_restarts_leave_one_dead_letter_per_invalid_event()
             .unwrap_or(default)
     };
     let kills = env_number("METERFLOW_DLQ_KILLS", 4);
-    let events = env_number("METERFLOW_DLQ_EVENTS", 6000);
+    let events = env_number("METERFLOW_DLQ_EVENTS", 3000);
     let run = rand::random::<u32>();
     let mut rng = StdRng::seed_from_u64(u64::from(run));
     let (topic, dlq, group) = (
@@ -222,14 +223,16 @@ async fn kill_nine_and_broker_restarts_leave_one_dead_letter_per_invalid_event()
     common::create_topics(&brokers, &[(&topic, 4), (&dlq, 1)]).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let emulator = billwerk::start(
-        BillwerkOptions::default()
-            .with_contract("acme", CONTRACT)
-            .with_limit(RateLimitSettings::per_window(400, Duration::from_secs(1)))
-            .with_faults(FaultSettings {
-                fail_rate: 0.03,
-                drop_rate: 0.02,
-                ..FaultSettings::default()
-            }),
+        BillwerkOptions {
+            components: vec![API_CALLS.to_string()],
+            ..BillwerkOptions::default()
+        }
+        .with_limit(RateLimitSettings::per_window(400, Duration::from_secs(1)))
+        .with_faults(FaultSettings {
+            fail_rate: 0.03,
+            drop_rate: 0.02,
+            ..FaultSettings::default()
+        }),
         listener,
     )
     .await
@@ -248,7 +251,7 @@ async fn kill_nine_and_broker_restarts_leave_one_dead_letter_per_invalid_event()
             5 => {
                 invalid += 1;
                 serde_json::to_vec(&json!({
-                    "id": format!("dl_{run}_{i}"), "contract_id": UNKNOWN_CONTRACT, "metric": "api_calls",
+                    "id": format!("dl_{run}_{i}"), "contract_id": CONTRACT, "metric": "storage_gb",
                     "quantity": "1", "timestamp": "2026-11-20T10:15:00Z"
                 }))
                 .unwrap()
