@@ -228,7 +228,24 @@ fn check_kafka(config: &Config) -> Vec<ConfigProblem> {
             ));
         }
     }
-    if !exists(&k.dead_letter_topic) {
+    let forbidden = metadata.topics().iter().any(|t| {
+        t.name() == k.dead_letter_topic
+            && t.error().is_some_and(|e| {
+                rdkafka::error::RDKafkaErrorCode::from(e)
+                    == rdkafka::error::RDKafkaErrorCode::TopicAuthorizationFailed
+            })
+    });
+    if forbidden {
+        problems.push(problem(
+            "kafka.dead_letter_topic",
+            format!(
+                "the cluster at {:?} refuses meterflow access to topic {:?}: grant its principal \
+                 WRITE, DESCRIBE and READ on it (READ for the look-ups after a crash and for \
+                 `dlq replay`)",
+                k.brokers, k.dead_letter_topic
+            ),
+        ));
+    } else if !exists(&k.dead_letter_topic) {
         problems.push(problem(
             "kafka.dead_letter_topic",
             format!(

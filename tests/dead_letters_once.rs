@@ -5,7 +5,7 @@
 //! (one write call, or two) and by which process wrote it.
 //!
 //! `METERFLOW_DLQ_KILLS` sets the number of kills (default 4), `METERFLOW_DLQ_EVENTS` the
-//! number of events (default 6000, three in ten of them invalid).
+//! number of events (default 3000, three in ten of them invalid).
 
 mod common;
 
@@ -27,8 +27,9 @@ use meterflow::emulator::faults::FaultSettings;
 use meterflow::emulator::ratelimit::RateLimitSettings;
 
 const CONTRACT: &str = "5cd186af443e551fe8e4f5a1";
-/// Well-formed, but billwerk does not know it: refused with a 404.
-const UNKNOWN_CONTRACT: &str = "5cd186af443e551fe8e4f5b9";
+/// The `api_calls` component: the only one in the emulator's catalogue, so `storage_gb` usage
+/// (mapped by the test config) is refused with a 422.
+const API_CALLS: &str = "5ce53069443e551b9caccc64";
 
 /// One letter as read back: where it sits in the dead-letter topic and what it says.
 #[derive(Debug, Clone)]
@@ -215,7 +216,7 @@ async fn kill_nine_and_broker_restarts_leave_one_dead_letter_per_invalid_event()
             .unwrap_or(default)
     };
     let kills = env_number("METERFLOW_DLQ_KILLS", 4);
-    let events = env_number("METERFLOW_DLQ_EVENTS", 6000);
+    let events = env_number("METERFLOW_DLQ_EVENTS", 3000);
     let run = rand::random::<u32>();
     let mut rng = StdRng::seed_from_u64(u64::from(run));
     let (topic, dlq, group) = (
@@ -226,14 +227,16 @@ async fn kill_nine_and_broker_restarts_leave_one_dead_letter_per_invalid_event()
     common::create_topics(&brokers, &[(&topic, 4), (&dlq, 1)]).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let emulator = billwerk::start(
-        BillwerkOptions::default()
-            .with_contract("acme", CONTRACT)
-            .with_limit(RateLimitSettings::per_window(400, Duration::from_secs(1)))
-            .with_faults(FaultSettings {
-                fail_rate: 0.03,
-                drop_rate: 0.02,
-                ..FaultSettings::default()
-            }),
+        BillwerkOptions {
+            components: vec![API_CALLS.to_string()],
+            ..BillwerkOptions::default()
+        }
+        .with_limit(RateLimitSettings::per_window(400, Duration::from_secs(1)))
+        .with_faults(FaultSettings {
+            fail_rate: 0.03,
+            drop_rate: 0.02,
+            ..FaultSettings::default()
+        }),
         listener,
     )
     .await
@@ -252,7 +255,7 @@ async fn kill_nine_and_broker_restarts_leave_one_dead_letter_per_invalid_event()
             5 => {
                 invalid += 1;
                 serde_json::to_vec(&json!({
-                    "id": format!("dl_{run}_{i}"), "contract_id": UNKNOWN_CONTRACT, "metric": "api_calls",
+                    "id": format!("dl_{run}_{i}"), "contract_id": CONTRACT, "metric": "storage_gb",
                     "quantity": "1", "timestamp": "2026-11-20T10:15:00Z"
                 }))
                 .unwrap()
@@ -336,22 +339,52 @@ async fn kill_nine_and_broker_restarts_leave_one_dead_letter_per_invalid_event()
             common::committed_total(&brokers, &group, &topic, 4)
         );
     }
-    // The last process finishes the stream and stops on SIGTERM.
-    let started = Utc::now();
-    let mut child = spawn(&config, &log, &[]);
+    // The last process finishes the stream and stops on SIGTERM. Tansu 0.6 sometimes never
+    // assigns partitions to a member that joins after a kill (the flake noted for the two-replica
+    // test in .config/nextest.toml): a process that makes no progress for 45 s is replaced, as a
+    // supervisor would, so the run can finish. Replacing it cannot hide a duplicate: every copy in
+    // the topic is counted below.
     let total = events as i64;
-    let done = common::wait_until(Duration::from_secs(180), || {
-        common::committed_total(&brokers, &group, &topic, 4) >= total
-    })
-    .await;
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
-    lives.push(Life {
-        started,
-        ended: Utc::now(),
-    });
+    // The emulator takes 400 requests a second; a long run needs longer to finish.
+    let deadline = Instant::now() + Duration::from_secs(240.max(events as u64 / 15));
+    let mut replaced = 0;
+    let done = loop {
+        let started = Utc::now();
+        let mut child = spawn(&config, &log, &[]);
+        let mut committed = common::committed_total(&brokers, &group, &topic, 4);
+        let mut progress_at = Instant::now();
+        let finished = loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = common::committed_total(&brokers, &group, &topic, 4);
+            if now >= total {
+                break true;
+            }
+            if now > committed {
+                committed = now;
+                progress_at = Instant::now();
+            }
+            if progress_at.elapsed() > Duration::from_secs(45) || Instant::now() > deadline {
+                break false;
+            }
+        };
+        if finished {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        } else {
+            let _ = child.kill();
+        }
+        let _ = child.wait();
+        lives.push(Life {
+            started,
+            ended: Utc::now(),
+        });
+        if finished || Instant::now() > deadline {
+            break finished;
+        }
+        replaced += 1;
+        eprintln!("replaced a process that made no progress for 45 s ({replaced})");
+    };
 
     let letters = read_letters(&brokers, &dlq);
     let distinct: std::collections::HashSet<_> = letters.iter().map(|l| &l.source).collect();
@@ -359,7 +392,7 @@ async fn kill_nine_and_broker_restarts_leave_one_dead_letter_per_invalid_event()
     println!(
         "dead letters under kill -9: events={events} invalid={invalid} kills={kills} broker restarts={restarts} \
          letters in the topic={} distinct source offsets={} duplicates={} by kind {kinds:?}; \
-         reconciliations: found={} written={}",
+         reconciliations: found={} written={}; stalled processes replaced {replaced}",
         letters.len(),
         distinct.len(),
         letters.len() - distinct.len(),

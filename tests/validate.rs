@@ -200,6 +200,29 @@ async fn connect_checks_brokers_topics_and_credentials() {
     );
 
     cluster.create_topic("usage-events-dlq", 1, 1).unwrap();
+    // A topic meterflow may not access is named as such, with the grant to ask for.
+    cluster
+        .topic_error(
+            "usage-events-dlq",
+            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+        )
+        .unwrap();
+    let report = check(&path, true, &env_with(SECRET)).await;
+    assert_eq!(report.verdict, Verdict::Invalid, "{:#?}", report.lines);
+    assert_eq!(report.lines.len(), 1, "{:#?}", report.lines);
+    assert!(
+        report.lines[0].starts_with("error: kafka.dead_letter_topic: the cluster at")
+            && report.lines[0].contains("refuses meterflow access to topic \"usage-events-dlq\"")
+            && report.lines[0].contains("grant"),
+        "{}",
+        report.lines[0]
+    );
+    cluster
+        .topic_error(
+            "usage-events-dlq",
+            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR,
+        )
+        .unwrap();
     let report = check(&path, true, &env_with(SECRET)).await;
     assert_eq!(report.verdict, Verdict::Valid, "{:#?}", report.lines);
     assert!(report.lines[0].starts_with("config OK (brokers, topics and provider reachable)"));

@@ -33,12 +33,16 @@ impl LetterRecord {
     /// The bytes librdkafka checks against `message.max.bytes` (key, value, headers), plus the
     /// framing of each header.
     pub fn size(&self) -> usize {
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(k, v)| k.len() + v.len() + 10)
-            .sum();
-        self.key.as_ref().map_or(0, Bytes::len) + self.payload.len() + headers
+        let headers = self.headers.iter().fold(0usize, |sum, (k, v)| {
+            sum.saturating_add(k.len())
+                .saturating_add(v.len())
+                .saturating_add(10)
+        });
+        self.key
+            .as_ref()
+            .map_or(0, Bytes::len)
+            .saturating_add(self.payload.len())
+            .saturating_add(headers)
     }
 
     pub fn header(&self, name: &str) -> Option<&[u8]> {
@@ -113,7 +117,11 @@ fn clip(value: &mut Vec<u8>, max: usize) {
         return;
     }
     let mut end = max;
-    while end > 0 && (value[end] & 0b1100_0000) == 0b1000_0000 {
+    while end > 0
+        && value
+            .get(end)
+            .is_some_and(|b| (b & 0b1100_0000) == 0b1000_0000)
+    {
         end -= 1;
     }
     value.truncate(end);

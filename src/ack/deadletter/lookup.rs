@@ -65,7 +65,7 @@ pub fn find(
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
                 last_message = Instant::now();
-                at = m.offset() + 1;
+                at = m.offset().saturating_add(1);
                 let headers: Vec<(&str, &[u8])> = m
                     .headers()
                     .map(|hs| {

@@ -321,7 +321,7 @@ impl DeadLetterWriter {
                     let now = crate::ack::ledger::now_ms();
                     if now < lease_end {
                         // Another replica may be writing it now: wait out its lease.
-                        let wait = (lease_end - now).clamp(1, 1000) as u64;
+                        let wait = lease_end.saturating_sub(now).clamp(1, 1000) as u64;
                         tokio::time::sleep(Duration::from_millis(wait)).await;
                         continue;
                     }
@@ -519,7 +519,7 @@ impl DeadLetterWriter {
                 );
                 *slot = Arc::new(ProducerSlot {
                     producer,
-                    generation: failed.generation + 1,
+                    generation: failed.generation.wrapping_add(1),
                 });
             }
             Err(e) => tracing::error!(
