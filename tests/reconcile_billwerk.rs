@@ -182,3 +182,23 @@ async fn reconciliation_fails_after_its_page_bound() {
     assert!(detail.contains("pages"), "{detail}");
     assert!(lists.load(Ordering::Relaxed) > 1);
 }
+
+/// A contract billwerk does not know answers the listing with 404: nothing can be recorded
+/// under it, so the look-up says "not there" (the re-send is then refused and dead-lettered)
+/// instead of failing forever and pinning the partition.
+#[tokio::test]
+async fn an_unknown_contract_is_not_there_rather_than_a_look_up_that_never_ends() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // Seeded with another contract only: every other id answers 404.
+    let emulator = billwerk::start(
+        BillwerkOptions::default().with_contract("someone-else", "5cd186af443e551fe8e4f5ff"),
+        listener,
+    )
+    .await
+    .unwrap();
+    let sink = sink(&emulator.base_url());
+    assert_eq!(
+        reconcile(&sink, "evt_unknown_contract").await,
+        Ok(Reconciled::NotFound)
+    );
+}

@@ -339,6 +339,12 @@ impl BillwerkSink {
             let status = response.status();
             self.limiter
                 .observe_sent(&signals, status == StatusCode::TOO_MANY_REQUESTS, sent);
+            // No such contract: billwerk holds no usage under it, so the earlier send cannot
+            // have been recorded. (Retrying the look-up would pin the partition for good; the
+            // re-send then answers 404 too and the event is dead-lettered with the answer.)
+            if status == StatusCode::NOT_FOUND && cursor_now.is_none() {
+                return Ok(Reconciled::NotFound);
+            }
             if !status.is_success() {
                 return Err(format!("listing usage answered {status}"));
             }
