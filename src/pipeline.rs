@@ -153,11 +153,12 @@ pub async fn run_with_sink(
         }
     });
 
+    let dead_letters = Arc::new(dead_letters);
     let stages = Arc::new(LedgeredDelivery {
         runner: DeliveryRunner::new(sink, limiter.clone(), config.retry.clone()),
-        dead_letters,
+        dead_letters: dead_letters.clone(),
         ledger,
-        source: source_handle.clone(),
+        source: Arc::new(source_handle.clone()),
         stats: stats.clone(),
         per_contract_metrics: config.admin.per_contract_metrics,
         aggregating: matches!(grouping, Grouping::Aggregate { .. }),
@@ -247,7 +248,7 @@ pub async fn run_with_sink(
     }
     gate_watch.abort();
     readiness_watch.abort();
-    stages.dead_letters.flush(Duration::from_secs(5));
+    dead_letters.flush(Duration::from_secs(5));
     tracing::info!("stopped");
     Ok(())
 }
