@@ -12,7 +12,7 @@
 //! Without a ledger (`[ledger] url = "none"`) the same paths run without claims.
 
 use std::future::Future;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,13 +21,12 @@ use tokio::task::JoinSet;
 
 use crate::ack::deadletter::{DeadLetter, DeadLetterWriter, Written};
 use crate::ack::ledger::{Claim, EventContent, Ledger, LedgerError};
+use crate::admin::readiness::Readiness;
 use crate::deliver::permits::Permits;
 use crate::deliver::runner::DeliveryRunner;
 use crate::deliver::{Delivery, DeliveryItem, ItemOutcome};
 use crate::event::SourceRef;
 use crate::event::{DeliveryKey, RawMessage, RejectReason, Rejection};
-use crate::pipeline::RunStats;
-use crate::source::SourceHandle;
 
 use fence::{LedgerLease, SendFence};
 
@@ -44,6 +43,28 @@ const LEASE_POLL: Duration = Duration::from_secs(1);
 /// Another replica took a key over while some of its events are still ours: ask again after.
 const TAKEN_OVER_POLL: Duration = Duration::from_millis(200);
 
+/// What a run did, for the demo's reconciliation table and for tests; and how it is doing now,
+/// for `/readyz`.
+#[derive(Debug, Default)]
+pub struct RunStats {
+    pub consumed: AtomicU64,
+    pub delivered: AtomicU64,
+    pub already_delivered: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub readiness: Arc<Readiness>,
+}
+
+impl RunStats {
+    pub fn snapshot(&self) -> (u64, u64, u64, u64) {
+        (
+            self.consumed.load(Ordering::Relaxed),
+            self.delivered.load(Ordering::Relaxed),
+            self.already_delivered.load(Ordering::Relaxed),
+            self.dead_lettered.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// What the protocol needs of the source: whether this process still owns an event's
 /// partition (under the generation it was read in), settling an event, and a signal after each
 /// revocation. The Kafka source is one; the protocol's tests use one in memory.
@@ -54,18 +75,6 @@ pub trait Ownership: Send + Sync + 'static {
     fn settle(&self, source: &SourceRef, generation: u64);
     /// Changes after every revocation.
     fn revocations(&self) -> tokio::sync::watch::Receiver<u64>;
-}
-
-impl Ownership for SourceHandle {
-    fn owns(&self, source: &SourceRef, generation: u64) -> bool {
-        SourceHandle::owns(self, source, generation)
-    }
-    fn settle(&self, source: &SourceRef, generation: u64) {
-        SourceHandle::settle(self, source, generation)
-    }
-    fn revocations(&self) -> tokio::sync::watch::Receiver<u64> {
-        SourceHandle::revocations(self)
-    }
 }
 
 /// Where refused events go, once per source offset (see `ack::deadletter`): returns when the

@@ -13,6 +13,7 @@ use chrono::{TimeZone, Utc};
 use futures::future::BoxFuture;
 use rust_decimal::Decimal;
 
+use super::RunStats;
 use super::{DeadLetters, LedgeredDelivery, Ownership};
 use crate::ack::deadletter::{DeadLetter, Written};
 use crate::ack::ledger::scratch::ScratchDatabase;
@@ -24,7 +25,6 @@ use crate::deliver::{Attempt, Delivery, DeliveryItem, RateSignals, Reconciled, S
 use crate::event::{
     BillableUsage, CustomerRef, DeliveryKey, RawMessage, RejectReason, Rejection, SourceRef,
 };
-use crate::pipeline::RunStats;
 
 const TOPIC: &str = "usage";
 
