@@ -41,6 +41,74 @@ async fn backlog_of_200k_with_the_default_config_loses_nothing() {
     backlog(200_000, None, Duration::from_secs(1200)).await;
 }
 
+/// Found in CI: with the in-flight budget full right after the first record of a partition's
+/// last batch, the read resumes one record into that batch, and Tansu's memory storage answers
+/// with the next batch, which does not exist. Its high watermark is the last batch's base
+/// offset + 1 — exactly where the read stands — so the stalled-read check took the partition
+/// for caught up, once and for all: two partitions stayed pinned with 1 249 events each unread.
+/// Here: one partition, one batch of 300 records, one event in flight at a time (a pause after
+/// every record). Before the fix, 1 of 300 was delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_paused_one_record_into_the_last_batch_is_not_taken_for_caught_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let tansu = match common::Tansu::start_with_storage(dir.path(), "memory://tansu/") {
+        Some(t) => t,
+        None if std::env::var("CI").is_ok() => panic!("Tansu must be installed in CI (.ci/run)"),
+        None => {
+            eprintln!("skipping: tansu not installed");
+            return;
+        }
+    };
+    let brokers = tansu.brokers();
+    let (topic, dlq, group) = ("usage", "usage-dlq", "meterflow-last-batch");
+    common::create_topics(&brokers, &[(topic, 1), (dlq, 1)]).await;
+    let n = 300;
+    let ids: Vec<String> = (0..n).map(|i| format!("last_{i}")).collect();
+    let payloads: Vec<Vec<u8>> = ids
+        .iter()
+        .map(|id| {
+            serde_json::to_vec(&json!({
+                "id": id, "contract_id": "5cd186af443e551fe8e4f5dd", "metric": "api_calls",
+                "quantity": "1", "timestamp": "2026-11-20T10:15:00Z",
+            }))
+            .unwrap()
+        })
+        .collect();
+    common::produce(&brokers, topic, 1, &payloads).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let emulator = billwerk::start(BillwerkOptions::default(), listener)
+        .await
+        .unwrap();
+    let ledger = format!("sqlite://{}", dir.path().join("ledger.db").display());
+    let config =
+        common::billwerk_config(&brokers, group, topic, dlq, &emulator.base_url(), &ledger)
+            .replace("max_events = 200", "max_events = 1")
+            .replace(
+                "max_wait = \"20ms\"",
+                "max_wait = \"20ms\"\nmax_in_flight = 1",
+            );
+    let config = Config::from_toml_str(&config).unwrap();
+    let stats = Arc::new(RunStats::default());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(pipeline::run(config, stats.clone(), async {
+        let _ = stopped.await;
+    }));
+    // Bounded for a hang: the first re-check is due 4 s after the first quiet spell.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline && common::committed_total(&brokers, group, topic, 1) < n {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    common::stop_pipeline(stop, run, Duration::from_millis(500)).await;
+    let per_key = emulator.stats().records_per_delivery_key;
+    let missing = ids
+        .iter()
+        .filter(|id| !per_key.contains_key(DeliveryKey::for_event(id).as_str()))
+        .count();
+    assert_eq!(missing, 0, "{missing} of {n} events never read");
+    assert!(per_key.values().all(|c| *c == 1), "no event billed twice");
+    assert_eq!(common::committed_total(&brokers, group, topic, 1), n);
+}
+
 async fn backlog(n: usize, max_in_flight: Option<usize>, limit: Duration) {
     if let Ok(filter) = std::env::var("RUST_LOG") {
         let _ = tracing_subscriber::fmt()
