@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 
 use crate::ack::deadletter::{DeadLetter, DeadLetterWriter, Written};
 use crate::ack::ledger::{
-    AggregateClaim, Claim, EarlierAggregate, EventContent, Ledger, LedgerStore,
+    AggregateClaim, Claim, EarlierAggregate, EventContent, EventOrigin, Ledger, LedgerStore,
 };
 use crate::admin::readiness::{ProviderProbe, Readiness};
 use crate::batch::{self, Batcher, Bucket, Grouping};
@@ -295,8 +295,10 @@ pub async fn run_with_sink(
                     }
                     Err(rejection) => {
                         let stages = stages.clone();
+                        // For `meterflow trace`: the id, if the event has a usable one.
+                        let traced_id = decoder.event_id(&raw.payload);
                         tasks.spawn(async move {
-                            stages.dead_letter(&raw, &rejection, None, None).await;
+                            stages.dead_letter_traced(&raw, &rejection, traced_id.as_deref()).await;
                             stages.source.settle(&raw.source, raw.generation);
                         });
                     }
@@ -361,6 +363,17 @@ pub async fn run_with_sink(
     Ok(())
 }
 
+/// How long a replica leaves another's "sending" claim alone: no time on SQLite (one replica,
+/// so a "sending" entry can only be a dead process's), one request timeout plus a margin on
+/// PostgreSQL.
+pub fn ledger_lease(config: &Config) -> Duration {
+    if config.ledger.url.trim().starts_with("sqlite:") {
+        Duration::ZERO
+    } else {
+        config.sink.request_timeout + Duration::from_secs(5)
+    }
+}
+
 /// `[ledger] url`: SQLite (single replica: no lease needed, a "sending" entry can only be a
 /// dead process's), PostgreSQL (several replicas: leave another owner's claim alone for one
 /// request timeout plus a margin), or `none`.
@@ -370,11 +383,7 @@ async fn open_ledger(config: &Config) -> anyhow::Result<Option<Ledger>> {
         tracing::warn!("delivery ledger disabled: a crash after a delivery may bill it twice");
         return Ok(None);
     }
-    let lease = if url.starts_with("sqlite:") {
-        Duration::ZERO
-    } else {
-        config.sink.request_timeout + Duration::from_secs(5)
-    };
+    let lease = ledger_lease(config);
     let store = LedgerStore::connect(url)
         .await
         .map_err(|e| anyhow::anyhow!("ledger.url: cannot open the delivery ledger: {e}"))?;
@@ -668,7 +677,12 @@ impl Stages {
                     .map(|i| DeliveryKey::for_event(&i.usage.event_id))
                     .collect();
                 match ledger
-                    .claim_aggregate_checked(&delivery.key, event_keys, contents(&delivery.items))
+                    .claim_aggregate_checked(
+                        &delivery.key,
+                        event_keys,
+                        contents(&delivery.items),
+                        origins(&delivery.items),
+                    )
                     .await
                 {
                     Ok(AggregateClaim::Own(c)) => Ok(c),
@@ -682,7 +696,12 @@ impl Stages {
                 }
             } else {
                 match ledger
-                    .claim_checked(&delivery.key, n, contents(&delivery.items))
+                    .claim_checked(
+                        &delivery.key,
+                        n,
+                        contents(&delivery.items),
+                        origins(&delivery.items),
+                    )
                     .await
                 {
                     Ok(Ok(c)) => Ok(c),
@@ -708,6 +727,13 @@ impl Stages {
                 Claim::Delivered { receipt } => {
                     metrics::counter!("meterflow_events_deduplicated_total", "source" => "ledger")
                         .increment(n as u64);
+                    return Ledgered::Outcomes(Some(vec![
+                        ItemOutcome::AlreadyDelivered { receipt };
+                        n
+                    ]));
+                }
+                Claim::Voided { receipt } => {
+                    tracing::info!(delivery_key = %delivery.key, %receipt, events = n, "voided by `meterflow void`: settled without billing it again (a void with --rebill lets it be billed again)");
                     return Ledgered::Outcomes(Some(vec![
                         ItemOutcome::AlreadyDelivered { receipt };
                         n
@@ -773,7 +799,32 @@ impl Stages {
             provider_answer,
             event_id: ids.map(|(id, _)| id.as_str()),
             delivery_key: ids.map(|(_, k)| k),
+            traced_event_id: ids.map(|(id, _)| id.as_str()),
         };
+        self.write_dead_letter(letter).await;
+    }
+
+    /// [`Stages::dead_letter`] for an event that failed decoding: the letter carries no ids
+    /// (the event has none meterflow accepted), the ledger records `traced_id` for `meterflow
+    /// trace`.
+    async fn dead_letter_traced(
+        &self,
+        raw: &RawMessage,
+        rejection: &Rejection,
+        traced_id: Option<&str>,
+    ) {
+        let letter = DeadLetter {
+            raw,
+            rejection,
+            provider_answer: None,
+            event_id: None,
+            delivery_key: None,
+            traced_event_id: traced_id,
+        };
+        self.write_dead_letter(letter).await;
+    }
+
+    async fn write_dead_letter(&self, letter: DeadLetter<'_>) {
         match self
             .dead_letters
             .write_once(letter, self.ledger.as_ref())
@@ -785,6 +836,23 @@ impl Stages {
             Written::Before => {}
         }
     }
+}
+
+/// Where each item came from and whom it bills, recorded with the claim (`meterflow trace`).
+fn origins(items: &[DeliveryItem]) -> Vec<EventOrigin> {
+    items
+        .iter()
+        .map(|i| EventOrigin {
+            event_id: i.usage.event_id.clone(),
+            source: i.raw.source.clone(),
+            customer: match &i.usage.customer {
+                crate::event::CustomerRef::ContractId(c) => format!("contract:{c}"),
+                crate::event::CustomerRef::ExternalId(e) => format!("external:{e}"),
+            },
+            component_id: i.usage.component_id.clone(),
+            quantity: i.usage.quantity,
+        })
+        .collect()
 }
 
 /// What each item carried, for the ledger's id-conflict check.

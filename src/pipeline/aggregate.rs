@@ -187,6 +187,14 @@ impl Stages {
                     });
                 }
             }
+            Claim::Voided { receipt } => {
+                tracing::info!(delivery_key = %key, %receipt, events = carried.len(), "events of an aggregate voided by `meterflow void`: settled without billing them again");
+                for i in carried {
+                    outcomes[i] = Some(ItemOutcome::AlreadyDelivered {
+                        receipt: receipt.clone(),
+                    });
+                }
+            }
             Claim::Rejected { answer } => {
                 let rejection = Rejection::new(
                     RejectReason::ProviderRejected,
