@@ -19,7 +19,7 @@ use crate::config::{Config, SinkKind};
 use crate::deliver::billwerk::{BillwerkSink, ListedUsage};
 use crate::deliver::ratelimit::RateLimiter;
 use crate::event::is_billwerk_contract_id;
-use crate::trace::open_ledger;
+use crate::trace::{open_ledger, shown};
 
 #[derive(Debug, Args)]
 pub struct AuditArgs {
@@ -265,7 +265,7 @@ fn findings_text(
     );
     for (component, (b, l)) in &f.totals {
         let mark = if b == l { "" } else { "  DIFFERS" };
-        let _ = writeln!(out, "  {component:<26} {b:>20} {l:>20}{mark}");
+        let _ = writeln!(out, "  {:<26} {b:>20} {l:>20}{mark}", shown(component));
     }
     let _ = writeln!(
         out,
@@ -273,7 +273,7 @@ fn findings_text(
         f.unknown.len()
     );
     for (id, key, why) in &f.unknown {
-        let _ = writeln!(out, "    {id} {key}: {why}");
+        let _ = writeln!(out, "    {} {key}: {}", shown(id), shown(why));
     }
     let _ = writeln!(
         out,
@@ -281,7 +281,7 @@ fn findings_text(
         f.missing.len()
     );
     for (key, id) in &f.missing {
-        let _ = writeln!(out, "    {key}: record {id}");
+        let _ = writeln!(out, "    {key}: record {}", shown(id));
     }
     let _ = writeln!(
         out,
@@ -289,13 +289,13 @@ fn findings_text(
         f.doubled.len()
     );
     for (key, ids) in &f.doubled {
-        let _ = writeln!(out, "    {key}: records {}", ids.join(", "));
+        let _ = writeln!(out, "    {key}: records {}", shown(&ids.join(", ")));
     }
     if !f.unreadable_quantities.is_empty() {
         let _ = writeln!(
             out,
             "  records whose Quantity is not an exact decimal: {}",
-            f.unreadable_quantities.join(", ")
+            shown(&f.unreadable_quantities.join(", "))
         );
     }
     if f.deliveries_without_quantities > 0 {

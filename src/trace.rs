@@ -209,7 +209,7 @@ fn time(ms: i64) -> String {
 
 /// Text from the ledger (which holds provider answers and producers' bytes) made safe for a
 /// terminal: control characters escaped, length bounded.
-fn shown(text: &str) -> String {
+pub(crate) fn shown(text: &str) -> String {
     let escaped: String = text
         .chars()
         .flat_map(|c| {

@@ -14,7 +14,7 @@ use crate::config::{Config, SinkKind};
 use crate::deliver::billwerk::{BillwerkSink, Deletion};
 use crate::deliver::ratelimit::RateLimiter;
 use crate::event::{is_billwerk_contract_id, CustomerRef};
-use crate::trace::{check_event_id, check_usage_id, open_ledger};
+use crate::trace::{check_event_id, check_usage_id, open_ledger, shown};
 
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("target").required(true).args(["event_id", "usage_id"])))]
@@ -218,8 +218,9 @@ async fn void(args: &VoidArgs) -> Result<(u8, String), String> {
         } => {}
         Deletion::NotFound { message, .. } => {
             out.push_str(&format!(
-                "billwerk has no usage record {usage_id} under contract {contract_id} ({message}): \
-                 deleted by hand already? The ledger is unchanged\n"
+                "billwerk has no usage record {usage_id} under contract {contract_id} ({}): \
+                 deleted by hand already? The ledger is unchanged\n",
+                shown(&message)
             ));
             return Ok((NOT_VOIDED, out));
         }
@@ -234,9 +235,10 @@ async fn void(args: &VoidArgs) -> Result<(u8, String), String> {
                 "billwerk deletes usage only while it is unbilled; if it is already billed".into()
             };
             out.push_str(&format!(
-                "billwerk refused to delete usage record {usage_id} (HTTP {status}: {message}): \
+                "billwerk refused to delete usage record {usage_id} (HTTP {status}: {}): \
                  {verdict}, a correction is a credit in billwerk (on the invoice), not a void. \
-                 The ledger is unchanged\n"
+                 The ledger is unchanged\n",
+                shown(&message)
             ));
             return Ok((NOT_VOIDED, out));
         }
@@ -279,7 +281,7 @@ fn after_void(rebill: bool) -> &'static str {
 fn describe(customer: &CustomerRef) -> String {
     match customer {
         CustomerRef::ContractId(id) => format!("contract {id}"),
-        CustomerRef::ExternalId(e) => format!("the contract with ExternalId {e:?}"),
+        CustomerRef::ExternalId(e) => format!("the contract with ExternalId {:?}", shown(e)),
     }
 }
 

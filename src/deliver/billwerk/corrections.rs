@@ -97,7 +97,8 @@ impl BillwerkSink {
                 401 | 403 => {
                     return Err(format!(
                         "billwerk answered {status}: check sink.client_id / sink.client_secret \
-                         (and sink.legal_entity_id): {message}"
+                         (and sink.legal_entity_id): {}",
+                        truncate(&message, 300)
                     ))
                 }
                 429 => last_failure = format!("billwerk answered {status} (rate limit)"),
