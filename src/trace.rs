@@ -61,10 +61,14 @@ async fn trace(args: &TraceArgs) -> Result<u8, String> {
             let record = store.trace_event(id).await.map_err(|e| e.to_string())?;
             let lease = crate::pipeline::ledger_lease(&config);
             let state = EventState::of(&record);
+            let with = Shown {
+                lease,
+                dlq_topic: &config.kafka.dead_letter_topic,
+            };
             if args.json {
-                println!("{}", event_json(id, state, &record, lease));
+                println!("{}", event_json(id, state, &record, &with));
             } else {
-                print!("{}", event_text(id, state, &record, lease));
+                print!("{}", event_text(id, state, &record, &with));
             }
             Ok(if state == EventState::Unknown {
                 NOT_FOUND
@@ -227,7 +231,16 @@ fn is_aggregate(event_id: &str, delivery: &DeliveryEntry) -> bool {
     delivery.event_count > 1 || delivery.delivery_key != DeliveryKey::for_event(event_id).0
 }
 
-fn event_text(id: &str, state: EventState, record: &EventRecord, lease: Duration) -> String {
+/// What the config adds to the ledger's answer.
+struct Shown<'a> {
+    /// The ledger's lease (none on SQLite).
+    lease: Duration,
+    /// Where dead letters go (the ledger records partition and offset, not the topic).
+    dlq_topic: &'a str,
+}
+
+fn event_text(id: &str, state: EventState, record: &EventRecord, with: &Shown<'_>) -> String {
+    let lease = with.lease;
     use std::fmt::Write;
     let mut out = String::new();
     if state == EventState::Unknown {
@@ -317,7 +330,8 @@ fn event_text(id: &str, state: EventState, record: &EventRecord, lease: Duration
             "dead letter",
             match (l.dlq_partition, l.dlq_offset) {
                 (Some(p), Some(o)) => format!(
-                    "{reason}: dead-letter partition {p} offset {o}, written at {}",
+                    "{reason}: {} partition {p} offset {o}, written at {}",
+                    shown(with.dlq_topic),
                     time(l.written_at_ms)
                 ),
                 _ => format!("{reason}: written at {}", time(l.written_at_ms)),
@@ -342,7 +356,8 @@ fn event_text(id: &str, state: EventState, record: &EventRecord, lease: Duration
         line(
             "dead letter",
             format!(
-                "being written into dead-letter partition {} since {} (stamped {})",
+                "being written into {} partition {} since {} (stamped {})",
+                shown(with.dlq_topic),
                 i.dlq_partition,
                 time(i.started_at_ms),
                 time(i.updated_at_ms)
@@ -409,7 +424,8 @@ fn void_json(v: &VoidEntry) -> Value {
     })
 }
 
-fn event_json(id: &str, state: EventState, record: &EventRecord, lease: Duration) -> Value {
+fn event_json(id: &str, state: EventState, record: &EventRecord, with: &Shown<'_>) -> Value {
+    let lease = with.lease;
     let delivery = record.delivery.as_ref();
     json!({
         "event_id": id,
@@ -430,12 +446,14 @@ fn event_json(id: &str, state: EventState, record: &EventRecord, lease: Duration
         "dead_letters": record.dead_letters.iter().map(|l| json!({
             "reason": l.reason,
             "detail": l.detail,
+            "dead_letter_topic": with.dlq_topic,
             "dead_letter_partition": l.dlq_partition,
             "dead_letter_offset": l.dlq_offset,
             "written_at": time(l.written_at_ms),
             "source": {"topic": l.topic, "partition": l.partition, "offset": l.offset},
         })).collect::<Vec<_>>(),
         "dead_letter_in_progress": record.dead_letter_intent.as_ref().map(|i| json!({
+            "dead_letter_topic": with.dlq_topic,
             "dead_letter_partition": i.dlq_partition,
             "started_at": time(i.started_at_ms),
             "updated_at": time(i.updated_at_ms),

@@ -226,6 +226,7 @@ async fn trace_tells_delivered_refused_dead_lettered_and_unknown_events_apart() 
     let v = json_of(&out);
     assert_eq!(v["state"], "refused");
     assert_eq!(v["dead_letters"][0]["reason"], "provider_rejected");
+    assert_eq!(v["dead_letters"][0]["dead_letter_topic"], "usage-dlq");
     assert_eq!(v["dead_letters"][0]["dead_letter_partition"], refused.0);
     assert_eq!(v["dead_letters"][0]["dead_letter_offset"], refused.1);
 
@@ -240,7 +241,7 @@ async fn trace_tells_delivered_refused_dead_lettered_and_unknown_events_apart() 
     );
     assert!(
         text.contains(&format!(
-            "unknown_metric: dead-letter partition {} offset {}",
+            "unknown_metric: usage-dlq partition {} offset {}",
             bad.0, bad.1
         )),
         "{text}"
