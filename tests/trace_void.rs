@@ -807,3 +807,87 @@ async fn audit_names_what_is_missing_unknown_or_double_and_compares_exact_totals
     assert_eq!(code, 2);
     assert!(err.contains("24 hexadecimal"), "{err}");
 }
+
+/// The same commands on a PostgreSQL ledger (the SQL is one dialect for both; this runs each
+/// read and write of trace, void and audit against PostgreSQL once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_void_and_audit_work_on_a_postgres_ledger() {
+    let Some(db) = ScratchDatabase::for_test().await else {
+        return;
+    };
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("usage", 1, 1).unwrap();
+    cluster.create_topic("usage-dlq", 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let billwerk = emulator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_text(&brokers, "pg", &billwerk.base_url(), &db.url, false);
+    let config_path = write_config(dir.path(), &config);
+    common::produce(
+        &brokers,
+        "usage",
+        1,
+        &[
+            event("evt_pg_1", "api_calls", "1.25", json!(CONTRACT)),
+            event("evt_pg_2", "api_calls", "2", json!("acme-prod")),
+            event("evt_pg_bad", "storage_gb", "1", json!(CONTRACT)),
+        ],
+    )
+    .await;
+    run_pipeline(&config, 3).await;
+    let records = billwerk.records();
+    assert_eq!(records.len(), 2);
+
+    let (code, out, _) = meterflow(&["trace", "--config", &config_path, "evt_pg_bad", "--json"]);
+    assert_eq!(code, 0);
+    let v = json_of(&out);
+    assert_eq!(v["state"], "refused");
+    assert_eq!(v["dead_letters"][0]["reason"], "provider_rejected");
+
+    let from = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
+    let until = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    let audit = || {
+        meterflow(&[
+            "audit",
+            "--config",
+            &config_path,
+            "--contract",
+            CONTRACT,
+            "--from",
+            &from,
+            "--until",
+            &until,
+            "--json",
+        ])
+    };
+    let (code, out, _) = audit();
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(json_of(&out)["totals"][0]["ledger"], "3.25");
+
+    let first = &records[0];
+    let (code, out, _) = meterflow(&[
+        "trace",
+        "--config",
+        &config_path,
+        "--usage-id",
+        &first.id,
+        "--json",
+    ]);
+    assert_eq!(code, 0);
+    let listed = json_of(&out)["event_ids"].clone();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    let (code, text, _) = meterflow(&["void", "--config", &config_path, "--usage-id", &first.id]);
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(billwerk.records().len(), 1);
+    let (_, out, _) = meterflow(&[
+        "trace",
+        "--config",
+        &config_path,
+        listed[0].as_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(json_of(&out)["state"], "voided");
+    // The voided delivery is no longer the ledger's to count: both sides agree again.
+    let (code, out, _) = audit();
+    assert_eq!(code, 0, "{out}");
+}
