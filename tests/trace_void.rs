@@ -606,6 +606,30 @@ async fn an_sqlite_ledger_of_an_earlier_release_is_migrated_in_place() {
     std::fs::File::create(&path).unwrap();
     let url = format!("sqlite://{}", path.display());
     old_ledger_is_migrated_and_shows_in_flight_claims(&url, dir.path()).await;
+
+    // Processes opening an old ledger at once (the service and a trace): every one migrates
+    // or finds it migrated.
+    let again = dir.path().join("old2.db");
+    std::fs::File::create(&again).unwrap();
+    let url = format!("sqlite://{}", again.display());
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    sqlx::query(
+        "CREATE TABLE meterflow_dead_letters (topic TEXT NOT NULL, source_partition BIGINT NOT NULL,
+            source_offset BIGINT NOT NULL, written_at BIGINT NOT NULL,
+            PRIMARY KEY (topic, source_partition, source_offset))",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    let opens = (0..4).map(|_| {
+        let url = url.clone();
+        tokio::spawn(async move { LedgerStore::connect(&url).await.map(|_| ()) })
+    });
+    for open in futures::future::join_all(opens).await {
+        open.unwrap().expect("every process opens the old ledger");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -793,6 +817,15 @@ async fn audit_names_what_is_missing_unknown_or_double_and_compares_exact_totals
     ]);
     assert_eq!(code, 2);
     assert!(err.contains("Billingrails has no endpoint"), "{err}");
+    let (code, _, err) = meterflow(&[
+        "void",
+        "--config",
+        rails_path.to_str().unwrap(),
+        "--event-id",
+        "evt_audit_0",
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("billwerk only"), "{err}");
     let (code, _, err) = meterflow(&[
         "audit",
         "--config",
