@@ -87,8 +87,9 @@ pub struct Findings {
     pub totals: BTreeMap<String, (Decimal, Decimal)>,
     /// Records whose quantity could not be read exactly.
     pub unreadable_quantities: Vec<String>,
-    /// Ledger deliveries recorded before their events' quantities were (no ledger total).
-    pub deliveries_without_quantities: usize,
+    /// Deliveries in the period (to any contract) recorded before the ledger kept events'
+    /// contracts and quantities: not attributable, so not in the ledger's side.
+    pub unattributed_deliveries: i64,
 }
 
 impl Findings {
@@ -157,9 +158,6 @@ pub fn compare(
         if !ids.contains(d.receipt.as_str()) {
             f.missing.push((d.delivery_key.clone(), d.receipt.clone()));
         }
-        if d.quantities.is_empty() {
-            f.deliveries_without_quantities = f.deliveries_without_quantities.saturating_add(1);
-        }
         for (component, q) in &d.quantities {
             let total = f.totals.entry(component.clone()).or_default();
             total.1 = total.1.checked_add(*q).unwrap_or(total.1);
@@ -221,7 +219,11 @@ async fn audit(args: &AuditArgs) -> Result<(u8, String), String> {
         .await
         .map_err(|e| e.to_string())?;
     let in_period = |r: &ListedUsage| r.transferred_at.is_none_or(|t| from <= t && t < until);
-    let findings = compare(&listing, in_period, &ledger, &known);
+    let mut findings = compare(&listing, in_period, &ledger, &known);
+    findings.unattributed_deliveries = store
+        .unattributed_deliveries(from.timestamp_millis(), until.timestamp_millis())
+        .await
+        .map_err(|e| e.to_string())?;
     let code = if findings.agree() { AGREE } else { DIFFER };
     let out = if args.json {
         format!("{}\n", findings_json(&contract, from, until, &findings))
@@ -298,12 +300,12 @@ fn findings_text(
             shown(&f.unreadable_quantities.join(", "))
         );
     }
-    if f.deliveries_without_quantities > 0 {
+    if f.unattributed_deliveries > 0 {
         let _ = writeln!(
             out,
-            "  note: {} ledger deliveries were recorded before the ledger kept quantities; \
-             they are missing from the ledger's totals",
-            f.deliveries_without_quantities
+            "  note: {} deliveries in the period (to any contract) were recorded before the \
+             ledger kept contracts and quantities; they are not in the ledger's side",
+            f.unattributed_deliveries
         );
     }
     let _ = writeln!(
@@ -337,7 +339,7 @@ fn findings_json(
         "billed_more_than_once": f.doubled.iter().map(|(key, ids)| json!({"delivery_key": key, "usage_ids": ids})).collect::<Vec<_>>(),
         "totals": f.totals.iter().map(|(c, (b, l))| json!({"component_id": c, "billwerk": b.to_string(), "ledger": l.to_string()})).collect::<Vec<_>>(),
         "unreadable_quantities": f.unreadable_quantities,
-        "deliveries_without_quantities": f.deliveries_without_quantities,
+        "unattributed_deliveries": f.unattributed_deliveries,
     })
     .to_string()
 }

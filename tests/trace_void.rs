@@ -701,12 +701,25 @@ async fn audit_names_what_is_missing_unknown_or_double_and_compares_exact_totals
         }
         meterflow(&args)
     };
+    // A delivery from before the ledger kept contracts: told, not counted, not a difference.
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&ledger).await.unwrap();
+    sqlx::query(
+        "INSERT INTO meterflow_deliveries (delivery_key, state, receipt, event_count, first_sent_at, updated_at)
+         VALUES ('mf1-legacy', 'delivered', '6b0e000000000000000000ff', 1, $1, $1)",
+    )
+    .bind(chrono::Utc::now().timestamp_millis())
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
     billwerk
         .set_limit(RateLimitSettings::per_window(4, Duration::from_secs(1)))
         .unwrap();
     let started = std::time::Instant::now();
     let (code, text, _) = audit(false);
     assert_eq!(code, 0, "{text}");
+    assert!(text.contains("note: 1 deliveries in the period"), "{text}");
     assert!(text.contains("OK: billwerk and the ledger agree"), "{text}");
     assert!(
         text.contains(&expected.to_string()),
@@ -896,6 +909,7 @@ async fn trace_void_and_audit_work_on_a_postgres_ledger() {
     let (code, out, _) = audit();
     assert_eq!(code, 0, "{out}");
     assert_eq!(json_of(&out)["totals"][0]["ledger"], "3.25");
+    assert_eq!(json_of(&out)["unattributed_deliveries"], 0);
 
     let first = &records[0];
     let (code, out, _) = meterflow(&[

@@ -453,4 +453,26 @@ impl LedgerStore {
         }
         Ok(out)
     }
+
+    /// Deliveries accepted from `from_ms` until `until_ms` without any recorded origin
+    /// (written before origins were recorded): their contract and quantities are unknown.
+    pub async fn unattributed_deliveries(
+        &self,
+        from_ms: i64,
+        until_ms: i64,
+    ) -> Result<i64, LedgerError> {
+        let row = sqlx::query(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM meterflow_deliveries d
+             WHERE d.state = 'delivered'
+               AND COALESCE(d.delivered_at, d.updated_at) >= $1
+               AND COALESCE(d.delivered_at, d.updated_at) < $2
+               AND NOT EXISTS (SELECT 1 FROM meterflow_event_origins o
+                               WHERE o.delivery_key = d.delivery_key)",
+        )
+        .bind(from_ms)
+        .bind(until_ms)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get::<i64, _>(0)?)
+    }
 }
