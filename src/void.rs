@@ -209,6 +209,14 @@ async fn void(args: &VoidArgs) -> Result<(u8, String), String> {
     let limiter = std::sync::Arc::new(RateLimiter::new(&config.rate_limit).for_sink("billwerk"));
     let sink = BillwerkSink::new(&config.sink, limiter).map_err(|e| e.to_string())?;
     let contract_id = sink.contract_id(&customer).await?;
+    if let Some(given) = &args.contract {
+        if !given.eq_ignore_ascii_case(&contract_id) {
+            return Err(format!(
+                "--contract {given} differs from the contract the ledger's events name \
+                 ({contract_id}); not deleting"
+            ));
+        }
+    }
     let deletion = sink.delete_usage(&contract_id, &usage_id).await?;
     match deletion {
         Deletion::Deleted
@@ -305,7 +313,6 @@ fn customer_ref(recorded: Option<&str>, given: Option<&str>) -> Result<CustomerR
                 "--contract {g} differs from the contract the ledger recorded ({id}); not deleting"
             ))
         }
-        (Some(CustomerRef::ExternalId(_)), Some(g)) => Ok(CustomerRef::ContractId(g.to_string())),
         (Some(r), _) => Ok(r),
         (None, Some(g)) => Ok(CustomerRef::ContractId(g.to_string())),
         (None, None) => Err(

@@ -519,6 +519,18 @@ async fn void_deletes_unbilled_usage_once_and_refuses_billed_usage() {
     ]);
     assert_eq!(code, 2);
     assert!(err.contains("24 hexadecimal"), "{err}");
+    let (code, _, err) = meterflow(&[
+        "void",
+        "--config",
+        &config_path,
+        "--event-id",
+        "evt_b",
+        "--contract",
+        "5cd186af443e551fe8e4f5ff",
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("differs"), "{err}");
+    assert!(record_of("evt_b").is_some());
     let (code, text, _) = meterflow(&["void", "--config", &config_path, "--event-id", "evt_never"]);
     assert_eq!(code, 1, "{text}");
 }
