@@ -190,6 +190,9 @@ async fn readyz_follows_a_pipeline_and_metrics_show_its_traffic_without_secrets(
         "meterflow_request_duration_seconds_bucket{sink=\"billwerk\",endpoint=\"usage\",le=\"0.005\"}",
         "meterflow_token_refreshes_total{result=\"ok\"}",
         "meterflow_contract_delivered_quantity_total{contract=\"5cd186af443e551fe8e4f5dd\"}",
+        // Owned against existing: what MeterflowPartitionsUnowned compares.
+        "meterflow_topic_partitions{topic=\"usage\"} 2",
+        "meterflow_assigned_partitions 2",
     ] {
         assert!(metrics.contains(expected), "{expected} missing in:\n{metrics}");
     }

@@ -773,3 +773,95 @@ async fn a_stalled_read_ends_with_a_problem_not_a_hang() {
         report.failures
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_refused_through_an_earlier_aggregate_comes_back_with_a_replay() {
+    let (_cluster, brokers) = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = format!("sqlite://{}", dir.path().join("ledger.db").display());
+    let event = |id: &str| {
+        serde_json::to_vec(
+            &json!({"id": id, "contract_id": OTHER_CONTRACT, "metric": "api_calls",
+                                   "quantity": "2", "timestamp": "2026-11-20T10:15:00Z"}),
+        )
+        .unwrap()
+    };
+    let aggregating = |base_url: &str| {
+        let mut config = config(&brokers, base_url, &ledger);
+        config.sink.aggregate.enabled = true;
+        config
+    };
+
+    // The provider does not know the contract yet: the aggregate of three events is refused.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let before = billwerk::start(
+        BillwerkOptions::default().with_contract("acme", CONTRACT),
+        listener,
+    )
+    .await
+    .unwrap();
+    common::produce(
+        &brokers,
+        "usage",
+        2,
+        &[event("evt_a"), event("evt_b"), event("evt_c")],
+    )
+    .await;
+    let stats = Arc::new(RunStats::default());
+    run_pipeline_until(aggregating(&before.base_url()), stats.clone(), |s| {
+        s.dead_lettered.load(Ordering::Relaxed) == 3
+    })
+    .await;
+    assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 3);
+    let first_letters_done = Utc::now();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    // The producer sends evt_b again. The ledger knows it was refused in that aggregate, so it
+    // is dead-lettered without a request, under the key of its new (one-event) delivery.
+    common::produce(&brokers, "usage", 2, &[event("evt_b")]).await;
+    let stats = Arc::new(RunStats::default());
+    run_pipeline_until(aggregating(&before.base_url()), stats.clone(), |s| {
+        s.dead_lettered.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    assert_eq!(stats.snapshot(), (1, 0, 0, 1));
+    assert!(before.records().is_empty());
+    let letters = read_all(&brokers, "usage-dlq");
+    assert_eq!(letters.len(), 4);
+
+    // The fix, then a replay of that last letter only.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let after = billwerk::start(
+        BillwerkOptions::default()
+            .with_contract("acme", CONTRACT)
+            .with_contract("other", OTHER_CONTRACT),
+        listener,
+    )
+    .await
+    .unwrap();
+    let fixed = aggregating(&after.base_url());
+    let last = Filter {
+        since: Some(first_letters_done),
+        ..Filter::default()
+    };
+    let report = replay(&fixed, &options(last), |_| {}).await.unwrap();
+    assert_eq!(report.replayed_total(), 1, "{report:?}");
+    assert_eq!(
+        report.rejections_forgotten, 1,
+        "the refused aggregate is forgotten through evt_b's mapping: {report:?}"
+    );
+
+    // Billed now, once, instead of refused again on the ledger's word.
+    let stats = Arc::new(RunStats::default());
+    run_pipeline_until(fixed, stats.clone(), |s| {
+        s.delivered.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    assert_eq!(stats.snapshot(), (1, 1, 0, 0));
+    let records = after.records();
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        records[0].memo.as_deref(),
+        Some(DeliveryKey::for_events(["evt_b"]).as_str())
+    );
+}

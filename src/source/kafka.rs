@@ -373,15 +373,38 @@ impl SourceHandle {
     /// Asks a broker for the first subscribed topic's metadata; true when one answered within
     /// `timeout`. Blocks (call it off the async workers). For `/readyz`: librdkafka reconnects
     /// quietly, so "a broker answered just now" is the reliable signal.
+    ///
+    /// Each answer also sets `meterflow_topic_partitions{topic}` for the subscribed topics
+    /// (patterns aside): with `meterflow_assigned_partitions` summed over the group's members it
+    /// shows partitions that no member owns (a broker that wedged the group), which no member's
+    /// own lag can show.
     pub fn probe_broker(&self, timeout: Duration) -> bool {
-        let topic = self
+        let topics: Vec<String> = self
             .consumer
             .subscription()
-            .ok()
-            .and_then(|s| s.elements().first().map(|e| e.topic().to_string()));
-        self.consumer
-            .fetch_metadata(topic.as_deref(), timeout)
-            .is_ok()
+            .map(|s| s.elements().iter().map(|e| e.topic().to_string()).collect())
+            .unwrap_or_default();
+        let named: Vec<&String> = topics.iter().filter(|t| !t.starts_with('^')).collect();
+        if named.is_empty() {
+            let first = topics.first().map(String::as_str);
+            return self.consumer.fetch_metadata(first, timeout).is_ok();
+        }
+        let mut answered = false;
+        for topic in named {
+            let Ok(metadata) = self.consumer.fetch_metadata(Some(topic), timeout) else {
+                continue;
+            };
+            answered = true;
+            if let Some(t) = metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic && t.error().is_none())
+            {
+                metrics::gauge!("meterflow_topic_partitions", "topic" => topic.clone())
+                    .set(t.partitions().len() as f64);
+            }
+        }
+        answered
     }
 
     /// Asks the consumer thread to drain and stop (same as [`KafkaSource::shutdown`], without

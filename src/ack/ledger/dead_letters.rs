@@ -233,4 +233,29 @@ mod tests {
             DeadLetterClaim::Claimed { .. }
         ));
     }
+
+    #[tokio::test]
+    async fn pruning_removes_intents_older_than_the_cutoff_and_keeps_newer_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("l.db").display());
+        let ledger = Ledger::open(&url, Duration::ZERO).await.unwrap();
+        let DeadLetterClaim::Claimed { updated_at_ms } =
+            ledger.claim_dead_letter(&source(7), 0, 10).await.unwrap()
+        else {
+            panic!("a new intent is ours")
+        };
+        let store = crate::ack::ledger::LedgerStore::connect(&url)
+            .await
+            .unwrap();
+        assert_eq!(store.prune_before(updated_at_ms).await.unwrap(), 0);
+        assert!(matches!(
+            ledger.claim_dead_letter(&source(7), 0, 10).await.unwrap(),
+            DeadLetterClaim::Intended { .. }
+        ));
+        assert_eq!(store.prune_before(updated_at_ms + 1).await.unwrap(), 1);
+        assert!(matches!(
+            ledger.claim_dead_letter(&source(7), 0, 10).await.unwrap(),
+            DeadLetterClaim::Claimed { .. }
+        ));
+    }
 }

@@ -173,12 +173,20 @@ impl LedgerStore {
             .execute(&self.pool)
             .await?
             .rows_affected();
-        let e = sqlx::query("DELETE FROM meterflow_event_origins WHERE updated_at < $1")
+        // An intent is deleted when its letter is recorded; one left by a crash is resolved by
+        // the look-up when its event is read again. One older than the cutoff belongs to an
+        // offset the committed offsets have passed: nothing will read it again.
+        let e = sqlx::query("DELETE FROM meterflow_dead_letter_intents WHERE updated_at < $1")
             .bind(cutoff)
             .execute(&self.pool)
             .await?
             .rows_affected();
-        Ok(a + b + c + d + e)
+        let f = sqlx::query("DELETE FROM meterflow_event_origins WHERE updated_at < $1")
+            .bind(cutoff)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(a + b + c + d + e + f)
     }
 
     /// The aggregate each event key is mapped to, for tests and reports.
@@ -193,17 +201,43 @@ impl LedgerStore {
     /// instead of being dead-lettered on the ledger's word (`meterflow dlq replay`, after the
     /// cause was fixed). Only `rejected` rows go: a delivered or in-flight key stays, and with it
     /// the protection against billing twice.
+    ///
+    /// A per-event key also forgets the refused aggregate that event is mapped to. A letter
+    /// names the key of the delivery that dead-lettered it, and that is not always the
+    /// aggregate that was refused: an event read again (a producer's re-send, a restart before
+    /// the commit) and settled through the earlier, refused aggregate carries its new key. The
+    /// refused aggregate's mappings go with it, so its other events are free again too.
     pub async fn forget_rejections(&self, keys: &[String]) -> Result<u64, LedgerError> {
         let mut tx = self.pool.begin().await?;
         let mut forgotten = 0;
         for key in keys {
-            forgotten += sqlx::query(
-                "DELETE FROM meterflow_deliveries WHERE delivery_key = $1 AND state = 'rejected'",
+            let refused_aggregates: Vec<String> = sqlx::query(
+                "SELECT m.delivery_key FROM meterflow_event_deliveries m
+                 JOIN meterflow_deliveries d ON d.delivery_key = m.delivery_key
+                 WHERE m.event_key = $1 AND d.state = 'rejected'",
             )
             .bind(key.as_str())
-            .execute(&mut *tx)
+            .fetch_all(&mut *tx)
             .await?
-            .rows_affected();
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+            for delivery in refused_aggregates.iter().chain(std::iter::once(key)) {
+                let gone = sqlx::query(
+                    "DELETE FROM meterflow_deliveries WHERE delivery_key = $1 AND state = 'rejected'",
+                )
+                .bind(delivery.as_str())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if gone > 0 {
+                    sqlx::query("DELETE FROM meterflow_event_deliveries WHERE delivery_key = $1")
+                        .bind(delivery.as_str())
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                forgotten += gone;
+            }
         }
         tx.commit().await?;
         Ok(forgotten)
@@ -986,6 +1020,53 @@ mod tests {
         assert!(matches!(
             ledger.claim(&sending, 1).await.unwrap(),
             Claim::Sending { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn forgetting_an_events_rejection_forgets_the_aggregate_it_was_refused_in() {
+        let (ledger, store, _dir) = sqlite().await;
+        let events: Vec<DeliveryKey> = ["evt_a", "evt_b", "evt_c"]
+            .iter()
+            .map(|id| DeliveryKey::for_event(id))
+            .collect();
+        let refused = DeliveryKey::for_events(["evt_a", "evt_b", "evt_c"]);
+        assert!(matches!(
+            ledger
+                .claim_aggregate(&refused, events.clone())
+                .await
+                .unwrap(),
+            AggregateClaim::Own(Claim::Claimed { .. })
+        ));
+        ledger.finish(&refused, false, "404 no such contract".into());
+        // evt_b read again alone: settled through the refused aggregate, and dead-lettered
+        // under its own new key, which is all its letter names.
+        let again = DeliveryKey::for_events(["evt_b"]);
+        assert!(matches!(
+            ledger
+                .claim_aggregate(&again, vec![events[1].clone()])
+                .await
+                .unwrap(),
+            AggregateClaim::Earlier(_)
+        ));
+        let letter_keys = vec![again.as_str().to_string(), events[1].as_str().to_string()];
+        assert_eq!(store.forget_rejections(&letter_keys).await.unwrap(), 1);
+        // Replayed, it is claimed afresh instead of being refused again on the ledger's word,
+        // and so are the refused aggregate's other events.
+        assert!(matches!(
+            ledger
+                .claim_aggregate(&again, vec![events[1].clone()])
+                .await
+                .unwrap(),
+            AggregateClaim::Own(Claim::Claimed { .. })
+        ));
+        let rest = DeliveryKey::for_events(["evt_a", "evt_c"]);
+        assert!(matches!(
+            ledger
+                .claim_aggregate(&rest, vec![events[0].clone(), events[2].clone()])
+                .await
+                .unwrap(),
+            AggregateClaim::Own(Claim::Claimed { .. })
         ));
     }
 
