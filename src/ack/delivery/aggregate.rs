@@ -17,13 +17,34 @@
 //! and the ledger", has the whole protocol and its races.
 
 use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
+use crate::ack::ledger::{AggregateClaim, Claim, EarlierAggregate, EventContent, Ledger};
 use crate::deliver::retry::Backoff;
-use crate::deliver::Reconciled;
+use crate::deliver::{Delivery, DeliveryItem, ItemOutcome, Reconciled};
+use crate::event::{DeliveryKey, RejectReason, Rejection};
 
-use super::*;
+use super::{
+    content, contents, id_conflict, origins, until_ledger_answers, waited_for_lease, AfterClaim,
+    LedgeredDelivery, TAKEN_OVER_POLL,
+};
 
-impl Stages {
+/// Two writers mapped some of the same events at once (several replicas on PostgreSQL): ask
+/// again after.
+const CONTENDED_POLL: Duration = Duration::from_millis(20);
+
+/// How an aggregate's claim and send ended.
+enum Ledgered {
+    /// One outcome per item; `None` when another owner took the delivery over.
+    Outcomes(Option<Vec<ItemOutcome>>),
+    /// Some of its events were sent earlier in these aggregates; nothing sent.
+    Earlier(Vec<EarlierAggregate>),
+    /// These events (their per-event keys) reuse an id recorded earlier with other contents;
+    /// nothing was claimed or sent.
+    IdConflict(Vec<EventContent>),
+}
+
+impl LedgeredDelivery {
     pub(super) async fn deliver_aggregate(&self, ledger: &Ledger, delivery: Delivery) {
         let items = delivery.items;
         let n = items.len();
@@ -61,14 +82,14 @@ impl Stages {
             };
             let key = current.key.clone();
             let turn = ledger.local(&key).await;
-            let ledgered = self.deliver_with_ledger(ledger, current, true).await;
+            let ledgered = self.claim_and_send_aggregate(ledger, &current).await;
             drop(turn);
             match ledgered {
                 Ledgered::IdConflict(conflicts) => {
                     for &i in &open {
-                        if conflicts.contains(&super::content(&items[i])) {
+                        if conflicts.contains(&content(&items[i])) {
                             outcomes[i] = Some(ItemOutcome::DeadLetter {
-                                rejection: super::id_conflict(),
+                                rejection: id_conflict(),
                                 provider_answer: None,
                             });
                         }
@@ -79,7 +100,7 @@ impl Stages {
                 // Another replica took it over while some of its events are still ours: claim
                 // again; the ledger answers with that replica's outcome (or its lease).
                 Ledgered::Outcomes(None) => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    tokio::time::sleep(TAKEN_OVER_POLL).await;
                 }
                 Ledgered::Outcomes(Some(got)) => {
                     for (&i, outcome) in open.iter().zip(got) {
@@ -147,6 +168,44 @@ impl Stages {
         }
     }
 
+    /// Claims the aggregate's key and maps its events to it (checking their contents against
+    /// their ids), then acts on the ledger's answer.
+    async fn claim_and_send_aggregate(&self, ledger: &Ledger, delivery: &Delivery) -> Ledgered {
+        let event_keys: Vec<DeliveryKey> = delivery
+            .items
+            .iter()
+            .map(|i| DeliveryKey::for_event(&i.usage.event_id))
+            .collect();
+        let contents = contents(&delivery.items);
+        let origins = origins(&delivery.items);
+        loop {
+            let asked = Instant::now();
+            let claimed =
+                until_ledger_answers(&delivery.key, "not sending until it answers", || {
+                    ledger.claim_aggregate_checked(
+                        &delivery.key,
+                        event_keys.clone(),
+                        contents.clone(),
+                        origins.clone(),
+                    )
+                })
+                .await;
+            let claim = match claimed {
+                AggregateClaim::Own(claim) => claim,
+                AggregateClaim::IdConflict(keys) => return Ledgered::IdConflict(keys),
+                AggregateClaim::Earlier(earlier) => return Ledgered::Earlier(earlier),
+                AggregateClaim::Contended => {
+                    tokio::time::sleep(CONTENDED_POLL).await;
+                    continue;
+                }
+            };
+            match self.act_on_claim(ledger, delivery, claim, asked).await {
+                AfterClaim::Again => continue,
+                AfterClaim::Outcomes(outcomes) => return Ledgered::Outcomes(outcomes),
+            }
+        }
+    }
+
     /// Gives the events of `open` that `earlier` carried the outcome it had, or — when its
     /// outcome is unknown — finds it out at the provider (and frees the events when the
     /// provider never got it). Leaves them open when it has to wait; the caller claims again.
@@ -171,9 +230,8 @@ impl Stages {
             return;
         }
         let key = &earlier.key;
-        if let Some(left) = earlier.state.lease_left(ledger.lease()) {
+        if waited_for_lease(&earlier.state, ledger).await {
             // Another replica may still be sending it.
-            tokio::time::sleep(left.min(Duration::from_secs(1))).await;
             return;
         }
         match earlier.state {
@@ -273,15 +331,13 @@ impl Stages {
             Ok(Reconciled::NotFound) => {
                 metrics::counter!("meterflow_reconciliations_total", "result" => "not_found")
                     .increment(1);
-                match ledger.abandon(key, ours_since).await {
-                    Ok(true) => {
-                        tracing::info!(delivery_key = %key, "the earlier aggregate never reached the provider: abandoned; its events are aggregated anew")
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::error!(error = %e, delivery_key = %key, "ledger unavailable");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
+                let abandoned =
+                    until_ledger_answers(key, "not abandoning until it answers", || {
+                        ledger.abandon(key, ours_since)
+                    })
+                    .await;
+                if abandoned {
+                    tracing::info!(delivery_key = %key, "the earlier aggregate never reached the provider: abandoned; its events are aggregated anew")
                 }
             }
             Err(detail) => {
