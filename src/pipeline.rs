@@ -3,7 +3,7 @@
 //! `ack::delivery`); this file only builds them and connects them.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 use crate::ack::deadletter::DeadLetterWriter;
 use crate::ack::delivery::LedgeredDelivery;
 use crate::ack::ledger::{Ledger, LedgerStore};
-use crate::admin::readiness::{ProviderProbe, Readiness};
+use crate::admin::readiness::ProviderProbe;
 use crate::batch::{self, Batcher, Bucket, Grouping};
 use crate::config::{Config, SinkKind};
 use crate::decode::EventDecoder;
@@ -25,27 +25,7 @@ use crate::deliver::{DeliveryItem, Sink};
 use crate::pricing::PriceBook;
 use crate::source::{KafkaSource, SourceOptions};
 
-/// What a run did, for the demo's reconciliation table and for tests; and how it is doing now,
-/// for `/readyz`.
-#[derive(Debug, Default)]
-pub struct RunStats {
-    pub consumed: AtomicU64,
-    pub delivered: AtomicU64,
-    pub already_delivered: AtomicU64,
-    pub dead_lettered: AtomicU64,
-    pub readiness: Arc<Readiness>,
-}
-
-impl RunStats {
-    pub fn snapshot(&self) -> (u64, u64, u64, u64) {
-        (
-            self.consumed.load(Ordering::Relaxed),
-            self.delivered.load(Ordering::Relaxed),
-            self.already_delivered.load(Ordering::Relaxed),
-            self.dead_lettered.load(Ordering::Relaxed),
-        )
-    }
-}
+pub use crate::ack::delivery::RunStats;
 
 /// Builds the sink a pipeline delivers through, given the shared rate limiter.
 pub type SinkFactory = Box<dyn FnOnce(Arc<RateLimiter>) -> Arc<dyn Sink> + Send>;
@@ -153,11 +133,12 @@ pub async fn run_with_sink(
         }
     });
 
+    let dead_letters = Arc::new(dead_letters);
     let stages = Arc::new(LedgeredDelivery {
         runner: DeliveryRunner::new(sink, limiter.clone(), config.retry.clone()),
-        dead_letters,
+        dead_letters: dead_letters.clone(),
         ledger,
-        source: source_handle.clone(),
+        source: Arc::new(source_handle.clone()),
         stats: stats.clone(),
         per_contract_metrics: config.admin.per_contract_metrics,
         aggregating: matches!(grouping, Grouping::Aggregate { .. }),
@@ -249,7 +230,7 @@ pub async fn run_with_sink(
     }
     gate_watch.abort();
     readiness_watch.abort();
-    stages.dead_letters.flush(Duration::from_secs(5));
+    dead_letters.flush(Duration::from_secs(5));
     tracing::info!("stopped");
     Ok(())
 }

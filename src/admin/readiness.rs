@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::config::SinkConfig;
-use crate::source::SourceHandle;
 
 /// An answer older than this no longer counts as "reachable". Several probe intervals, so one
 /// slow or lost probe does not flap readiness; short enough that a real outage shows within
@@ -42,6 +41,7 @@ pub struct Readiness {
     stuck_after_ms: AtomicU64,
 }
 
+pub use crate::config::DEFAULT_STUCK_AFTER;
 /// A partition whose committed offset is held by something unsettled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pinned {
@@ -52,9 +52,6 @@ pub struct Pinned {
     /// Since when the oldest unsettled event (or unverified offset gap) has held it.
     pub since: Instant,
 }
-
-/// The default of `kafka.stuck_after`.
-pub const DEFAULT_STUCK_AFTER: Duration = Duration::from_secs(15 * 60);
 
 impl Default for Readiness {
     fn default() -> Self {
@@ -83,7 +80,7 @@ impl Readiness {
         );
     }
 
-    /// The partitions held right now (see [`crate::source::SourceHandle::pinned`]).
+    /// The partitions held right now (see [`PartitionView::pinned`]).
     pub fn set_pinned(&self, pinned: Vec<Pinned>) {
         *crate::sync::lock(&self.pinned) = pinned;
     }
@@ -304,10 +301,20 @@ impl ProviderProbe {
     }
 }
 
+/// What readiness reads off the source (the Kafka consumer implements it).
+pub trait PartitionView: Clone + Send + Sync + 'static {
+    /// Partitions this process owns now.
+    fn assigned_partitions(&self) -> usize;
+    /// Partitions whose committed offset is held by something unsettled.
+    fn pinned(&self) -> Vec<Pinned>;
+    /// Asks a broker for metadata; true when one answered within `timeout`. Blocks.
+    fn probe_broker(&self, timeout: Duration) -> bool;
+}
+
 /// Keeps `readiness` fresh while the pipeline runs; abort the task when the pipeline stops.
 pub fn watch(
     readiness: Arc<Readiness>,
-    source: SourceHandle,
+    source: impl PartitionView,
     provider: ProviderProbe,
     stuck_after: Duration,
 ) -> tokio::task::JoinHandle<()> {

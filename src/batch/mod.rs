@@ -14,6 +14,7 @@ use chrono::{DateTime, DurationRound, Utc};
 use rust_decimal::Decimal;
 
 use crate::deliver::{Delivery, DeliveryItem};
+pub use crate::event::{exact_add, exact_sum};
 use crate::event::{CustomerRef, DeliveryKey, ProductOverride};
 
 /// How a sink wants its deliveries cut.
@@ -127,27 +128,6 @@ pub fn group(items: Vec<DeliveryItem>, grouping: Grouping) -> Vec<Delivery> {
 struct ExactGroup {
     sum: Decimal,
     items: Vec<DeliveryItem>,
-}
-
-/// `a + b` exactly, or `None` when the sum cannot be represented: it overflows (about 7.9e28),
-/// or it needs more digits than rust_decimal's 96-bit mantissa holds, in which case
-/// `checked_add` would silently drop the last ones (`8 + 0.1234567890123456789012345678` →
-/// `8.123456789012345678901234568`). rust_decimal adds at the larger scale of its operands and
-/// only lowers the scale to round, so a lower scale than the operands' means digits were lost.
-pub fn exact_add(a: Decimal, b: Decimal) -> Option<Decimal> {
-    if a.is_zero() {
-        return Some(b);
-    }
-    if b.is_zero() {
-        return Some(a);
-    }
-    let sum = a.checked_add(b)?;
-    (sum.scale() >= a.scale().max(b.scale())).then_some(sum)
-}
-
-/// The exact sum of `quantities`, or `None` when it cannot be represented (see [`exact_add`]).
-pub fn exact_sum(quantities: impl IntoIterator<Item = Decimal>) -> Option<Decimal> {
-    quantities.into_iter().try_fold(Decimal::ZERO, exact_add)
 }
 
 /// The total quantity a delivery bills; `None` when its events cannot be summed exactly

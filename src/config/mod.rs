@@ -19,6 +19,10 @@ pub use interpolate::{push_key, EnvLookup};
 pub(crate) use parse::did_you_mean;
 pub use secret::{is_secret_key, redact_property, Secret};
 
+/// The default of `kafka.stuck_after`: how long a partition may be held before `/readyz`
+/// reports it.
+pub const DEFAULT_STUCK_AFTER: Duration = Duration::from_secs(15 * 60);
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -442,7 +446,7 @@ mod defaults {
         Duration::from_secs(1)
     }
     pub fn stuck_after() -> Duration {
-        crate::admin::readiness::DEFAULT_STUCK_AFTER
+        super::DEFAULT_STUCK_AFTER
     }
     pub fn concurrency() -> usize {
         32

@@ -609,3 +609,27 @@ fn set_paused(consumer: &SourceConsumer, pause: bool) -> bool {
         }
     }
 }
+
+impl crate::ack::delivery::Ownership for SourceHandle {
+    fn owns(&self, source: &SourceRef, generation: u64) -> bool {
+        SourceHandle::owns(self, source, generation)
+    }
+    fn settle(&self, source: &SourceRef, generation: u64) {
+        SourceHandle::settle(self, source, generation)
+    }
+    fn revocations(&self) -> tokio::sync::watch::Receiver<u64> {
+        SourceHandle::revocations(self)
+    }
+}
+
+impl crate::admin::readiness::PartitionView for SourceHandle {
+    fn assigned_partitions(&self) -> usize {
+        SourceHandle::assigned_partitions(self)
+    }
+    fn pinned(&self) -> Vec<crate::admin::readiness::Pinned> {
+        SourceHandle::pinned(self)
+    }
+    fn probe_broker(&self, timeout: Duration) -> bool {
+        SourceHandle::probe_broker(self, timeout)
+    }
+}

@@ -3,13 +3,11 @@
 
 use std::time::{Duration, Instant};
 
+use super::{until_ledger_answers, Ownership};
 use crate::ack::ledger::Ledger;
 use crate::deliver::runner::AttemptGuard;
 use crate::deliver::DeliveryItem;
 use crate::event::DeliveryKey;
-use crate::source::SourceHandle;
-
-use super::until_ledger_answers;
 
 /// - Ownership: at least one of the delivery's events' partitions is still assigned to this
 ///   process under the generation it was read in. When none is, the new owners redeliver them.
@@ -20,7 +18,7 @@ use super::until_ledger_answers;
 ///   ends before the lease can. A replica frozen (SIGSTOP, a long pause) past its lease finds
 ///   its stamp replaced when it wakes, and does not send.
 pub(super) struct SendFence<'a> {
-    pub(super) source: &'a SourceHandle,
+    pub(super) source: &'a dyn Ownership,
     pub(super) items: &'a [DeliveryItem],
     pub(super) lease: Option<LedgerLease<'a>>,
 }

@@ -12,7 +12,7 @@
 //! Without a ledger (`[ledger] url = "none"`) the same paths run without claims.
 
 use std::future::Future;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,18 +21,20 @@ use tokio::task::JoinSet;
 
 use crate::ack::deadletter::{DeadLetter, DeadLetterWriter, Written};
 use crate::ack::ledger::{Claim, EventContent, EventOrigin, Ledger, LedgerError};
+use crate::admin::readiness::Readiness;
 use crate::deliver::permits::Permits;
 use crate::deliver::runner::DeliveryRunner;
 use crate::deliver::{Delivery, DeliveryItem, ItemOutcome};
+use crate::event::SourceRef;
 use crate::event::{DeliveryKey, RawMessage, RejectReason, Rejection};
-use crate::pipeline::RunStats;
-use crate::source::SourceHandle;
 
 use fence::{LedgerLease, SendFence};
 
 mod aggregate;
 mod fence;
 mod per_event;
+#[cfg(test)]
+mod tests;
 
 /// How long a delivery waits before asking a ledger that did not answer again.
 const LEDGER_RETRY: Duration = Duration::from_secs(1);
@@ -41,12 +43,67 @@ const LEASE_POLL: Duration = Duration::from_secs(1);
 /// Another replica took a key over while some of its events are still ours: ask again after.
 const TAKEN_OVER_POLL: Duration = Duration::from_millis(200);
 
+/// What a run did, for the demo's reconciliation table and for tests; and how it is doing now,
+/// for `/readyz`.
+#[derive(Debug, Default)]
+pub struct RunStats {
+    pub consumed: AtomicU64,
+    pub delivered: AtomicU64,
+    pub already_delivered: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub readiness: Arc<Readiness>,
+}
+
+impl RunStats {
+    pub fn snapshot(&self) -> (u64, u64, u64, u64) {
+        (
+            self.consumed.load(Ordering::Relaxed),
+            self.delivered.load(Ordering::Relaxed),
+            self.already_delivered.load(Ordering::Relaxed),
+            self.dead_lettered.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// What the protocol needs of the source: whether this process still owns an event's
+/// partition (under the generation it was read in), settling an event, and a signal after each
+/// revocation. The Kafka source is one; the protocol's tests use one in memory.
+pub trait Ownership: Send + Sync + 'static {
+    fn owns(&self, source: &SourceRef, generation: u64) -> bool;
+    /// The event is delivered or dead-lettered: its offset may be committed once the ones
+    /// before it are.
+    fn settle(&self, source: &SourceRef, generation: u64);
+    /// Changes after every revocation.
+    fn revocations(&self) -> tokio::sync::watch::Receiver<u64>;
+}
+
+/// Where refused events go, once per source offset (see `ack::deadletter`): returns when the
+/// letter is durable. The dead-letter topic's writer is one; the protocol's tests keep letters
+/// in memory.
+pub trait DeadLetters: Send + Sync + 'static {
+    fn write_once<'a>(
+        &'a self,
+        letter: DeadLetter<'a>,
+        ledger: Option<&'a Ledger>,
+    ) -> futures::future::BoxFuture<'a, Written>;
+}
+
+impl DeadLetters for DeadLetterWriter {
+    fn write_once<'a>(
+        &'a self,
+        letter: DeadLetter<'a>,
+        ledger: Option<&'a Ledger>,
+    ) -> futures::future::BoxFuture<'a, Written> {
+        Box::pin(DeadLetterWriter::write_once(self, letter, ledger))
+    }
+}
+
 /// Everything the delivery tasks share.
 pub struct LedgeredDelivery {
     pub runner: DeliveryRunner,
-    pub dead_letters: DeadLetterWriter,
+    pub dead_letters: Arc<dyn DeadLetters>,
     pub ledger: Option<Ledger>,
-    pub source: SourceHandle,
+    pub source: Arc<dyn Ownership>,
     pub stats: Arc<RunStats>,
     pub per_contract_metrics: bool,
     /// Deliveries are pre-aggregated: the ledger maps each event to its aggregate.
@@ -257,7 +314,7 @@ impl LedgeredDelivery {
             }
         };
         let fence = SendFence {
-            source: &self.source,
+            source: &*self.source,
             items: &delivery.items,
             lease: Some(LedgerLease::new(
                 ledger,

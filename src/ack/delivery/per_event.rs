@@ -20,7 +20,7 @@ impl LedgeredDelivery {
                 let outcomes = match &self.ledger {
                     None => {
                         let fence = SendFence {
-                            source: &self.source,
+                            source: &*self.source,
                             items: &delivery.items,
                             lease: None,
                         };

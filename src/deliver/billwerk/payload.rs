@@ -32,7 +32,7 @@ pub fn decimal_number(d: Decimal) -> Value {
 pub fn usage_body(delivery: &Delivery) -> Option<Value> {
     let first = &delivery.items.first()?.usage;
     let quantity: Decimal =
-        crate::batch::exact_sum(delivery.items.iter().map(|i| i.usage.quantity))?;
+        crate::event::exact_sum(delivery.items.iter().map(|i| i.usage.quantity))?;
     let mut body = Map::new();
     body.insert(
         "ComponentId".into(),
