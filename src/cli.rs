@@ -1,4 +1,4 @@
-//! The command line: `run`, `validate`, `demo`, `emulate`, `dlq replay`.
+//! The command line: `run`, `validate`, `demo`, `emulate`, `dlq replay`, `trace`, `void`, `audit`.
 
 use std::path::PathBuf;
 
@@ -37,4 +37,12 @@ pub enum Command {
     Emulate(crate::emulator::EmulateArgs),
     /// Work with the dead-letter topic: `dlq replay`.
     Dlq(crate::dlq::DlqArgs),
+    /// One event's state from the ledger, or the events summed into a usage record
+    /// (exit 0 found, 1 unknown, 2 error).
+    Trace(crate::trace::TraceArgs),
+    /// Delete an unbilled usage record meterflow delivered to billwerk, and record the void.
+    Void(crate::void::VoidArgs),
+    /// Set a contract's usage at billwerk over a period against the ledger (exit 1 when
+    /// something is missing or billed twice).
+    Audit(crate::audit::AuditArgs),
 }

@@ -27,6 +27,7 @@
 
 pub mod ack;
 pub mod admin;
+pub mod audit;
 pub mod batch;
 pub mod cli;
 pub mod config;
@@ -49,4 +50,6 @@ pub mod signals;
 pub mod source;
 pub mod sync;
 pub mod telemetry;
+pub mod trace;
 pub mod validate;
+pub mod void;

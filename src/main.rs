@@ -35,6 +35,13 @@ fn main() -> ExitCode {
         }
         Command::Demo(args) => runtime.block_on(meterflow::demo::run(args)),
         Command::Dlq(args) => runtime.block_on(meterflow::dlq::run(args)),
+        Command::Trace(args) => {
+            return ExitCode::from(runtime.block_on(meterflow::trace::run(args)))
+        }
+        Command::Audit(args) => {
+            return ExitCode::from(runtime.block_on(meterflow::audit::run(args)))
+        }
+        Command::Void(args) => return ExitCode::from(runtime.block_on(meterflow::void::run(args))),
         Command::Validate { config, connect } => {
             let code = runtime.block_on(meterflow::validate::run(&config, connect));
             return ExitCode::from(u8::try_from(code).unwrap_or(1));

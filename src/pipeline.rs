@@ -170,7 +170,9 @@ pub async fn run_with_sink(
                     }
                     Err(rejection) => {
                         let stages = stages.clone();
-                        tasks.spawn(async move { stages.reject(&raw, &rejection).await });
+                        // For `meterflow trace`: the id, if the event has a usable one.
+                        let traced_id = decoder.event_id(&raw.payload);
+                        tasks.spawn(async move { stages.reject(&raw, &rejection, traced_id).await });
                     }
                 }
             }
@@ -233,6 +235,17 @@ pub async fn run_with_sink(
     Ok(())
 }
 
+/// How long a replica leaves another's "sending" claim alone: no time on SQLite (one replica,
+/// so a "sending" entry can only be a dead process's), one request timeout plus a margin on
+/// PostgreSQL.
+pub fn ledger_lease(config: &Config) -> Duration {
+    if config.ledger.url.trim().starts_with("sqlite:") {
+        Duration::ZERO
+    } else {
+        config.sink.request_timeout + Duration::from_secs(5)
+    }
+}
+
 /// `[ledger] url`: SQLite (single replica: no lease needed, a "sending" entry can only be a
 /// dead process's), PostgreSQL (several replicas: leave another owner's claim alone for one
 /// request timeout plus a margin), or `none`.
@@ -242,11 +255,7 @@ async fn open_ledger(config: &Config) -> anyhow::Result<Option<Ledger>> {
         tracing::warn!("delivery ledger disabled: a crash after a delivery may bill it twice");
         return Ok(None);
     }
-    let lease = if url.starts_with("sqlite:") {
-        Duration::ZERO
-    } else {
-        config.sink.request_timeout + Duration::from_secs(5)
-    };
+    let lease = ledger_lease(config);
     let store = LedgerStore::connect(url)
         .await
         .map_err(|e| anyhow::anyhow!("ledger.url: cannot open the delivery ledger: {e}"))?;

@@ -192,6 +192,7 @@ async fn a_fatal_producer_error_replaces_the_producer_instead_of_spinning() {
                 provider_answer: None,
                 event_id: None,
                 delivery_key: None,
+                traced_event_id: None,
             },
             None,
         ),
@@ -219,6 +220,7 @@ async fn a_letter_acknowledged_before_a_crash_is_found_not_written_again() {
         provider_answer: None,
         event_id: None,
         delivery_key: None,
+        traced_event_id: None,
     };
     {
         // A process that recorded its intent (partition 0 of the topic, then empty), wrote the

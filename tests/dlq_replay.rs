@@ -140,6 +140,7 @@ async fn write(
             provider_answer: None,
             event_id,
             delivery_key: key.as_ref(),
+            traced_event_id: event_id,
         })
         .await;
 }

@@ -493,6 +493,90 @@ async fn unbilled_usage_can_be_deleted_once() {
     assert_eq!(emulator.stats().records, 0);
 }
 
+/// billwerk deletes only unbilled usage. After a billing run (or one record marked billed)
+/// the DELETE is refused with the configured status and a `Message` saying so, and the record
+/// stays; usage created after the run is unbilled again.
+#[tokio::test]
+async fn billed_usage_cannot_be_deleted() {
+    let emulator = start(BillwerkOptions {
+        billed_delete_status: 409,
+        ..BillwerkOptions::default()
+    })
+    .await;
+    let token = fetch_token(&emulator).await;
+    let mut ids = Vec::new();
+    for memo in ["billed-1", "billed-2"] {
+        let echo: Value = post_usage(&emulator, &token, CONTRACT, usage(memo))
+            .await
+            .json()
+            .await
+            .unwrap();
+        ids.push(echo["Id"].as_str().unwrap().to_string());
+    }
+    let control = |path: String| {
+        client()
+            .post(format!("{}{path}", emulator.base_url()))
+            .send()
+    };
+    let marked = control(format!("/_emulator/usage/{}/billed", ids[0]))
+        .await
+        .unwrap();
+    assert_eq!(marked.status(), StatusCode::NO_CONTENT);
+    let unknown = control("/_emulator/usage/ffffffff0000000000000009/billed".into())
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    let delete = |id: &str| {
+        client()
+            .delete(format!("{}/{id}", usage_url(&emulator, CONTRACT)))
+            .bearer_auth(&token)
+            .send()
+    };
+    let refused = delete(&ids[0]).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::CONFLICT);
+    let body: Value = refused.json().await.unwrap();
+    assert!(
+        body["Message"].as_str().unwrap().contains("already billed"),
+        "{body}"
+    );
+
+    let run: Value = control("/_emulator/billing-run".into())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(run["billed"], 1, "the one not billed yet");
+    assert_eq!(
+        delete(&ids[1]).await.unwrap().status(),
+        StatusCode::CONFLICT
+    );
+    assert_eq!(emulator.records().len(), 2);
+    assert!(emulator.records().iter().all(|r| r.billed));
+
+    let echo: Value = post_usage(&emulator, &token, CONTRACT, usage("after-the-run"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let after = delete(echo["Id"].as_str().unwrap()).await.unwrap();
+    assert_eq!(after.status(), StatusCode::NO_CONTENT);
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    assert!(
+        billwerk::start(
+            BillwerkOptions {
+                billed_delete_status: 204,
+                ..BillwerkOptions::default()
+            },
+            listener
+        )
+        .await
+        .is_err(),
+        "a refusal must be a 4xx"
+    );
+}
+
 #[tokio::test]
 async fn contracts_are_found_by_external_id_from_flags_and_files() {
     let file_seeds = billwerk::SeedContract::from_json_file_text(&format!(

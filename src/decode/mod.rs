@@ -156,6 +156,18 @@ impl EventDecoder {
         &self.mapping
     }
 
+    /// The event id of a payload that may fail [`EventDecoder::decode`], when it has one that
+    /// decoding would accept (a non-empty string or a number of at most [`MAX_ID_CHARS`]).
+    pub fn event_id(&self, payload: &[u8]) -> Option<String> {
+        let root: Value = serde_json::from_slice(payload).ok()?;
+        let id = match self.fields.id.get(&root)? {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            _ => return None,
+        };
+        (!id.is_empty() && id.chars().count() <= MAX_ID_CHARS).then_some(id)
+    }
+
     /// Decodes and validates one message payload.
     pub fn decode(&self, payload: &[u8]) -> Result<UsageEvent, Rejection> {
         let root: Value = serde_json::from_slice(payload).map_err(|e| {

@@ -69,6 +69,10 @@ pub struct BillwerkArgs {
     /// server may): clients must page until an empty page.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub list_page_cap: Option<u64>,
+    /// The status a DELETE of billed usage answers (billwerk's is undocumented). Usage is
+    /// billed through `POST /_emulator/billing-run` or `POST /_emulator/usage/{id}/billed`.
+    #[arg(long, value_name = "STATUS", default_value_t = 422, value_parser = clap::value_parser!(u16).range(400..500))]
+    pub billed_delete_status: u16,
     #[command(flatten)]
     pub limit: RateLimitArgs,
     #[command(flatten)]
@@ -280,6 +284,7 @@ impl BillwerkArgs {
             list_page_cap: self
                 .list_page_cap
                 .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+            billed_delete_status: self.billed_delete_status,
         };
         let notes = vec![
             format!("client id {id_source}"),

@@ -24,7 +24,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
 
-use crate::ack::ledger::{DeadLetterClaim, Ledger};
+use crate::ack::ledger::{DeadLetterClaim, DeadLetterRecord, Ledger};
 use crate::config::RetryConfig;
 use crate::deliver::retry::Backoff;
 use crate::event::{DeliveryKey, RawMessage, Rejection, SourceRef};
@@ -60,6 +60,9 @@ pub struct DeadLetter<'a> {
     pub provider_answer: Option<&'a str>,
     pub event_id: Option<&'a str>,
     pub delivery_key: Option<&'a DeliveryKey>,
+    /// The id the ledger records for `meterflow trace` (also for events that failed decoding,
+    /// whose letters carry no id).
+    pub traced_event_id: Option<&'a str>,
 }
 
 /// How a [`DeadLetterWriter::write_once`] ended; in every case the letter is in the topic.
@@ -337,12 +340,19 @@ impl DeadLetterWriter {
                 stamp: Mutex::new(stamp),
                 unknown,
             };
-            let Some(written) = self.attempts(p, partition, Some(intent)).await else {
+            let Some((written, offset)) = self.attempts(p, partition, Some(intent)).await else {
                 // Someone else took the intent over: they write it; we wait for "written".
                 continue;
             };
             test_hook_after_acknowledgement().await;
-            while let Err(e) = ledger.dead_lettered(&p.source).await {
+            let record = DeadLetterRecord {
+                event_id: p.traced_event_id.clone(),
+                reason: p.reason.to_string(),
+                detail: p.detail.clone(),
+                dlq_partition: partition,
+                dlq_offset: offset,
+            };
+            while let Err(e) = ledger.dead_lettered(&p.source, Some(record.clone())).await {
                 tracing::error!(error = %e, "ledger unavailable; retrying the dead-letter record");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
@@ -351,14 +361,15 @@ impl DeadLetterWriter {
     }
 
     /// Sends until the letter is acknowledged (`Written::Now`) or, after an unknown outcome,
-    /// found in the topic (`Written::Found`). `None`: the intent was taken over by another
+    /// found in the topic (`Written::Found`), with the letter's offset. `None`: the intent was
+    /// taken over by another
     /// writer (several replicas), which now owns the letter.
     async fn attempts(
         &self,
         p: &Pending,
         partition: i32,
         intent: Option<Intent<'_>>,
-    ) -> Option<Written> {
+    ) -> Option<(Written, i64)> {
         let mut backoff = Backoff::new(&self.inner.retry);
         let mut budget = letter::budget(self.inner.max_bytes);
         let mut unknown = intent.as_ref().is_some_and(|i| i.unknown);
@@ -379,7 +390,7 @@ impl DeadLetterWriter {
                                 "dead letter found in the topic (its acknowledgement was lost, or \
                                  the process died before recording it); not writing it again"
                             );
-                            return Some(Written::Found);
+                            return Some((Written::Found, offset));
                         }
                         Ok(Lookup::Absent) => {
                             metrics::counter!("meterflow_dead_letter_lookups_total", "result" => "absent")
@@ -445,7 +456,7 @@ impl DeadLetterWriter {
                         dead_letter_offset = offset,
                         "event dead-lettered"
                     );
-                    return Some(Written::Now);
+                    return Some((Written::Now, offset));
                 }
                 Err(e) => {
                     let failure = Failure::of(&e);
@@ -686,6 +697,7 @@ struct Pending {
     detail: String,
     event_id: Option<String>,
     delivery_key: Option<String>,
+    traced_event_id: Option<String>,
 }
 
 impl Pending {
@@ -724,6 +736,7 @@ impl Pending {
             detail: letter.rejection.detail.clone(),
             event_id: letter.event_id.map(str::to_string),
             delivery_key: letter.delivery_key.map(|k| k.as_str().to_string()),
+            traced_event_id: letter.traced_event_id.map(str::to_string),
         }
     }
 }

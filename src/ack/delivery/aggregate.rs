@@ -25,7 +25,7 @@ use crate::deliver::{Delivery, DeliveryItem, ItemOutcome, Reconciled};
 use crate::event::{DeliveryKey, RejectReason, Rejection};
 
 use super::{
-    content, contents, id_conflict, until_ledger_answers, waited_for_lease, AfterClaim,
+    content, contents, id_conflict, origins, until_ledger_answers, waited_for_lease, AfterClaim,
     LedgeredDelivery, TAKEN_OVER_POLL,
 };
 
@@ -177,6 +177,7 @@ impl LedgeredDelivery {
             .map(|i| DeliveryKey::for_event(&i.usage.event_id))
             .collect();
         let contents = contents(&delivery.items);
+        let origins = origins(&delivery.items);
         loop {
             let asked = Instant::now();
             let claimed =
@@ -185,6 +186,7 @@ impl LedgeredDelivery {
                         &delivery.key,
                         event_keys.clone(),
                         contents.clone(),
+                        origins.clone(),
                     )
                 })
                 .await;
@@ -237,6 +239,14 @@ impl LedgeredDelivery {
                 metrics::counter!("meterflow_events_deduplicated_total", "source" => "ledger")
                     .increment(carried.len() as u64);
                 tracing::info!(delivery_key = %key, events = carried.len(), "events already delivered in an earlier aggregate; not sending them again");
+                for i in carried {
+                    outcomes[i] = Some(ItemOutcome::AlreadyDelivered {
+                        receipt: receipt.clone(),
+                    });
+                }
+            }
+            Claim::Voided { receipt } => {
+                tracing::info!(delivery_key = %key, %receipt, events = carried.len(), "events of an aggregate voided by `meterflow void`: settled without billing them again");
                 for i in carried {
                     outcomes[i] = Some(ItemOutcome::AlreadyDelivered {
                         receipt: receipt.clone(),

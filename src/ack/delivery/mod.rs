@@ -20,7 +20,7 @@ use futures::FutureExt;
 use tokio::task::JoinSet;
 
 use crate::ack::deadletter::{DeadLetter, DeadLetterWriter, Written};
-use crate::ack::ledger::{Claim, EventContent, Ledger, LedgerError};
+use crate::ack::ledger::{Claim, EventContent, EventOrigin, Ledger, LedgerError};
 use crate::admin::readiness::Readiness;
 use crate::deliver::permits::Permits;
 use crate::deliver::runner::DeliveryRunner;
@@ -186,8 +186,19 @@ impl LedgeredDelivery {
 
     /// An event refused before delivery (decode, validation, pricing): dead-letter it, then
     /// settle its offset.
-    pub async fn reject(&self, raw: &RawMessage, rejection: &Rejection) {
-        self.dead_letter(raw, rejection, None, None).await;
+    /// Dead-letters an event that failed decoding or pricing. Its letter carries no ids (the
+    /// event has none meterflow accepted); the ledger records `traced_id`, the id read from
+    /// the payload if it had a usable one, for `meterflow trace`.
+    pub async fn reject(&self, raw: &RawMessage, rejection: &Rejection, traced_id: Option<String>) {
+        let letter = DeadLetter {
+            raw,
+            rejection,
+            provider_answer: None,
+            event_id: None,
+            delivery_key: None,
+            traced_event_id: traced_id.as_deref(),
+        };
+        self.write_dead_letter(letter).await;
         self.source.settle(&raw.source, raw.generation);
     }
 
@@ -261,6 +272,13 @@ impl LedgeredDelivery {
             Claim::Delivered { receipt } => {
                 metrics::counter!("meterflow_events_deduplicated_total", "source" => "ledger")
                     .increment(n as u64);
+                return AfterClaim::Outcomes(Some(vec![
+                    ItemOutcome::AlreadyDelivered { receipt };
+                    n
+                ]));
+            }
+            Claim::Voided { receipt } => {
+                tracing::info!(delivery_key = %delivery.key, %receipt, events = n, "voided by `meterflow void`: settled without billing it again (a void with --rebill lets it be billed again)");
                 return AfterClaim::Outcomes(Some(vec![
                     ItemOutcome::AlreadyDelivered { receipt };
                     n
@@ -386,7 +404,12 @@ impl LedgeredDelivery {
             provider_answer,
             event_id: ids.map(|(id, _)| id.as_str()),
             delivery_key: ids.map(|(_, k)| k),
+            traced_event_id: ids.map(|(id, _)| id.as_str()),
         };
+        self.write_dead_letter(letter).await;
+    }
+
+    async fn write_dead_letter(&self, letter: DeadLetter<'_>) {
         match self
             .dead_letters
             .write_once(letter, self.ledger.as_ref())
@@ -407,6 +430,24 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "(no message)".to_string())
+}
+
+/// Where each item came from and what it bills, recorded with the claim (`meterflow trace`,
+/// `void`, `audit`).
+fn origins(items: &[DeliveryItem]) -> Vec<EventOrigin> {
+    items
+        .iter()
+        .map(|i| EventOrigin {
+            event_id: i.usage.event_id.clone(),
+            source: i.raw.source.clone(),
+            customer: match &i.usage.customer {
+                crate::event::CustomerRef::ContractId(c) => format!("contract:{c}"),
+                crate::event::CustomerRef::ExternalId(e) => format!("external:{e}"),
+            },
+            component_id: i.usage.component_id.clone(),
+            quantity: i.usage.quantity,
+        })
+        .collect()
 }
 
 /// What each item carried, for the ledger's id-conflict check.

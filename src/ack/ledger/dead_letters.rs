@@ -6,6 +6,7 @@
 
 use sqlx::{AnyConnection, Row};
 
+use super::DeadLetterRecord;
 use crate::event::SourceRef;
 
 pub(super) const SCHEMA: &[&str] = &[
@@ -120,20 +121,33 @@ pub(super) async fn touch(
     Ok((moved == 1).then_some(next))
 }
 
-/// "Written": the intent gives way to the record, in one transaction.
+/// Longest reason detail kept in the ledger (the letter in the topic has all of it).
+const MAX_DETAIL_CHARS: usize = 1000;
+
+/// "Written": the intent gives way to the record, in one transaction. `record` (what `meterflow
+/// trace` shows: event id, reason, where the letter sits) fills the columns added for it; rows
+/// written before them, or without it, leave them empty.
 pub(super) async fn written(
     conn: &mut AnyConnection,
     source: &SourceRef,
+    record: Option<&DeadLetterRecord>,
     now: i64,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO meterflow_dead_letters (topic, source_partition, source_offset, written_at)
-         VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        "INSERT INTO meterflow_dead_letters
+         (topic, source_partition, source_offset, written_at,
+          event_id, reason, detail, dlq_partition, dlq_offset)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
     )
     .bind(source.topic.as_str())
     .bind(i64::from(source.partition))
     .bind(source.offset)
     .bind(now)
+    .bind(record.and_then(|r| r.event_id.clone()))
+    .bind(record.map(|r| r.reason.clone()))
+    .bind(record.map(|r| crate::decode::truncate_chars(&r.detail, MAX_DETAIL_CHARS)))
+    .bind(record.map(|r| i64::from(r.dlq_partition)))
+    .bind(record.map(|r| r.dlq_offset))
     .execute(&mut *conn)
     .await?;
     sqlx::query(
@@ -196,7 +210,7 @@ mod tests {
             None,
             "a stale touch loses"
         );
-        ledger.dead_lettered(&s).await.unwrap();
+        ledger.dead_lettered(&s, None).await.unwrap();
         assert_eq!(
             ledger.claim_dead_letter(&s, 1, 300).await.unwrap(),
             DeadLetterClaim::Written

@@ -12,6 +12,7 @@
 mod dead_letters;
 pub mod scratch;
 mod store;
+pub mod trace;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -37,6 +38,11 @@ pub enum Claim {
     /// The provider refused it for good; the answer is kept.
     Rejected {
         answer: String,
+    },
+    /// Delivered, then deleted at the provider by `meterflow void`: settled without sending,
+    /// never billed again (a void with `--rebill` removes the entry instead).
+    Voided {
+        receipt: String,
     },
     /// Someone (a dead process, or another replica) was sending it; the outcome is unknown.
     Sending {
@@ -70,6 +76,30 @@ impl Claim {
 
 /// A claim's answer, or the contents that reuse an id recorded with other contents.
 pub type Checked<T> = Result<T, Vec<EventContent>>;
+
+/// Where an event came from and whom it bills, recorded with its claim for `meterflow trace`
+/// and `meterflow void` (the ledger otherwise keeps only digests of event ids).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventOrigin {
+    pub event_id: String,
+    pub source: SourceRef,
+    /// `contract:<id>` or `external:<id>`: the contract reference the event carried.
+    pub customer: String,
+    /// What it bills (for `meterflow audit`'s totals per component; exact decimal).
+    pub component_id: String,
+    pub quantity: rust_decimal::Decimal,
+}
+
+/// What the ledger records of a written dead letter besides its source coordinates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterRecord {
+    /// The event's id when it has one (read from the payload for events that failed decoding).
+    pub event_id: Option<String>,
+    pub reason: String,
+    pub detail: String,
+    pub dlq_partition: i32,
+    pub dlq_offset: i64,
+}
 
 /// What one event carried, as recorded under its event key: a digest of its billable content
 /// ([`crate::event::BillableUsage::content_digest`]).
@@ -120,6 +150,7 @@ pub(crate) enum Op {
         key: DeliveryKey,
         events: usize,
         contents: Vec<EventContent>,
+        origins: Vec<EventOrigin>,
         reply: oneshot::Sender<Result<Checked<Claim>, LedgerError>>,
     },
     /// Claims an aggregate's key and maps each of its events to it, in one transaction.
@@ -127,6 +158,7 @@ pub(crate) enum Op {
         key: DeliveryKey,
         event_keys: Vec<DeliveryKey>,
         contents: Vec<EventContent>,
+        origins: Vec<EventOrigin>,
         reply: oneshot::Sender<Result<AggregateClaim, LedgerError>>,
     },
     /// Marks a "sending" aggregate that the provider never received as abandoned and frees its
@@ -151,6 +183,7 @@ pub(crate) enum Op {
     /// The letter is written: its intent gives way to the record.
     DeadLettered {
         source: SourceRef,
+        record: Option<DeadLetterRecord>,
         reply: oneshot::Sender<Result<(), LedgerError>>,
     },
     /// Records the intent to write a source offset's dead letter, unless written or intended.
@@ -213,7 +246,10 @@ impl Ledger {
     }
 
     pub async fn claim(&self, key: &DeliveryKey, events: usize) -> Result<Claim, LedgerError> {
-        match self.claim_checked(key, events, Vec::new()).await? {
+        match self
+            .claim_checked(key, events, Vec::new(), Vec::new())
+            .await?
+        {
             Ok(claim) => Ok(claim),
             // No contents were given, so none can conflict.
             Err(_) => Err(LedgerError::Stopped),
@@ -223,17 +259,20 @@ impl Ledger {
     /// [`Ledger::claim`], after recording what each event carried (`contents`): an event id
     /// already recorded with other contents is a different event reusing the id. Then nothing
     /// is claimed and the answer names those events (`Err`), for the caller to dead-letter with
-    /// `id_conflict` and claim the rest under their own key.
+    /// `id_conflict` and claim the rest under their own key. `origins` are recorded with a
+    /// successful claim (for `meterflow trace`).
     pub async fn claim_checked(
         &self,
         key: &DeliveryKey,
         events: usize,
         contents: Vec<EventContent>,
+        origins: Vec<EventOrigin>,
     ) -> Result<Checked<Claim>, LedgerError> {
         self.call(|reply| Op::Claim {
             key: key.clone(),
             events,
             contents,
+            origins,
             reply,
         })
         .await
@@ -247,22 +286,25 @@ impl Ledger {
         key: &DeliveryKey,
         event_keys: Vec<DeliveryKey>,
     ) -> Result<AggregateClaim, LedgerError> {
-        self.claim_aggregate_checked(key, event_keys, Vec::new())
+        self.claim_aggregate_checked(key, event_keys, Vec::new(), Vec::new())
             .await
     }
 
     /// [`Ledger::claim_aggregate`], checking the events' contents first as
-    /// [`Ledger::claim_checked`] does (`AggregateClaim::IdConflict`).
+    /// [`Ledger::claim_checked`] does (`AggregateClaim::IdConflict`), and recording `origins`
+    /// when the events are now the aggregate's.
     pub async fn claim_aggregate_checked(
         &self,
         key: &DeliveryKey,
         event_keys: Vec<DeliveryKey>,
         contents: Vec<EventContent>,
+        origins: Vec<EventOrigin>,
     ) -> Result<AggregateClaim, LedgerError> {
         self.call(|reply| Op::ClaimAggregate {
             key: key.clone(),
             event_keys,
             contents,
+            origins,
             reply,
         })
         .await
@@ -308,9 +350,15 @@ impl Ledger {
         });
     }
 
-    pub async fn dead_lettered(&self, source: &SourceRef) -> Result<(), LedgerError> {
+    /// Records the letter of `source` as written (with what `meterflow trace` shows of it).
+    pub async fn dead_lettered(
+        &self,
+        source: &SourceRef,
+        record: Option<DeadLetterRecord>,
+    ) -> Result<(), LedgerError> {
         self.call(|reply| Op::DeadLettered {
             source: source.clone(),
+            record,
             reply,
         })
         .await

@@ -8,8 +8,8 @@ use tokio::sync::mpsc;
 
 use super::dead_letters::{self, DeadLetterClaim};
 use super::{
-    from_ms, now_ms, AggregateClaim, Checked, Claim, EarlierAggregate, EventContent, LedgerError,
-    Op,
+    from_ms, now_ms, AggregateClaim, Checked, Claim, EarlierAggregate, EventContent, EventOrigin,
+    LedgerError, Op,
 };
 use crate::event::DeliveryKey;
 
@@ -22,6 +22,8 @@ const SCHEMA: &[&str] = &[
         first_sent_at BIGINT NOT NULL,
         updated_at BIGINT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS meterflow_deliveries_updated ON meterflow_deliveries (updated_at)",
+    // `meterflow trace --usage-id` and `meterflow void --usage-id` find a delivery by record id.
+    "CREATE INDEX IF NOT EXISTS meterflow_deliveries_receipt ON meterflow_deliveries (receipt)",
     "CREATE TABLE IF NOT EXISTS meterflow_dead_letters (
         topic TEXT NOT NULL,
         source_partition BIGINT NOT NULL,
@@ -44,6 +46,50 @@ const SCHEMA: &[&str] = &[
         digest TEXT NOT NULL,
         updated_at BIGINT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS meterflow_event_contents_updated ON meterflow_event_contents (updated_at)",
+    // Each event's id, source coordinates, contract reference and claimant, written with its
+    // claim: the ledger's other tables know events only by digests of their ids, which
+    // `meterflow trace --usage-id` cannot turn back into ids, nor `meterflow void` into a contract.
+    "CREATE TABLE IF NOT EXISTS meterflow_event_origins (
+        event_id TEXT PRIMARY KEY,
+        delivery_key TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        source_partition BIGINT NOT NULL,
+        source_offset BIGINT NOT NULL,
+        customer TEXT NOT NULL,
+        component_id TEXT NOT NULL,
+        quantity TEXT NOT NULL,
+        claimed_by TEXT NOT NULL,
+        updated_at BIGINT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS meterflow_event_origins_delivery ON meterflow_event_origins (delivery_key)",
+    "CREATE INDEX IF NOT EXISTS meterflow_event_origins_updated ON meterflow_event_origins (updated_at)",
+    // `meterflow void`: which usage record was deleted at the provider, and whether the events
+    // may be billed again (`rebill` 1: the delivery's entry was removed too).
+    "CREATE TABLE IF NOT EXISTS meterflow_voids (
+        delivery_key TEXT NOT NULL,
+        usage_id TEXT NOT NULL,
+        contract_id TEXT NOT NULL,
+        event_count BIGINT NOT NULL,
+        rebill BIGINT NOT NULL,
+        voided_at BIGINT NOT NULL,
+        PRIMARY KEY (delivery_key, usage_id))",
+];
+
+/// Columns added to tables of an earlier release: (table, column, SQL type). Added where
+/// missing, so an existing ledger is migrated in place; rows from before read them as NULL.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    // When the delivery was accepted (`updated_at` moves on with later writes).
+    ("meterflow_deliveries", "delivered_at", "BIGINT"),
+    // What `meterflow trace` shows of a dead letter.
+    ("meterflow_dead_letters", "event_id", "TEXT"),
+    ("meterflow_dead_letters", "reason", "TEXT"),
+    ("meterflow_dead_letters", "detail", "TEXT"),
+    ("meterflow_dead_letters", "dlq_partition", "BIGINT"),
+    ("meterflow_dead_letters", "dlq_offset", "BIGINT"),
+];
+
+/// Statements that need the added columns.
+const AFTER_COLUMNS: &[&str] = &[
+    "CREATE INDEX IF NOT EXISTS meterflow_dead_letters_event ON meterflow_dead_letters (event_id)",
 ];
 
 /// Rows per statement when a claim names many events (3 parameters a row; SQLite allows 32766).
@@ -51,7 +97,7 @@ const CHUNK: usize = 300;
 
 #[derive(Clone)]
 pub struct LedgerStore {
-    pool: AnyPool,
+    pub(super) pool: AnyPool,
 }
 
 impl LedgerStore {
@@ -82,6 +128,26 @@ impl LedgerStore {
             .await?;
         set_up_schema(&pool, sqlite).await?;
         Ok(LedgerStore { pool })
+    }
+
+    /// [`LedgerStore::connect`] for the commands that read a service's ledger (`meterflow
+    /// trace`, `void`, `audit`): a missing SQLite file is an error rather than a new, empty
+    /// ledger that would answer "unknown" to everything.
+    pub async fn connect_existing(url: &str) -> Result<LedgerStore, String> {
+        let shown = crate::config::redact_url(url);
+        if let Some(rest) = url.strip_prefix("sqlite:") {
+            let path = rest.trim_start_matches("//");
+            let path = path.split('?').next().unwrap_or(path);
+            if !path.contains(":memory:") && !std::path::Path::new(path).exists() {
+                return Err(format!(
+                    "ledger.url {shown}: no ledger at {path:?} (is this the service's config, \
+                     run from the service's working directory?)"
+                ));
+            }
+        }
+        LedgerStore::connect(url)
+            .await
+            .map_err(|e| format!("ledger.url {shown}: cannot open the delivery ledger: {e}"))
     }
 
     /// Deletes entries last updated before `cutoff` (ms since the epoch). Age alone does not
@@ -115,7 +181,12 @@ impl LedgerStore {
             .execute(&self.pool)
             .await?
             .rows_affected();
-        Ok(a + b + c + d + e)
+        let f = sqlx::query("DELETE FROM meterflow_event_origins WHERE updated_at < $1")
+            .bind(cutoff)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(a + b + c + d + e + f)
     }
 
     /// The aggregate each event key is mapped to, for tests and reports.
@@ -202,7 +273,75 @@ async fn set_up_schema(pool: &AnyPool, sqlite: bool) -> Result<(), sqlx::Error> 
         tx.execute(*statement).await?;
         tx.commit().await?;
     }
+    for (table, column, kind) in ADDED_COLUMNS {
+        add_column(pool, sqlite, table, column, kind).await?;
+    }
+    for statement in AFTER_COLUMNS {
+        let mut tx = pool.begin().await?;
+        if !sqlite {
+            tx.execute(sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(SCHEMA_LOCK))
+                .await?;
+        }
+        tx.execute(*statement).await?;
+        tx.commit().await?;
+    }
     Ok(())
+}
+
+/// Adds `table.column` unless it exists, in a transaction of its own. The column is looked up
+/// first, so a ledger already migrated takes no table lock at start-up (an `ALTER TABLE`
+/// waits for every running transaction on the table, and queues everything after it). On
+/// PostgreSQL the `ALTER` runs under the schema lock with `IF NOT EXISTS`; SQLite has no `IF
+/// NOT EXISTS` there, so an `ALTER` that fails because another process (the service beside a
+/// `meterflow trace`) added the column meanwhile counts as done.
+async fn add_column(
+    pool: &AnyPool,
+    sqlite: bool,
+    table: &str,
+    column: &str,
+    kind: &str,
+) -> Result<(), sqlx::Error> {
+    let exists = || async {
+        let lookup = if sqlite {
+            "SELECT COUNT(*) FROM pragma_table_info($1) WHERE name = $2"
+        } else {
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM information_schema.columns
+             WHERE table_schema = current_schema() AND table_name = $1 AND column_name = $2"
+        };
+        let row = sqlx::query(lookup)
+            .bind(table)
+            .bind(column)
+            .fetch_one(pool)
+            .await?;
+        Ok::<bool, sqlx::Error>(row.try_get::<i64, _>(0)? > 0)
+    };
+    if exists().await? {
+        return Ok(());
+    }
+    if !sqlite {
+        let mut tx = pool.begin().await?;
+        tx.execute(sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(SCHEMA_LOCK))
+            .await?;
+        tx.execute(
+            format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}").as_str(),
+        )
+        .await?;
+        tx.commit().await?;
+        return Ok(());
+    }
+    match pool
+        .execute(format!("ALTER TABLE {table} ADD COLUMN {column} {kind}").as_str())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            if exists().await? {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        }
+    }
 }
 
 /// The advisory lock key meterflow's schema set-up takes on PostgreSQL (any constant; this one
@@ -302,11 +441,14 @@ async fn apply(
                 key,
                 events,
                 contents,
+                origins,
                 reply,
             } => {
                 let conflicts = record_contents(&mut tx, &contents, now).await?;
                 let answer = if conflicts.is_empty() {
-                    Ok(claim_row(&mut tx, &key, events, now).await?.0)
+                    let claim = claim_row(&mut tx, &key, events, now).await?.0;
+                    record_origins(&mut tx, &key, &origins, now).await?;
+                    Ok(claim)
                 } else {
                     Err(conflicts)
                 };
@@ -316,6 +458,7 @@ async fn apply(
                 key,
                 event_keys,
                 contents,
+                origins,
                 reply,
             } => {
                 let conflicts = record_contents(&mut tx, &contents, now).await?;
@@ -324,6 +467,9 @@ async fn apply(
                 } else {
                     AggregateClaim::IdConflict(conflicts)
                 };
+                if matches!(claim, AggregateClaim::Own(_)) {
+                    record_origins(&mut tx, &key, &origins, now).await?;
+                }
                 replies.push(Reply::Aggregate(reply, claim));
             }
             Op::Abandon {
@@ -375,19 +521,27 @@ async fn apply(
                 delivered,
                 receipt,
             } => {
+                // A voided entry stays voided: a copy of its events settled meanwhile (as not
+                // billed again) must not turn it back into "delivered".
                 sqlx::query(
-                    "UPDATE meterflow_deliveries SET state = $1, receipt = $2, updated_at = $3
-                     WHERE delivery_key = $4",
+                    "UPDATE meterflow_deliveries SET state = $1, receipt = $2, updated_at = $3,
+                        delivered_at = COALESCE(delivered_at, $4)
+                     WHERE delivery_key = $5 AND state <> 'voided'",
                 )
                 .bind(if delivered { "delivered" } else { "rejected" })
                 .bind(receipt)
                 .bind(now)
+                .bind(delivered.then_some(now))
                 .bind(key.as_str())
                 .execute(&mut *tx)
                 .await?;
             }
-            Op::DeadLettered { source, reply } => {
-                dead_letters::written(&mut tx, &source, now).await?;
+            Op::DeadLettered {
+                source,
+                record,
+                reply,
+            } => {
+                dead_letters::written(&mut tx, &source, record.as_ref(), now).await?;
                 replies.push(Reply::Unit(reply));
             }
             Op::ClaimDeadLetter {
@@ -494,6 +648,9 @@ fn row_claim(
         "rejected" => Claim::Rejected {
             answer: receipt.unwrap_or_default(),
         },
+        "voided" => Claim::Voided {
+            receipt: receipt.unwrap_or_default(),
+        },
         _ => Claim::Sending {
             first_sent_at: from_ms(first_sent_at),
             updated_at_ms: updated_at,
@@ -564,6 +721,76 @@ async fn record_contents(
         .collect())
 }
 
+/// Who claims in this process, for `meterflow trace`'s "in flight" answer: host and process id.
+fn claimant() -> &'static str {
+    static CLAIMANT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CLAIMANT.get_or_init(|| {
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+            .map(|h| crate::decode::truncate_chars(h.trim(), 100))
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "unknown-host".to_string());
+        format!("{host} pid {}", std::process::id())
+    })
+}
+
+/// Records where each event of a claim came from, under the claim's key. An event already
+/// recorded under the same key keeps its first coordinates (a producer's retry is a second
+/// copy of it); one recorded under another key (an aggregate cut anew) moves to this one.
+async fn record_origins(
+    conn: &mut AnyConnection,
+    key: &DeliveryKey,
+    origins: &[EventOrigin],
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    let mut seen = std::collections::HashSet::new();
+    let unique: Vec<&EventOrigin> = origins
+        .iter()
+        .filter(|o| seen.insert(o.event_id.as_str()))
+        .collect();
+    for chunk in unique.chunks(CHUNK) {
+        let rows = (0..chunk.len())
+            .map(|i| {
+                let row = (1..=10)
+                    .map(|j| format!("${}", 10 * i + j))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                format!("({row})")
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "INSERT INTO meterflow_event_origins
+             (event_id, delivery_key, topic, source_partition, source_offset, customer,
+              component_id, quantity, claimed_by, updated_at)
+             VALUES {rows}
+             ON CONFLICT (event_id) DO UPDATE SET delivery_key = excluded.delivery_key,
+                topic = excluded.topic, source_partition = excluded.source_partition,
+                source_offset = excluded.source_offset, customer = excluded.customer,
+                component_id = excluded.component_id, quantity = excluded.quantity,
+                claimed_by = excluded.claimed_by, updated_at = excluded.updated_at
+             WHERE meterflow_event_origins.delivery_key <> excluded.delivery_key"
+        );
+        let mut query = sqlx::query(&sql);
+        for o in chunk {
+            query = query
+                .bind(o.event_id.as_str())
+                .bind(key.as_str())
+                .bind(o.source.topic.as_str())
+                .bind(i64::from(o.source.partition))
+                .bind(o.source.offset)
+                .bind(o.customer.as_str())
+                .bind(o.component_id.as_str())
+                .bind(o.quantity.to_string())
+                .bind(claimant())
+                .bind(now);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
 /// `$first, $first+1, ...`: `n` placeholders.
 fn placeholders(first: usize, n: usize) -> String {
     (first..first + n)
@@ -618,7 +845,7 @@ async fn claim_aggregate(
             }
             let state: Option<String> = row.get(2);
             match state.as_deref() {
-                Some(state @ ("delivered" | "rejected" | "sending")) => {
+                Some(state @ ("delivered" | "rejected" | "sending" | "voided")) => {
                     let claim = row_claim(
                         state,
                         row.get(3),
@@ -873,8 +1100,8 @@ mod tests {
             offset: 42,
         };
         assert!(!ledger.is_dead_lettered(&s).await.unwrap());
-        ledger.dead_lettered(&s).await.unwrap();
-        ledger.dead_lettered(&s).await.unwrap();
+        ledger.dead_lettered(&s, None).await.unwrap();
+        ledger.dead_lettered(&s, None).await.unwrap();
         assert!(ledger.is_dead_lettered(&s).await.unwrap());
     }
 

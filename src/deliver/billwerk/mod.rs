@@ -4,6 +4,7 @@
 
 mod auth;
 mod contracts;
+mod corrections;
 pub mod payload;
 
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use serde::Deserialize;
 pub(crate) use auth::{parse_token_answer, MAX_TOKEN_LIFETIME};
 pub use auth::{TokenError, TokenSource};
 use contracts::ContractCache;
+pub use corrections::{Deletion, ListedUsage};
 
 use crate::admin::Readiness;
 use crate::config::SinkConfig;
@@ -312,38 +314,79 @@ impl BillwerkSink {
         };
         let from_date = payload::billwerk_timestamp(sent_since - RECONCILE_CLOCK_MARGIN);
         let key = delivery.key.as_str();
+        let mut found: Option<String> = None;
+        let listed = self
+            .page_usage(&contract, Some(from_date), None, |page| {
+                for record in page {
+                    if field(record, "Memo").is_some_and(|m| m.contains(key)) {
+                        found = Some(field(record, "Id").unwrap_or_default().to_string());
+                        return Visit::Stop;
+                    }
+                }
+                Visit::More
+            })
+            .await
+            .map_err(|e| {
+                format!("{e}; not re-sending until a later look-up reads the listing to its end")
+            })?;
+        match (found, listed) {
+            (Some(receipt), _) => Ok(Reconciled::Found { receipt }),
+            // No such contract: billwerk holds no usage under it, so the earlier send cannot
+            // have been recorded. (Retrying the look-up would pin the partition for good; the
+            // re-send then answers 404 too and the event is dead-lettered with the answer.)
+            (None, Listed::NoSuchContract) => Ok(Reconciled::NotFound),
+            // "Not found" re-sends the usage: said only after the whole listing was read.
+            (None, Listed::Complete) | (None, Listed::Stopped) => Ok(Reconciled::NotFound),
+        }
+    }
+
+    /// Pages through `contract`'s usage created from `from_date` (until `until_date`, if given)
+    /// with billwerk's cursor, each request through the rate limiter, handing every page to
+    /// `visit` until it says stop or an empty page ends the listing. A server may cap its
+    /// pages below `take`: only an empty page ends it. A cursor that does not advance, or a
+    /// listing longer than [`MAX_LIST_PAGES`] pages, is an error, never "the end".
+    pub(crate) async fn page_usage(
+        &self,
+        contract: &str,
+        from_date: Option<String>,
+        until_date: Option<String>,
+        mut visit: impl FnMut(&[serde_json::Value]) -> Visit,
+    ) -> Result<Listed, String> {
         let mut cursor: Option<String> = None;
-        // A server may cap its pages below `take`: only an empty page ends the search. A bound,
-        // so a server whose listing never ends cannot hold the delivery forever.
-        const MAX_PAGES: usize = 2000;
         let mut pages = 0_usize;
+        let mut throttles = 0_usize;
         loop {
             self.limiter.until_ready().await;
             let sent = tokio::time::Instant::now();
             let cursor_now = cursor.clone();
             let response = self
                 .call("usage_list", |c, api| {
-                    let mut q: Vec<(&str, String)> = vec![
-                        ("take", LIST_PAGE.to_string()),
-                        ("fromDateTime", from_date.clone()),
-                    ];
+                    let mut q: Vec<(&str, String)> = vec![("take", LIST_PAGE.to_string())];
+                    if let Some(from) = &from_date {
+                        q.push(("fromDateTime", from.clone()));
+                    }
+                    if let Some(until) = &until_date {
+                        q.push(("untilDateTime", until.clone()));
+                    }
                     if let Some(from) = &cursor_now {
                         q.push(("from", from.clone()));
                     }
-                    c.get(api_url(api, &["contracts", &contract, "usage"]))
+                    c.get(api_url(api, &["contracts", contract, "usage"]))
                         .query(&q)
                 })
                 .await
                 .map_err(|e| format!("{:?}", e.into_attempt()))?;
             let signals = rate_signals(response.headers());
             let status = response.status();
-            self.limiter
-                .observe_sent(&signals, status == StatusCode::TOO_MANY_REQUESTS, sent);
-            // No such contract: billwerk holds no usage under it, so the earlier send cannot
-            // have been recorded. (Retrying the look-up would pin the partition for good; the
-            // re-send then answers 404 too and the event is dead-lettered with the answer.)
+            let throttled = status == StatusCode::TOO_MANY_REQUESTS;
+            self.limiter.observe_sent(&signals, throttled, sent);
+            // The limiter's gate is closed now: ask for the same page again once it opens.
+            if throttled && throttles < MAX_THROTTLED_PAGES {
+                throttles = throttles.saturating_add(1);
+                continue;
+            }
             if status == StatusCode::NOT_FOUND && cursor_now.is_none() {
-                return Ok(Reconciled::NotFound);
+                return Ok(Listed::NoSuchContract);
             }
             if !status.is_success() {
                 return Err(format!("listing usage answered {status}"));
@@ -352,36 +395,54 @@ impl BillwerkSink {
                 .json()
                 .await
                 .map_err(|e| format!("unreadable usage list: {}", without_url(&e)))?;
-            for record in &page {
-                let memo = field(record, "Memo");
-                if memo.is_some_and(|m| m.contains(key)) {
-                    let id = field(record, "Id").unwrap_or_default().to_string();
-                    return Ok(Reconciled::Found { receipt: id });
-                }
-            }
             let Some(last) = page.last() else {
-                return Ok(Reconciled::NotFound);
+                return Ok(Listed::Complete);
             };
-            // "Not found" re-sends the usage: say it only after the whole listing was read.
+            if let Visit::Stop = visit(&page) {
+                return Ok(Listed::Stopped);
+            }
             let next = field(last, "Id").map(str::to_string);
             if next.is_none() || next == cursor {
                 return Err(format!(
-                    "listing usage of contract {contract}: the paging cursor did not advance (last record id {}); \
-                     not re-sending until a later look-up reads the listing to its end",
+                    "listing usage of contract {contract}: the paging cursor did not advance \
+                     (last record id {})",
                     next.as_deref().unwrap_or("missing")
                 ));
             }
             pages = pages.saturating_add(1);
-            if pages >= MAX_PAGES {
+            if pages >= MAX_LIST_PAGES {
                 return Err(format!(
-                    "listing usage of contract {contract}: no end after {pages} pages; \
-                     not re-sending until a later look-up reads the listing to its end"
+                    "listing usage of contract {contract}: no end after {pages} pages"
                 ));
             }
             cursor = next;
+            throttles = 0;
         }
     }
 }
+
+/// What a page visitor wants next.
+pub(crate) enum Visit {
+    More,
+    Stop,
+}
+
+/// How a listing ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Listed {
+    /// Read to the empty page.
+    Complete,
+    /// The visitor stopped it.
+    Stopped,
+    /// billwerk answered 404 to the first page: it knows no such contract.
+    NoSuchContract,
+}
+
+/// A bound on pages per listing, so a server whose listing never ends cannot hold a delivery
+/// (or an audit) forever.
+const MAX_LIST_PAGES: usize = 2000;
+/// 429s in a row for one page before a listing gives up (each waits for the limiter's gate).
+const MAX_THROTTLED_PAGES: usize = 20;
 
 impl Sink for BillwerkSink {
     fn name(&self) -> &'static str {

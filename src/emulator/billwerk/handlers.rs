@@ -56,6 +56,8 @@ pub fn router(billwerk: Arc<Billwerk>, control: Arc<Control>) -> Router {
         ));
     let billwerk_only_inspection = Router::new()
         .route("/_emulator/tokens", delete(revoke_tokens))
+        .route("/_emulator/billing-run", post(billing_run))
+        .route("/_emulator/usage/{usage_id}/billed", post(mark_billed))
         .with_state(billwerk.clone());
     provider
         .merge(inspect::routes(control, billwerk))
@@ -420,7 +422,20 @@ async fn delete_usage(
         Ok(contract_id) => contract_id,
         Err(refused) => return refused.into_response(),
     };
-    // Every emulated record is unbilled (there are no billing runs), so every one may go.
+    // billwerk deletes only unbilled usage; its answer for billed usage is undocumented: the
+    // emulator's status is configurable (`--billed-delete-status`), with a `Message`.
+    if app
+        .billwerk
+        .ledger()
+        .is_billed(&contract_id, &usage_id.to_ascii_lowercase())
+    {
+        let status = StatusCode::from_u16(app.billwerk.billed_delete_status)
+            .unwrap_or(StatusCode::UNPROCESSABLE_ENTITY);
+        return message(
+            status,
+            format!("Usage '{usage_id}' is already billed and cannot be deleted."),
+        );
+    }
     if app
         .billwerk
         .ledger()
@@ -466,6 +481,30 @@ async fn get_contract(
             StatusCode::NOT_FOUND,
             format!("Contract '{contract_id}' was not found."),
         ),
+    }
+}
+
+/// `POST /_emulator/billing-run`: every record is billed from now on (deletes are refused).
+async fn billing_run(State(billwerk): State<Arc<Billwerk>>) -> Response {
+    let billed = billwerk.ledger().bill_all();
+    json(StatusCode::OK, &serde_json::json!({ "billed": billed }))
+}
+
+/// `POST /_emulator/usage/{usage_id}/billed`: this record is billed from now on.
+async fn mark_billed(
+    State(billwerk): State<Arc<Billwerk>>,
+    Path(usage_id): Path<String>,
+) -> Response {
+    if billwerk
+        .ledger()
+        .mark_billed(&usage_id.to_ascii_lowercase())
+    {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        message(
+            StatusCode::NOT_FOUND,
+            format!("Usage '{usage_id}' was not found."),
+        )
     }
 }
 

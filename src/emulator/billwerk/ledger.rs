@@ -26,6 +26,9 @@ pub struct BillwerkRecord {
     pub product_override: Option<ProductOverride>,
     /// billwerk's `TransferredAt`: when the record was created.
     pub created_at: DateTime<Utc>,
+    /// Billed by a (simulated) billing run: billwerk then refuses to delete it.
+    #[serde(default)]
+    pub billed: bool,
 }
 
 /// `GET /api/v1/contracts/{id}/usage` parameters.
@@ -53,6 +56,7 @@ struct StoredUsage {
     created_at: DateTime<Utc>,
     memo: Option<Arc<str>>,
     product_override: Option<Box<ProductOverride>>,
+    billed: bool,
 }
 
 /// A record id: 8 hex characters of the run's prefix, then 16 of the sequence. As a number it
@@ -149,6 +153,7 @@ impl UsageLedger {
             created_at: now,
             memo,
             product_override: request.product_override.map(Box::new),
+            billed: false,
         };
         let record = self.view(&stored);
         self.records.push(Some(stored));
@@ -166,6 +171,7 @@ impl UsageLedger {
             memo: stored.memo.as_deref().map(str::to_string),
             product_override: stored.product_override.as_deref().cloned(),
             created_at: stored.created_at,
+            billed: stored.billed,
         }
     }
 
@@ -176,6 +182,39 @@ impl UsageLedger {
         }
         let position = usize::try_from(id.sequence().checked_sub(self.first_sequence)?).ok()?;
         (position < self.records.len()).then_some(position)
+    }
+
+    /// Marks the record billed (as a billing run would); `false` when there is no such record.
+    pub fn mark_billed(&mut self, usage_id: &str) -> bool {
+        let Some(position) = self.position(usage_id) else {
+            return false;
+        };
+        match self.records.get_mut(position) {
+            Some(Some(stored)) => {
+                stored.billed = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A billing run: every record billed; how many were not yet.
+    pub fn bill_all(&mut self) -> usize {
+        let mut billed = 0;
+        for stored in self.records.iter_mut().flatten() {
+            if !stored.billed {
+                stored.billed = true;
+                billed += 1;
+            }
+        }
+        billed
+    }
+
+    /// Whether the contract's record with that id is billed.
+    pub fn is_billed(&self, contract_id: &str, usage_id: &str) -> bool {
+        self.position(usage_id)
+            .and_then(|position| self.records[position].as_ref())
+            .is_some_and(|stored| &*stored.contract_id == contract_id && stored.billed)
     }
 
     /// `false` when the contract has no record with that id.

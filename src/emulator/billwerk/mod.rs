@@ -56,6 +56,8 @@ pub struct BillwerkOptions {
     /// Answer at most this many records per usage-list page, whatever `take` asks for: a
     /// server may cap its pages below the documented 500, and a client must page on anyway.
     pub list_page_cap: Option<usize>,
+    /// The status a deletion of billed usage answers (billwerk's is undocumented).
+    pub billed_delete_status: u16,
 }
 
 impl Default for BillwerkOptions {
@@ -71,6 +73,7 @@ impl Default for BillwerkOptions {
             limit: RateLimitSettings::default(),
             faults: FaultSettings::default(),
             list_page_cap: None,
+            billed_delete_status: 422,
         }
     }
 }
@@ -115,6 +118,15 @@ impl BillwerkOptions {
                 "must be at least 1 (a page of 0 records ends every listing)",
             ));
         }
+        if !(400..=499).contains(&self.billed_delete_status) {
+            return Err(EmulatorError::invalid(
+                "billed_delete_status",
+                format!(
+                    "{} is not a 4xx status (billwerk refuses to delete billed usage)",
+                    self.billed_delete_status
+                ),
+            ));
+        }
         for contract in &self.contracts {
             if !contracts::is_contract_id(&contract.id) {
                 return Err(EmulatorError::invalid(
@@ -136,6 +148,7 @@ pub struct Billwerk {
     components: Option<HashSet<String>>,
     require_legal_entity: Option<String>,
     list_page_cap: Option<usize>,
+    billed_delete_status: u16,
     ledger: Mutex<UsageLedger>,
 }
 
@@ -156,6 +169,7 @@ impl Billwerk {
                 .then(|| options.components.into_iter().collect()),
             require_legal_entity: options.require_legal_entity,
             list_page_cap: options.list_page_cap,
+            billed_delete_status: options.billed_delete_status,
             ledger: Mutex::new(UsageLedger::new(id_prefix)),
         }
     }
