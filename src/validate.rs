@@ -371,37 +371,30 @@ async fn check_provider(config: &Config) -> Vec<ConfigProblem> {
     let base = s.base_url.trim_end_matches('/');
     match s.kind {
         SinkKind::Billwerk => {
-            // The token endpoint is not under /api/v1.
-            let url = format!("{base}/oauth/token/");
-            let mut request = client
-                .post(&url)
-                .basic_auth(
-                    s.client_id.as_deref().unwrap_or_default(),
-                    s.client_secret.as_ref().map(|c| c.expose()),
-                )
-                .form(&[("grant_type", "client_credentials")]);
-            if let Some(entity) = &s.legal_entity_id {
-                request = request.header("X-SELECTED-LEGAL-ENTITY-ID", entity);
-            }
-            match request.send().await {
-                Ok(r) if r.status().is_success() => Vec::new(),
-                Ok(r) if matches!(r.status().as_u16(), 400 | 401 | 403) => problem(
+            use crate::deliver::billwerk::{check_credentials, TokenError};
+            match check_credentials(s, CONNECT_TIMEOUT).await {
+                Ok(()) => Vec::new(),
+                Err(TokenError::Refused { status }) => problem(
                     "sink.client_secret",
                     format!(
-                        "billwerk at {base} refused the credentials (HTTP {}): check \
-                         sink.client_id and sink.client_secret",
-                        r.status().as_u16()
+                        "billwerk at {base} refused the credentials (HTTP {status}): check \
+                         sink.client_id and sink.client_secret"
                     ),
                 ),
-                Ok(r) => problem(
+                Err(TokenError::Unavailable(detail)) => problem(
                     "sink.base_url",
                     format!(
-                        "{url} answered HTTP {} to a token request: expected a billwerk host \
-                         like https://sandbox.billwerk.com",
-                        r.status()
+                        "{base}/oauth/token/ did not grant a token ({detail}): expected a \
+                         billwerk host like https://sandbox.billwerk.com"
                     ),
                 ),
-                Err(e) => problem("sink.base_url", no_answer(base, &e)),
+                Err(TokenError::Unreachable(why)) => problem(
+                    "sink.base_url",
+                    format!(
+                        "no HTTP answer from {base} within {}s ({why})",
+                        CONNECT_TIMEOUT.as_secs()
+                    ),
+                ),
             }
         }
         SinkKind::Billingrails => match client.get(base).send().await {

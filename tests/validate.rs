@@ -332,3 +332,33 @@ async fn connect_warns_when_a_topic_outlives_the_ledger() {
     assert_eq!(report.verdict, Verdict::Valid, "{:#?}", report.lines);
     assert!(report.warnings.is_empty(), "{:#?}", report.warnings);
 }
+
+/// `--connect` asks for a token with the sink's own code, so it holds the answer to the same
+/// standard as the service: a 200 without a usable token is not a working billwerk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_names_a_token_endpoint_that_answers_without_a_token() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("usage-events", 2, 1).unwrap();
+    cluster.create_topic("usage-events-dlq", 1, 1).unwrap();
+    let app = axum::Router::new().route(
+        "/oauth/token/",
+        post(|| async { (StatusCode::OK, r#"{"token_type":"bearer"}"#) }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meterflow.toml");
+    std::fs::write(&path, config_text(&cluster.bootstrap_servers(), &base_url)).unwrap();
+    let report = check(&path, true, &env_with(SECRET)).await;
+    assert_eq!(report.verdict, Verdict::Invalid, "{:#?}", report.lines);
+    assert_eq!(report.lines.len(), 1, "{:#?}", report.lines);
+    assert!(
+        report.lines[0].starts_with(&format!(
+            "error: sink.base_url: {base_url}/oauth/token/ did not grant a token ("
+        )),
+        "{:#?}",
+        report.lines
+    );
+    assert!(!report.lines[0].contains(SECRET));
+}

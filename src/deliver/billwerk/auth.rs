@@ -16,9 +16,12 @@ pub enum TokenError {
     /// The provider refused the credentials: fix the config; do not retry quickly.
     #[error("billwerk refused the client credentials (HTTP {status}); check sink.client_id and sink.client_secret")]
     Refused { status: u16 },
-    /// The token endpoint could not be reached or answered oddly: retry later.
+    /// The token endpoint answered, but not with a token: retry later.
     #[error("billwerk token endpoint unavailable: {0}")]
     Unavailable(String),
+    /// No HTTP answer at all (DNS, connection, TLS, timeout): retry later.
+    #[error("billwerk token endpoint unreachable: {0}")]
+    Unreachable(String),
 }
 
 #[derive(Debug, Clone)]
@@ -107,7 +110,7 @@ impl TokenSource {
         }
         let response = request.send().await.map_err(|e| {
             metrics::counter!("meterflow_token_refreshes_total", "result" => "error").increment(1);
-            TokenError::Unavailable(without_url(&e))
+            TokenError::Unreachable(without_url(&e))
         })?;
         let status = response.status();
         if status == reqwest::StatusCode::UNAUTHORIZED

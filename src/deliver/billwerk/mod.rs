@@ -8,7 +8,7 @@ mod corrections;
 pub mod payload;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
@@ -58,6 +58,28 @@ pub(crate) struct ContractView {
 enum Contract {
     Id(String),
     Unknown(Rejection),
+}
+
+/// Asks billwerk for a token with the sink's own token code — the same request and the same
+/// checks of the answer — within `timeout`: for `meterflow validate --connect`.
+pub async fn check_credentials(config: &SinkConfig, timeout: Duration) -> Result<(), TokenError> {
+    let (Some(client_id), Some(client_secret)) = (&config.client_id, &config.client_secret) else {
+        return Err(TokenError::Refused { status: 0 });
+    };
+    let client = reqwest::Client::builder()
+        .timeout(timeout)
+        .build()
+        .map_err(|e| TokenError::Unreachable(without_url(&e)))?;
+    TokenSource::new(
+        client,
+        &config.base_url,
+        client_id.clone(),
+        client_secret.clone(),
+        config.legal_entity_id.clone(),
+    )
+    .token()
+    .await
+    .map(|_| ())
 }
 
 impl BillwerkSink {
@@ -488,7 +510,7 @@ impl CallError {
                 outcome_unknown: false,
                 detail: format!("token request refused (HTTP {status}): check sink.client_id / sink.client_secret"),
             },
-            CallError::Token(TokenError::Unavailable(detail)) => Attempt::Retry {
+            CallError::Token(TokenError::Unavailable(detail) | TokenError::Unreachable(detail)) => Attempt::Retry {
                 cause: RetryCause::Connection,
                 outcome_unknown: false,
                 detail,
