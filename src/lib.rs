@@ -35,10 +35,9 @@ pub mod decode;
 pub mod deliver;
 pub mod demo;
 pub mod dlq;
-// Test equipment (demos, tests, users' staging): its `expect`s concern its own locks and
-// serializations, never request input, which is parsed into 4xx answers.
-#[allow(clippy::expect_used, clippy::unwrap_used)]
-pub mod emulator;
+/// The provider emulators (crate `meterflow-emulator`, test equipment): for `meterflow
+/// emulate`, the demo and the tests. The delivery code does not use it.
+pub use meterflow_emulator as emulator;
 pub mod event;
 /// Fuzz targets over arbitrary bytes (run as tests; see the module).
 #[doc(hidden)]

@@ -31,7 +31,7 @@ fn main() -> ExitCode {
         }
         Command::Emulate(args) => {
             let signals = signals();
-            runtime.block_on(meterflow::emulator::run(args, signals))
+            runtime.block_on(meterflow::emulator::run(args, signals.recv()))
         }
         Command::Demo(args) => runtime.block_on(meterflow::demo::run(args)),
         Command::Dlq(args) => runtime.block_on(meterflow::dlq::run(args)),

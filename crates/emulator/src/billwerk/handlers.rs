@@ -19,9 +19,9 @@ use super::ledger::{BillwerkRecord, UsageQuery};
 use super::timestamp;
 use super::usage_body::{self, UsageBodyError};
 use super::Billwerk;
-use crate::emulator::control::{self, Control};
-use crate::emulator::faults::{self, Fault};
-use crate::emulator::{inspect, server};
+use crate::control::{self, Control};
+use crate::faults::{self, Fault};
+use crate::{inspect, server};
 
 #[derive(Clone)]
 struct App {

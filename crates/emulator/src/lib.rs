@@ -1,10 +1,14 @@
 //! `meterflow emulate billwerk|billingrails`: provider emulators faithful to the documented APIs,
 //! with rate limits and fault injection, for tests, the demo, benchmarks and users' staging.
 //!
+//! Its own crate: test equipment, which meterflow's delivery code never depends on (the
+//! `meterflow` crate re-exports it as `meterflow::emulator` for its subcommand, the demo and
+//! the tests).
+//!
 //! In-process use (tests, demo, benchmarks):
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
-//! use meterflow::emulator::billwerk::{self, BillwerkOptions};
+//! use meterflow_emulator::billwerk::{self, BillwerkOptions};
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 //! let emulator = billwerk::start(BillwerkOptions::default(), listener).await?;
 //! let base_url = emulator.base_url(); // point the sink here
@@ -19,6 +23,16 @@
 //! API (`inspect`), the server that can drop a connection without answering (`server`), and the
 //! in-process handle ([`EmulatorHandle`]).
 
+// Its `expect`s concern its own locks and serializations, never request input, which is parsed
+// into 4xx answers.
+#![deny(
+    clippy::panic,
+    clippy::unreachable,
+    clippy::todo,
+    clippy::unimplemented
+)]
+#![cfg_attr(test, allow(clippy::panic, clippy::unreachable))]
+
 mod args;
 pub mod billingrails;
 pub mod billwerk;
@@ -28,6 +42,7 @@ pub mod faults;
 mod handle;
 mod inspect;
 pub mod ratelimit;
+mod secret;
 mod server;
 pub mod stats;
 
@@ -38,15 +53,17 @@ pub use self::error::EmulatorError;
 pub use self::faults::FaultSettings;
 pub use self::handle::{EmulatedProvider, EmulatorHandle, LimitStatus};
 pub use self::ratelimit::RateLimitSettings;
+pub use self::secret::Secret;
 pub use self::stats::EmulatorStats;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
 
-/// Runs the emulator the command line asked for until Ctrl-C (or SIGTERM).
+/// Runs the emulator the command line asked for until `shutdown` resolves (`meterflow
+/// emulate`: Ctrl-C or SIGTERM).
 pub async fn run(
     args: EmulateArgs,
-    signals: crate::signals::ShutdownSignals,
+    shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     match args.provider {
         EmulatedProviderArgs::Billwerk(args) => {
@@ -55,7 +72,7 @@ pub async fn run(
             let listener = bind(&args.listen).await?;
             let emulator = billwerk::start(options, listener).await?;
             announce("billwerk", &emulator, &credential_notes, &description);
-            signals.recv().await;
+            shutdown.await;
             emulator.shutdown().await;
         }
         EmulatedProviderArgs::Billingrails(args) => {
@@ -64,7 +81,7 @@ pub async fn run(
             let listener = bind(&args.listen).await?;
             let emulator = billingrails::start(options, listener).await?;
             announce("Billingrails", &emulator, &credential_notes, &description);
-            signals.recv().await;
+            shutdown.await;
             emulator.shutdown().await;
         }
     }

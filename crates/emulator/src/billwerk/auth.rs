@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 
-use crate::config::Secret;
+use crate::Secret;
 
 /// The one client the emulator accepts.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use super::usage_body::{ProductOverride, UsageRequest};
-use crate::emulator::stats::RecordStats;
+use crate::stats::RecordStats;
 
 /// One stored usage record, as `GET /_emulator/records` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -30,7 +30,7 @@ use super::faults::FaultSettings;
 use super::handle::{self, EmulatedProvider, EmulatorHandle};
 use super::ratelimit::RateLimitSettings;
 use super::stats::RecordStats;
-use crate::config::Secret;
+use crate::Secret;
 
 /// A running billwerk emulator.
 pub type BillwerkEmulator = EmulatorHandle<Billwerk>;

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::events::IncomingEvent;
-use crate::emulator::stats::RecordStats;
+use crate::stats::RecordStats;
 
 /// One stored event, as `GET /_emulator/records` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

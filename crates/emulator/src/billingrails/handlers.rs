@@ -16,9 +16,9 @@ use serde_json::Value;
 use super::events::{self, FieldProblem};
 use super::idempotency::{self, CachedAnswer, Claim, Fingerprint};
 use super::Billingrails;
-use crate::emulator::control::{self, Control};
-use crate::emulator::faults::{self, Fault};
-use crate::emulator::{inspect, server};
+use crate::control::{self, Control};
+use crate::faults::{self, Fault};
+use crate::{inspect, server};
 
 #[derive(Clone)]
 struct App {

@@ -25,7 +25,7 @@ use super::faults::FaultSettings;
 use super::handle::{self, EmulatedProvider, EmulatorHandle};
 use super::ratelimit::RateLimitSettings;
 use super::stats::RecordStats;
-use crate::config::Secret;
+use crate::Secret;
 
 /// A running Billingrails emulator.
 pub type BillingrailsEmulator = EmulatorHandle<Billingrails>;

@@ -9,7 +9,7 @@ use super::billingrails::{self, BillingrailsOptions};
 use super::billwerk::{self, BillwerkOptions, SeedContract};
 use super::faults::FaultSettings;
 use super::ratelimit::RateLimitSettings;
-use crate::config::Secret;
+use crate::Secret;
 
 /// `meterflow emulate ...` arguments.
 #[derive(Debug, clap::Args)]
