@@ -15,7 +15,7 @@ use crate::ack::ledger::{Ledger, LedgerStore};
 use crate::admin::readiness::ProviderProbe;
 use crate::batch::{self, Batcher, Bucket, Grouping};
 use crate::config::{Config, SinkKind};
-use crate::decode::EventDecoder;
+use crate::decode::{EventDecoder, TimestampWindow};
 use crate::deliver::billingrails::BillingrailsSink;
 use crate::deliver::billwerk::BillwerkSink;
 use crate::deliver::permits::Permits;
@@ -49,6 +49,7 @@ pub async fn run_with_sink(
 ) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
     let decoder = EventDecoder::for_sink(config.input.clone(), config.sink.kind);
+    let window = TimestampWindow::from_config(&config.input);
     let prices = PriceBook::new(&config).map_err(|problems| {
         anyhow::anyhow!(
             "{}",
@@ -159,7 +160,11 @@ pub async fn run_with_sink(
             message = messages.recv() => {
                 let Some(raw) = message else { break };
                 stats.consumed.fetch_add(1, Ordering::Relaxed);
-                match decoder.decode(&raw.payload).and_then(|event| prices.price(event)) {
+                let decoded = decoder.decode(&raw.payload).and_then(|event| {
+                    window.check(event.timestamp, chrono::Utc::now())?;
+                    Ok(event)
+                });
+                match decoded.and_then(|event| prices.price(event)) {
                     Ok(usage) => {
                         let item = DeliveryItem { usage, raw };
                         if grouping == Grouping::PerEvent {
