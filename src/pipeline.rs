@@ -61,6 +61,7 @@ pub async fn run_with_sink(
         )
     })?;
     let limiter = Arc::new(RateLimiter::new(&config.rate_limit).for_sink(config.sink.kind.name()));
+    stats.status.set_pacer(limiter.clone());
     let sink: Arc<dyn Sink> = match (custom_sink, config.sink.kind) {
         (Some(make), _) => make(limiter.clone()),
         (None, SinkKind::Billwerk) => Arc::new(
@@ -120,6 +121,8 @@ pub async fn run_with_sink(
         ProviderProbe::new(&config.sink)?,
         config.kafka.stuck_after,
     );
+
+    let status_watch = crate::admin::status::watch(stats.status.clone(), source_handle.clone());
 
     // A closed 429 gate pauses the partitions instead of buffering.
     let mut gate = limiter.gate().subscribe();
@@ -235,6 +238,7 @@ pub async fn run_with_sink(
     }
     gate_watch.abort();
     readiness_watch.abort();
+    status_watch.abort();
     dead_letters.flush(Duration::from_secs(5));
     tracing::info!("stopped");
     Ok(())
