@@ -517,6 +517,10 @@ max_backoff = "1s"
 [components]
 api_calls = "{COMPONENT}"
 
+# The events carry a fixed timestamp (2026-11-20): no age bound.
+[input]
+max_age = "0"
+
 [ledger]
 url = "none"
 

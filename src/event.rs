@@ -146,6 +146,8 @@ pub enum RejectReason {
     InvalidQuantity,
     /// Timestamp not RFC 3339.
     InvalidTimestamp,
+    /// Timestamp older than `input.max_age` or further ahead than `input.max_future`.
+    TimestampOutOfWindow,
     /// The metric has no ComponentId in `[components]`.
     UnknownMetric,
     /// The contract (or external id) does not exist at the provider.
@@ -167,12 +169,13 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 12] = [
+    pub const ALL: [RejectReason; 13] = [
         RejectReason::InvalidJson,
         RejectReason::MissingField,
         RejectReason::InvalidField,
         RejectReason::InvalidQuantity,
         RejectReason::InvalidTimestamp,
+        RejectReason::TimestampOutOfWindow,
         RejectReason::UnknownMetric,
         RejectReason::UnknownContract,
         RejectReason::PriceNotAllowed,
@@ -189,6 +192,7 @@ impl RejectReason {
             RejectReason::InvalidField => "invalid_field",
             RejectReason::InvalidQuantity => "invalid_quantity",
             RejectReason::InvalidTimestamp => "invalid_timestamp",
+            RejectReason::TimestampOutOfWindow => "timestamp_out_of_window",
             RejectReason::UnknownMetric => "unknown_metric",
             RejectReason::UnknownContract => "unknown_contract",
             RejectReason::PriceNotAllowed => "price_not_allowed",

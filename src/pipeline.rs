@@ -15,7 +15,7 @@ use crate::ack::ledger::{Ledger, LedgerStore};
 use crate::admin::readiness::ProviderProbe;
 use crate::batch::{self, Batcher, Bucket, Grouping};
 use crate::config::{Config, SinkKind};
-use crate::decode::EventDecoder;
+use crate::decode::{EventDecoder, TimestampWindow};
 use crate::deliver::billingrails::BillingrailsSink;
 use crate::deliver::billwerk::BillwerkSink;
 use crate::deliver::permits::Permits;
@@ -49,6 +49,7 @@ pub async fn run_with_sink(
 ) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
     let decoder = EventDecoder::for_sink(config.input.clone(), config.sink.kind);
+    let window = TimestampWindow::from_config(&config.input);
     let prices = PriceBook::new(&config).map_err(|problems| {
         anyhow::anyhow!(
             "{}",
@@ -60,6 +61,7 @@ pub async fn run_with_sink(
         )
     })?;
     let limiter = Arc::new(RateLimiter::new(&config.rate_limit).for_sink(config.sink.kind.name()));
+    stats.status.set_pacer(limiter.clone());
     let sink: Arc<dyn Sink> = match (custom_sink, config.sink.kind) {
         (Some(make), _) => make(limiter.clone()),
         (None, SinkKind::Billwerk) => Arc::new(
@@ -120,6 +122,8 @@ pub async fn run_with_sink(
         config.kafka.stuck_after,
     );
 
+    let status_watch = crate::admin::status::watch(stats.status.clone(), source_handle.clone());
+
     // A closed 429 gate pauses the partitions instead of buffering.
     let mut gate = limiter.gate().subscribe();
     let gate_source = source_handle.clone();
@@ -159,7 +163,11 @@ pub async fn run_with_sink(
             message = messages.recv() => {
                 let Some(raw) = message else { break };
                 stats.consumed.fetch_add(1, Ordering::Relaxed);
-                match decoder.decode(&raw.payload).and_then(|event| prices.price(event)) {
+                let decoded = decoder.decode(&raw.payload).and_then(|event| {
+                    window.check(event.timestamp, chrono::Utc::now())?;
+                    Ok(event)
+                });
+                match decoded.and_then(|event| prices.price(event)) {
                     Ok(usage) => {
                         let item = DeliveryItem { usage, raw };
                         if grouping == Grouping::PerEvent {
@@ -230,6 +238,7 @@ pub async fn run_with_sink(
     }
     gate_watch.abort();
     readiness_watch.abort();
+    status_watch.abort();
     dead_letters.flush(Duration::from_secs(5));
     tracing::info!("stopped");
     Ok(())

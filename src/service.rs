@@ -24,7 +24,7 @@ pub async fn run(config_path: &Path, signals: ShutdownSignals) -> anyhow::Result
     // Bound before the pipeline starts: a taken port fails the start, not the first scrape.
     let admin = match config.admin.listen.as_str() {
         "" => None,
-        listen => Some(AdminServer::start(listen, stats.readiness.clone()).await?),
+        listen => Some(AdminServer::start(listen, stats.admin_state()).await?),
     };
     let readiness = stats.readiness.clone();
     let shutdown = async move {

@@ -26,7 +26,8 @@ async fn serve(readiness: Arc<Readiness>) -> (String, tokio::sync::oneshot::Send
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(admin::serve(listener, readiness, async {
+    let state = admin::AdminState::new(readiness, Arc::new(admin::StatusBoard::new()));
+    tokio::spawn(admin::serve(listener, state, async {
         let _ = stopped.await;
     }));
     (base, stop)

@@ -1,10 +1,12 @@
-//! The admin HTTP server on `[admin] listen`: `GET /metrics` (Prometheus text), `GET /healthz`
-//! (the process answers), `GET /readyz` (partitions assigned, broker and provider reachable,
-//! not shutting down). Nothing here reads configuration or secrets: the metrics carry none
-//! (their labels are topics, partitions, reasons, contracts), and readiness details name config
-//! keys, never values.
+//! The admin HTTP server on `[admin] listen`: `GET /` (the status page, HTML), `GET /metrics`
+//! (Prometheus text), `GET /healthz` (the process answers), `GET /readyz` (partitions assigned,
+//! broker and provider reachable, not shutting down). Nothing here reads configuration or
+//! secrets: the metrics carry none (their labels are topics, partitions, reasons, contracts),
+//! readiness details name config keys, never values, and the status page's error texts have
+//! credentials blanked (`telemetry::recent_errors`).
 
 pub mod readiness;
+pub mod status;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -21,26 +23,41 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use readiness::Readiness;
+pub use status::StatusBoard;
+
+/// What the routes read.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    pub readiness: Arc<Readiness>,
+    pub status: Arc<StatusBoard>,
+}
+
+impl AdminState {
+    pub fn new(readiness: Arc<Readiness>, status: Arc<StatusBoard>) -> Self {
+        AdminState { readiness, status }
+    }
+}
 
 /// Prometheus' text exposition format.
 pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// The routes, for [`serve`] and for tests that call the router directly.
-pub fn router(readiness: Arc<Readiness>) -> Router {
+pub fn router(state: AdminState) -> Router {
     Router::new()
+        .route("/", get(status_page))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(readiness)
+        .with_state(state)
 }
 
 /// Serves the admin routes on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
-    readiness: Arc<Readiness>,
+    state: AdminState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(readiness))
+    axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -54,19 +71,19 @@ pub struct AdminServer {
 
 impl AdminServer {
     /// Binds `listen` (an `IP:PORT`; `[admin] listen`) and serves in the background.
-    pub async fn start(listen: &str, readiness: Arc<Readiness>) -> anyhow::Result<AdminServer> {
+    pub async fn start(listen: &str, state: AdminState) -> anyhow::Result<AdminServer> {
         let listener = TcpListener::bind(listen).await.map_err(|e| {
             anyhow::anyhow!(
                 "admin.listen: cannot listen on {listen:?}: {e}; pick a free port, or set \
-                 listen = \"\" to run without /metrics, /healthz and /readyz"
+                 listen = \"\" to run without the status page, /metrics, /healthz and /readyz"
             )
         })?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, readiness, async {
+        let task = tokio::spawn(serve(listener, state, async {
             let _ = stopped.await;
         }));
-        tracing::info!(%addr, "admin server listening: /metrics, /healthz, /readyz");
+        tracing::info!(%addr, "admin server listening: / (status page), /metrics, /healthz, /readyz");
         Ok(AdminServer { addr, stop, task })
     }
 
@@ -97,8 +114,30 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(readiness): State<Arc<Readiness>>) -> Response {
-    let report = readiness.report();
+/// The status page: HTML, rendered per request from what the pipeline knows.
+async fn status_page(State(state): State<AdminState>) -> Response {
+    let view = state.status.view(
+        &state.readiness,
+        crate::telemetry::recent_errors::recent_errors().newest_first(),
+    );
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+            // Nothing on the page is fetched or run: forbid everything but its inline style.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; style-src 'unsafe-inline'; form-action 'none'; frame-ancestors 'none'",
+            ),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        status::render(&view),
+    )
+        .into_response()
+}
+
+async fn readyz(State(state): State<AdminState>) -> Response {
+    let report = state.readiness.report();
     let status = if report.ready {
         StatusCode::OK
     } else {

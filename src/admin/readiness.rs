@@ -256,6 +256,19 @@ pub struct Checks {
     pub progress: Check,
 }
 
+impl Checks {
+    /// Each check with its name in `/readyz`'s JSON.
+    pub fn named(&self) -> [(&'static str, &Check); 5] {
+        [
+            ("running", &self.running),
+            ("partitions", &self.partitions),
+            ("broker", &self.broker),
+            ("provider", &self.provider),
+            ("progress", &self.progress),
+        ]
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
     pub ok: bool,

@@ -110,6 +110,44 @@ pub struct InputMapping {
     pub timestamp: String,
     pub attributes: String,
     pub price_per_unit: String,
+    /// Events stamped further ahead of this process's clock are dead-lettered
+    /// (`timestamp_out_of_window`); 0 = no bound.
+    #[serde(deserialize_with = "window_bound")]
+    pub max_future: Duration,
+    /// Events older than this when read are dead-lettered (`timestamp_out_of_window`); 0 = no
+    /// bound. At most `ledger.retention`: the ledger must remember every event the window lets in.
+    #[serde(deserialize_with = "window_bound")]
+    pub max_age: Duration,
+}
+
+/// A duration like `"35d"`, or `0` / `"0"` (people write `max_age = 0` for "no bound").
+fn window_bound<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    struct Bound;
+    impl serde::de::Visitor<'_> for Bound {
+        type Value = Duration;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a duration")
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Duration, E> {
+            humantime::parse_duration(s.trim()).map_err(|e| {
+                E::custom(format!(
+                    "{:?} is not a duration ({e}): expected a duration",
+                    crate::decode::truncate_chars(s, 40)
+                ))
+            })
+        }
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Duration, E> {
+            if n == 0 {
+                Ok(Duration::ZERO)
+            } else {
+                Err(E::custom(format!("{n} has no unit: expected a duration")))
+            }
+        }
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Duration, E> {
+            self.visit_i64(i64::try_from(n).unwrap_or(i64::MAX))
+        }
+    }
+    d.deserialize_any(Bound)
 }
 
 impl Default for InputMapping {
@@ -123,6 +161,8 @@ impl Default for InputMapping {
             timestamp: "/timestamp".into(),
             attributes: "/attributes".into(),
             price_per_unit: "/price_per_unit".into(),
+            max_future: defaults::MAX_FUTURE,
+            max_age: defaults::MAX_AGE,
         }
     }
 }
@@ -436,6 +476,11 @@ impl Default for LogConfig {
 
 mod defaults {
     use std::time::Duration;
+    /// `input.max_future`: clocks of producers drift by seconds, not minutes.
+    pub const MAX_FUTURE: Duration = Duration::from_secs(5 * 60);
+    /// `input.max_age`: a monthly billing period plus a few days for late producers and
+    /// backlogs; equal to the default `ledger.retention`.
+    pub const MAX_AGE: Duration = Duration::from_secs(35 * 24 * 3600);
     pub fn session_timeout() -> Duration {
         Duration::from_secs(30)
     }

@@ -312,6 +312,9 @@ fn value_message(key: &str, message: &str) -> String {
     }
     if m.ends_with("expected a duration") {
         m.push_str(" like \"30s\", \"1m 30s\" or \"500ms\"");
+        if key == "input.max_age" || key == "input.max_future" {
+            m.push_str(" (\"35d\" for days), or \"0\" for no bound");
+        }
     }
     if is_secret_key(key) {
         m = redact_quoted(&m);

@@ -143,6 +143,8 @@ fn the_full_example_sets_every_key() {
         "[input]",
         "contract_external_id",
         "price_per_unit",
+        "max_future",
+        "max_age",
         "max_events",
         "max_wait",
         "max_in_flight",
@@ -961,4 +963,75 @@ fn load_reports_an_unreadable_file() {
     let err = Config::load(std::path::Path::new("/nonexistent/meterflow.toml")).unwrap_err();
     assert!(matches!(err, ConfigError::Read { .. }));
     assert!(err.to_string().contains("/nonexistent/meterflow.toml"));
+}
+
+#[test]
+fn input_window_rules() {
+    let c = valid();
+    assert_eq!(c.input.max_future, Duration::from_secs(300));
+    assert_eq!(c.input.max_age, Duration::from_secs(35 * 86_400));
+    assert_eq!(c.input.max_age, c.ledger.retention);
+
+    // "0" and 0 disable a bound; days are accepted.
+    for zero in [toml::Value::from("0"), toml::Value::from(0)] {
+        let text = edited(|t| {
+            let input = table(t, "input");
+            input.insert("max_age".into(), zero.clone());
+            input.insert("max_future".into(), zero.clone());
+        });
+        let c = load(&text).unwrap();
+        assert_eq!(c.input.max_age, Duration::ZERO);
+        assert_eq!(c.input.max_future, Duration::ZERO);
+    }
+    let text = edited(|t| {
+        table(t, "input").insert("max_age".into(), "30d".into());
+    });
+    assert_eq!(
+        load(&text).unwrap().input.max_age,
+        Duration::from_secs(30 * 86_400)
+    );
+
+    // Not a duration: the key, the value and the fix.
+    for (bad, shown) in [
+        (toml::Value::from("35 fortnights"), "\"35 fortnights\""),
+        (toml::Value::from(35), "35 has no unit"),
+        (toml::Value::from(true), "boolean"),
+    ] {
+        let text = edited(|t| {
+            table(t, "input").insert("max_age".into(), bad.clone());
+        });
+        let p = problems(&text);
+        assert_eq!(keys(&p), vec!["input.max_age"], "{p:#?}");
+        for part in [shown, "\"35d\"", "\"0\" for no bound"] {
+            assert!(p[0].message.contains(part), "{p:?} should contain {part}");
+        }
+    }
+
+    assert_problem(
+        |c| c.input.max_future = Duration::from_secs(32 * 86_400),
+        "input.max_future",
+        &["32d is out of range", "at most 31d", "\"0\" for no bound"],
+    );
+    assert_problem(
+        |c| c.input.max_age = Duration::from_secs(600),
+        "input.max_age",
+        &["10m is too short", "at least 1h", "\"0\" for no bound"],
+    );
+    assert_problem(
+        |c| c.input.max_age = Duration::from_secs(90 * 86_400),
+        "input.max_age",
+        &["90d is longer than ledger.retention (35d)", "billed again"],
+    );
+    // A longer retention, or no ledger, or no age bound: fine.
+    let mut c = valid();
+    c.input.max_age = Duration::from_secs(90 * 86_400);
+    c.ledger.retention = Duration::from_secs(90 * 86_400);
+    assert!(c.validate().is_empty());
+    c.ledger.retention = Duration::from_secs(35 * 86_400);
+    c.ledger.url = "none".into();
+    assert!(c.validate().is_empty());
+    let mut c = valid();
+    c.input.max_age = Duration::ZERO;
+    c.input.max_future = Duration::ZERO;
+    assert!(c.validate().is_empty());
 }

@@ -55,6 +55,7 @@ pub(super) fn validate(config: &Config) -> Vec<ConfigProblem> {
     let mut p = Problems(Vec::new());
     kafka(config, &mut p);
     p.0.extend(crate::decode::check_mapping(&config.input));
+    input_window(config, &mut p);
     batch(config, &mut p);
     sink(config, &mut p);
     rate_limit_and_retry(config, &mut p);
@@ -196,6 +197,57 @@ fn topic_problem(topic: &str) -> Option<String> {
         ))
     } else {
         None
+    }
+}
+
+/// The largest `input.max_future`: a billing period.
+const MAX_FUTURE_BOUND: Duration = Duration::from_secs(31 * 24 * 3600);
+/// The smallest `input.max_age` (other than 0): a shorter one would dead-letter the events of
+/// any backlog (a 429 pause, a provider outage, a restart).
+const MIN_MAX_AGE: Duration = Duration::from_secs(3600);
+
+fn input_window(config: &Config, p: &mut Problems) {
+    let i = &config.input;
+    if i.max_future > MAX_FUTURE_BOUND {
+        p.add(
+            "input.max_future",
+            format!(
+                "{} is out of range: expected at most 31d (a billing period; the default is \
+                 \"5m\"), or \"0\" for no bound",
+                crate::decode::compact_duration(i.max_future)
+            ),
+        );
+    }
+    if !i.max_age.is_zero() && i.max_age < MIN_MAX_AGE {
+        p.add(
+            "input.max_age",
+            format!(
+                "{} is too short: expected at least 1h (every event of a backlog older than that \
+                 would be dead-lettered; the default is \"35d\"), or \"0\" for no bound",
+                crate::decode::compact_duration(i.max_age)
+            ),
+        );
+    }
+    // The ledger forgets entries after `ledger.retention`: an event the window still lets in
+    // after its entry is gone (an offset reset, a replay) would be billed a second time.
+    // (A zero retention is reported on its own.)
+    let retention = config.ledger.retention;
+    if config.ledger.url != "none"
+        && !retention.is_zero()
+        && !i.max_age.is_zero()
+        && i.max_age > retention
+    {
+        p.add(
+            "input.max_age",
+            format!(
+                "{} is longer than ledger.retention ({}): an event re-read after its ledger \
+                 entry was pruned would pass the window and be billed again; expected \
+                 input.max_age at most ledger.retention (raise ledger.retention, or lower \
+                 input.max_age)",
+                crate::decode::compact_duration(i.max_age),
+                crate::decode::compact_duration(retention)
+            ),
+        );
     }
 }
 

@@ -33,7 +33,9 @@ use crate::config::{ConfigProblem, InputMapping, SinkKind};
 use crate::event::{is_billwerk_contract_id, CustomerRef, RejectReason, Rejection, UsageEvent};
 
 mod decimal;
+mod window;
 pub use decimal::{parse_decimal, DecimalError};
+pub use window::{human as compact_duration, TimestampWindow};
 
 #[cfg(test)]
 mod tests;

@@ -400,6 +400,7 @@ fn custom_pointer_mapping() {
         timestamp: "/meta/at".into(),
         attributes: "/labels".into(),
         price_per_unit: "".into(),
+        ..InputMapping::default()
     };
     let d = EventDecoder::new(mapping);
     let payload = json!({
@@ -531,4 +532,120 @@ fn arb_json() -> impl Strategy<Value = Value> {
                 .prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
+}
+
+// ---- the timestamp window ----
+
+fn at(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+}
+
+fn window(max_future: u64, max_age: u64) -> TimestampWindow {
+    TimestampWindow {
+        max_future: std::time::Duration::from_secs(max_future),
+        max_age: std::time::Duration::from_secs(max_age),
+    }
+}
+
+const DAY: u64 = 86_400;
+
+#[test]
+fn the_window_defaults_come_from_the_input_section() {
+    let w = TimestampWindow::from_config(&InputMapping::default());
+    assert_eq!(w, window(300, 35 * DAY));
+}
+
+#[test]
+fn an_event_older_than_max_age_is_out_of_window_naming_the_bound() {
+    let w = window(300, 35 * DAY);
+    let now = at("2026-12-01T12:00:00Z");
+    let r = w.check(at("2026-01-01T00:00:00Z"), now).unwrap_err();
+    assert_eq!(r.reason, RejectReason::TimestampOutOfWindow);
+    assert_eq!(r.reason.as_str(), "timestamp_out_of_window");
+    assert!(
+        r.detail.starts_with(
+            "timestamp 2026-01-01T00:00:00Z is older than input.max_age (35d): it was 334d 12h \
+             old when read at 2026-12-01T12:00:00Z"
+        ),
+        "{}",
+        r.detail
+    );
+    // Exactly at the bound is inside; a second past it is outside.
+    assert!(w.check(at("2026-10-27T12:00:00Z"), now).is_ok());
+    let r = w.check(at("2026-10-27T11:59:59Z"), now).unwrap_err();
+    assert!(r.detail.contains("it was 35d 1s old"), "{}", r.detail);
+}
+
+#[test]
+fn an_event_further_ahead_than_max_future_is_out_of_window_naming_the_bound() {
+    let w = window(300, 35 * DAY);
+    let now = at("2026-12-01T12:00:00Z");
+    assert!(w.check(at("2026-12-01T12:05:00Z"), now).is_ok());
+    let r = w.check(at("2026-12-01T12:05:00.001Z"), now).unwrap_err();
+    assert_eq!(r.reason, RejectReason::TimestampOutOfWindow);
+    assert!(
+        r.detail.starts_with(
+            "timestamp 2026-12-01T12:05:00.001Z is more than input.max_future (5m) ahead"
+        ),
+        "{}",
+        r.detail
+    );
+    let r = w.check(at("2027-01-02T13:00:00Z"), now).unwrap_err();
+    assert!(r.detail.contains("it was 32d 1h ahead"), "{}", r.detail);
+}
+
+#[test]
+fn zero_disables_each_bound() {
+    let now = at("2026-12-01T12:00:00Z");
+    let ancient = at("1970-01-01T00:00:00Z");
+    let far = at("9999-12-31T23:59:59Z");
+    assert!(window(0, 0).check(ancient, now).is_ok());
+    assert!(window(0, 0).check(far, now).is_ok());
+    assert!(TimestampWindow::unbounded().check(far, now).is_ok());
+    // max_age off, max_future on: the old event passes, the future one does not.
+    assert!(window(300, 0).check(ancient, now).is_ok());
+    assert!(window(300, 0).check(far, now).is_err());
+    // max_future off, max_age on.
+    assert!(window(0, 35 * DAY).check(far, now).is_ok());
+    assert!(window(0, 35 * DAY).check(ancient, now).is_err());
+}
+
+#[test]
+fn bounds_beyond_the_calendar_bound_nothing_instead_of_panicking() {
+    let now = at("2026-12-01T12:00:00Z");
+    let huge = window(u64::MAX, u64::MAX);
+    assert!(huge.check(at("1970-01-01T00:00:00Z"), now).is_ok());
+    assert!(huge.check(at("9999-12-31T23:59:59Z"), now).is_ok());
+    let now = DateTime::<Utc>::MAX_UTC;
+    assert!(window(300, 35 * DAY)
+        .check(at("2026-01-01T00:00:00Z"), now)
+        .is_err());
+    let now = DateTime::<Utc>::MIN_UTC;
+    assert!(window(300, 35 * DAY)
+        .check(at("2026-01-01T00:00:00Z"), now)
+        .is_err());
+}
+
+proptest! {
+    /// Inside the window ⇔ now − max_age ≤ t ≤ now + max_future, for any times and bounds.
+    #[test]
+    fn the_window_is_exactly_the_interval(
+        t in -62_000_000_000i64..250_000_000_000i64,
+        now in -62_000_000_000i64..250_000_000_000i64,
+        future in 0u64..(400 * DAY),
+        age in 0u64..(400 * DAY),
+    ) {
+        let t = DateTime::<Utc>::from_timestamp(t, 0).unwrap();
+        let now = DateTime::<Utc>::from_timestamp(now, 0).unwrap();
+        let w = window(future, age);
+        let too_old = age > 0 && now.signed_duration_since(t).num_seconds() > age as i64;
+        let too_new = future > 0 && t.signed_duration_since(now).num_seconds() > future as i64;
+        let r = w.check(t, now);
+        prop_assert_eq!(r.is_ok(), !too_old && !too_new, "{:?}", r);
+        if let Err(r) = r {
+            prop_assert_eq!(r.reason, RejectReason::TimestampOutOfWindow);
+            let bound = if too_old { "input.max_age" } else { "input.max_future" };
+            prop_assert!(r.detail.contains(bound), "{}", r.detail);
+        }
+    }
 }

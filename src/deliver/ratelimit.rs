@@ -34,6 +34,7 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::Quota;
 use tokio::sync::watch;
 
+use crate::admin::status::PacerSnapshot;
 use crate::config::RateLimitConfig;
 use crate::deliver::RateSignals;
 use crate::sync::lock;
@@ -729,6 +730,18 @@ impl RateLimiter {
         self.publish();
     }
 
+    /// What the pacer stands at now, for the status page.
+    pub fn snapshot(&self) -> PacerSnapshot {
+        let model = lock(&self.model);
+        let now = tokio::time::Instant::now();
+        PacerSnapshot {
+            pace: self.paced.load().rate,
+            limit: model.limit(),
+            remaining: model.remaining(),
+            gate_closed_until: (*self.gate.closed_until.borrow()).filter(|until| *until > now),
+        }
+    }
+
     fn publish(&self) {
         let model = lock(&self.model);
         if let Some(limit) = model.limit() {
@@ -738,6 +751,12 @@ impl RateLimiter {
             metrics::gauge!("meterflow_quota_remaining").set(f64::from(remaining));
         }
         metrics::gauge!("meterflow_pace_requests_per_second").set(self.paced.load().rate);
+    }
+}
+
+impl crate::admin::status::PacerView for RateLimiter {
+    fn pacer_snapshot(&self) -> PacerSnapshot {
+        self.snapshot()
     }
 }
 
@@ -1079,6 +1098,34 @@ mod tests {
         tokio::time::advance(Duration::from_millis(50)).await;
         limiter.observe_sent(&headers(2000, 0), true, tokio::time::Instant::now());
         assert!(limiter.gate().is_closed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_snapshot_shows_pace_quota_and_the_gate_until_its_time() {
+        let limiter = RateLimiter::new(&config(60, 0.0, None));
+        let open = limiter.snapshot();
+        assert_eq!(open.gate_closed_until, None);
+        assert_eq!(open.remaining, None);
+        limiter.observe(&headers(600, 420), false);
+        let s = limiter.snapshot();
+        assert_eq!((s.limit, s.remaining), (Some(600), Some(420)));
+        assert_eq!(s.pace, limiter.rate());
+        assert!(s.pace > 0.0);
+        let start = tokio::time::Instant::now();
+        limiter.observe(
+            &RateSignals {
+                retry_after: Some(Duration::from_secs(2)),
+                ..headers(600, 0)
+            },
+            true,
+        );
+        let closed = limiter.snapshot();
+        assert_eq!(closed.remaining, Some(0));
+        let until = closed.gate_closed_until.expect("closed by the 429");
+        assert!(until >= start + Duration::from_secs(2), "{until:?}");
+        // Past its time the gate shows open, even before a sender reopened it.
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert_eq!(limiter.snapshot().gate_closed_until, None);
     }
 
     #[tokio::test(start_paused = true)]

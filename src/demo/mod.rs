@@ -17,6 +17,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use rust_decimal::Decimal;
 
+use crate::admin::AdminServer;
 use crate::config::Config;
 use crate::emulator::billwerk::{self, BillwerkOptions};
 use crate::emulator::faults::FaultSettings;
@@ -70,6 +71,10 @@ pub struct DemoArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Where the admin server (the status page at `/`, `/metrics`, `/readyz`) listens while the
+    /// demo runs; port 0 picks a free one. "" = no admin server.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub admin_listen: String,
     /// Sum events that bill identically into one usage record (`[sink.aggregate]`, hourly
     /// buckets, a 5000-event / 1 s window); the check then compares the exact quantity sums per
     /// contract and component.
@@ -232,6 +237,22 @@ pub async fn run_demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
     }
     let config = Config::from_toml_str(&config_text)?;
     let stats = Arc::new(RunStats::default());
+    let admin = match args.admin_listen.as_str() {
+        "" => None,
+        listen => {
+            let admin = AdminServer::start(listen, stats.admin_state())
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("{e} (the demo's --admin-listen; \"\" runs without it)")
+                })?;
+            println!(
+                "status page: http://{}/  (refreshes itself every 5 s while the demo runs; \
+                 /metrics and /readyz beside it)",
+                admin.addr()
+            );
+            Some(admin)
+        }
+    };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let started = Instant::now();
     let pipeline = tokio::spawn(pipeline::run(config, stats.clone(), async {
@@ -273,7 +294,11 @@ pub async fn run_demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
     }
     // Let the final offsets be stored and committed, then drain.
     let _ = stop.send(());
-    match tokio::time::timeout(Duration::from_secs(30), pipeline).await {
+    let stopped = tokio::time::timeout(Duration::from_secs(30), pipeline).await;
+    if let Some(admin) = admin {
+        admin.stop().await;
+    }
+    match stopped {
         Ok(joined) => joined??,
         Err(_) => anyhow::bail!("the pipeline did not stop within 30 s"),
     }

@@ -647,6 +647,16 @@ impl GapMonitor {
                 .unwrap_or(low);
             metrics::gauge!("meterflow_consumer_lag", "topic" => topic.clone(), "partition" => partition.to_string())
                 .set((high - position).max(0) as f64);
+            // Only while still assigned: a revoke meanwhile forgot the partition.
+            if crate::sync::lock(&self.shared.assigned).contains_key(&(topic.clone(), *partition)) {
+                crate::sync::lock(&self.shared.reported).insert(
+                    (topic.clone(), *partition),
+                    super::kafka::ReportedOffsets {
+                        committed: position,
+                        high,
+                    },
+                );
+            }
         }
     }
 }

@@ -12,6 +12,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use crate::ack::watermark::{Tracked, Watermarks};
+use crate::admin::status::PartitionStatus;
 use crate::event::{RawMessage, SourceRef};
 
 /// What the source needs to know beyond the librdkafka properties.
@@ -49,6 +50,17 @@ pub(crate) struct Shared {
     pub(crate) assigned: Mutex<HashMap<(String, i32), u64>>,
     /// Bumped after every revocation, so that work for revoked partitions can stop.
     revocations: tokio::sync::watch::Sender<u64>,
+    /// The broker's figures of each assigned partition as of the last progress report
+    /// (`gaps.rs`, every few seconds): the same numbers as the lag gauges, for the status page.
+    pub(crate) reported: Mutex<HashMap<(String, i32), ReportedOffsets>>,
+}
+
+/// A partition's committed offset and high watermark, as the brokers last answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReportedOffsets {
+    /// The group's committed offset (the log start when nothing is committed yet).
+    pub(crate) committed: i64,
+    pub(crate) high: i64,
 }
 
 impl Shared {
@@ -149,6 +161,7 @@ impl SourceContext {
                     }
                 }
                 assigned.remove(&(topic.clone(), *partition));
+                crate::sync::lock(&self.shared.reported).remove(&(topic.clone(), *partition));
                 // The next owner reports this partition now; a stale value here would alert.
                 for gauge in [
                     "meterflow_consumer_lag",
@@ -212,6 +225,7 @@ impl KafkaSource {
             drain_timeout: options.drain_timeout,
             assigned: Mutex::new(HashMap::new()),
             revocations: tokio::sync::watch::channel(0).0,
+            reported: Mutex::new(HashMap::new()),
         });
         let mut config = ClientConfig::new();
         config
@@ -631,5 +645,40 @@ impl crate::admin::readiness::PartitionView for SourceHandle {
     }
     fn probe_broker(&self, timeout: Duration) -> bool {
         SourceHandle::probe_broker(self, timeout)
+    }
+}
+
+/// The figures of the status page (`admin::status`): committed offset and lag from the last
+/// progress report, the oldest unsettled event from the watermark.
+impl crate::admin::status::PartitionFigures for SourceHandle {
+    /// Every assigned partition with its committed offset, lag and oldest unsettled event,
+    /// sorted by topic and partition.
+    fn partition_status(&self) -> Vec<PartitionStatus> {
+        let oldest: HashMap<(String, i32), Option<Instant>> = {
+            let w = crate::sync::lock(&self.shared.watermarks);
+            w.iter()
+                .map(|(k, mark)| (k.clone(), mark.oldest_unsettled()))
+                .collect()
+        };
+        let assigned: Vec<(String, i32)> = crate::sync::lock(&self.shared.assigned)
+            .keys()
+            .cloned()
+            .collect();
+        let reported = crate::sync::lock(&self.shared.reported);
+        let mut out: Vec<PartitionStatus> = assigned
+            .into_iter()
+            .map(|key| {
+                let figures = reported.get(&key).copied();
+                PartitionStatus {
+                    committed: figures.map(|f| f.committed),
+                    lag: figures.map(|f| f.high.saturating_sub(f.committed).max(0)),
+                    oldest_unsettled: oldest.get(&key).copied().flatten(),
+                    topic: key.0,
+                    partition: key.1,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        out
     }
 }

@@ -147,6 +147,11 @@ commit_interval = "200ms"
 [kafka.properties]
 "fetch.wait.max.ms" = "10"
 
+# The tests' events carry fixed timestamps (2026-11-20) and assert the due dates the provider
+# got: no age bound, or they would be dead-lettered once those dates are 35 days old.
+[input]
+max_age = "0"
+
 [batch]
 max_events = 200
 max_wait = "20ms"
@@ -208,6 +213,11 @@ commit_interval = "200ms"
 
 [kafka.properties]
 "fetch.wait.max.ms" = "10"
+
+# The tests' events carry fixed timestamps (2026-11-20) and assert the due dates the provider
+# got: no age bound, or they would be dead-lettered once those dates are 35 days old.
+[input]
+max_age = "0"
 
 [batch]
 max_events = 200

@@ -22,6 +22,7 @@ use tokio::task::JoinSet;
 use crate::ack::deadletter::{DeadLetter, DeadLetterWriter, Written};
 use crate::ack::ledger::{Claim, EventContent, EventOrigin, Ledger, LedgerError};
 use crate::admin::readiness::Readiness;
+use crate::admin::{AdminState, StatusBoard};
 use crate::deliver::permits::Permits;
 use crate::deliver::runner::DeliveryRunner;
 use crate::deliver::{Delivery, DeliveryItem, ItemOutcome};
@@ -52,9 +53,16 @@ pub struct RunStats {
     pub already_delivered: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub readiness: Arc<Readiness>,
+    /// What the admin server's status page shows.
+    pub status: Arc<StatusBoard>,
 }
 
 impl RunStats {
+    /// What the admin server's routes read for this run.
+    pub fn admin_state(&self) -> AdminState {
+        AdminState::new(self.readiness.clone(), self.status.clone())
+    }
+
     pub fn snapshot(&self) -> (u64, u64, u64, u64) {
         (
             self.consumed.load(Ordering::Relaxed),
@@ -410,6 +418,7 @@ impl LedgeredDelivery {
     }
 
     async fn write_dead_letter(&self, letter: DeadLetter<'_>) {
+        let reason = letter.rejection.reason;
         match self
             .dead_letters
             .write_once(letter, self.ledger.as_ref())
@@ -417,6 +426,7 @@ impl LedgeredDelivery {
         {
             Written::Now | Written::Found => {
                 self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                self.stats.status.dead_lettered(reason.as_str());
             }
             Written::Before => {}
         }

@@ -1,6 +1,8 @@
 //! Logs (`tracing`: readable text on a terminal, JSON in production) and the Prometheus
 //! recorder behind `/metrics`.
 
+pub mod recent_errors;
+
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
 
@@ -9,27 +11,42 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
 
-/// Installs the global tracing subscriber. `RUST_LOG` overrides the configured level.
+/// Installs the global tracing subscriber: log lines to stderr, and meterflow's own warnings
+/// and errors into the status page's ring (`recent_errors`, whatever the log level).
+/// `RUST_LOG` overrides the configured level.
 pub fn init_logging(config: &LogConfig) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let lines = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         // Colour codes only for a person at a terminal, never into journald or a log collector.
         .with_ansi(
             std::io::IsTerminal::is_terminal(&std::io::stderr())
                 && std::env::var_os("NO_COLOR").is_none(),
         );
-    let _ = match config.format {
-        LogFormat::Json => builder
+    let lines = match config.format {
+        LogFormat::Json => lines
             .json()
             .flatten_event(true)
             .with_current_span(false)
-            .try_init(),
-        LogFormat::Text => builder.try_init(),
+            .boxed(),
+        LogFormat::Text => lines.boxed(),
     };
+    let recent = recent_errors::layer().with_filter(
+        tracing_subscriber::filter::filter_fn(|meta| {
+            *meta.level() <= tracing::Level::WARN && meta.target().starts_with("meterflow")
+        })
+        .with_max_level_hint(tracing::level_filters::LevelFilter::WARN),
+    );
+    let _ = tracing_subscriber::registry()
+        .with(lines.with_filter(filter))
+        .with(recent)
+        .try_init();
 }
 
 /// The process-wide Prometheus recorder (installed once).
