@@ -51,29 +51,15 @@ async fn backlog_of_200k_with_the_default_config_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_paused_one_record_into_the_last_batch_is_not_taken_for_caught_up() {
     let dir = tempfile::tempdir().unwrap();
-    let tansu = match common::Tansu::start_with_storage(dir.path(), "memory://tansu/") {
-        Some(t) => t,
-        None if std::env::var("CI").is_ok() => panic!("Tansu must be installed in CI (.ci/run)"),
-        None => {
-            eprintln!("skipping: tansu not installed");
-            return;
-        }
+    let Some(tansu) = memory_storage_broker(dir.path()) else {
+        return;
     };
     let brokers = tansu.brokers();
     let (topic, dlq, group) = ("usage", "usage-dlq", "meterflow-last-batch");
     common::create_topics(&brokers, &[(topic, 1), (dlq, 1)]).await;
     let n = 300;
     let ids: Vec<String> = (0..n).map(|i| format!("last_{i}")).collect();
-    let payloads: Vec<Vec<u8>> = ids
-        .iter()
-        .map(|id| {
-            serde_json::to_vec(&json!({
-                "id": id, "contract_id": "5cd186af443e551fe8e4f5dd", "metric": "api_calls",
-                "quantity": "1", "timestamp": "2026-11-20T10:15:00Z",
-            }))
-            .unwrap()
-        })
-        .collect();
+    let payloads = payloads(&ids);
     common::produce(&brokers, topic, 1, &payloads).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let emulator = billwerk::start(BillwerkOptions::default(), listener)
@@ -117,32 +103,15 @@ async fn backlog(n: usize, max_in_flight: Option<usize>, limit: Duration) {
             .try_init();
     }
     let dir = tempfile::tempdir().unwrap();
-    let tansu = match common::Tansu::start_with_storage(dir.path(), "memory://tansu/") {
-        Some(t) => t,
-        None if std::env::var("CI").is_ok() => panic!("Tansu must be installed in CI (.ci/run)"),
-        None => {
-            eprintln!("skipping: tansu not installed");
-            return;
-        }
+    let Some(tansu) = memory_storage_broker(dir.path()) else {
+        return;
     };
     let brokers = tansu.brokers();
     let (topic, dlq, group) = ("usage", "usage-dlq", "meterflow-gaps");
     common::create_topics(&brokers, &[(topic, 4), (dlq, 1)]).await;
 
     let ids: Vec<String> = (0..n).map(|i| format!("gap_{i}")).collect();
-    let payloads: Vec<Vec<u8>> = ids
-        .iter()
-        .map(|id| {
-            serde_json::to_vec(&json!({
-                "id": id,
-                "contract_id": "5cd186af443e551fe8e4f5dd",
-                "metric": "api_calls",
-                "quantity": "1",
-                "timestamp": "2026-11-20T10:15:00Z",
-            }))
-            .unwrap()
-        })
-        .collect();
+    let payloads = payloads(&ids);
     let produced = Instant::now();
     // Default linger, 5 000 messages enqueued at once: batches of many records per partition.
     common::produce(&brokers, topic, 4, &payloads).await;
@@ -206,4 +175,30 @@ async fn backlog(n: usize, max_in_flight: Option<usize>, limit: Duration) {
         n as i64,
         "every offset committed"
     );
+}
+
+/// A Tansu broker on memory storage (the one that skips records), or `None` (skipped) when
+/// Tansu is not installed outside CI.
+fn memory_storage_broker(dir: &std::path::Path) -> Option<common::Tansu> {
+    match common::Tansu::start_with_storage(dir, "memory://tansu/") {
+        Some(t) => Some(t),
+        None if std::env::var("CI").is_ok() => panic!("Tansu must be installed in CI (.ci/run)"),
+        None => {
+            eprintln!("skipping: tansu not installed");
+            None
+        }
+    }
+}
+
+/// One valid billwerk event per id.
+fn payloads(ids: &[String]) -> Vec<Vec<u8>> {
+    ids.iter()
+        .map(|id| {
+            serde_json::to_vec(&json!({
+                "id": id, "contract_id": "5cd186af443e551fe8e4f5dd", "metric": "api_calls",
+                "quantity": "1", "timestamp": "2026-11-20T10:15:00Z",
+            }))
+            .unwrap()
+        })
+        .collect()
 }

@@ -153,40 +153,27 @@ impl LedgerStore {
     /// Deletes entries last updated before `cutoff` (ms since the epoch). Age alone does not
     /// make an entry safe to delete: `crate::ack::retention` decides the cutoff.
     pub async fn prune_before(&self, cutoff: i64) -> Result<u64, LedgerError> {
-        let a = sqlx::query("DELETE FROM meterflow_deliveries WHERE updated_at < $1")
-            .bind(cutoff)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        let b = sqlx::query("DELETE FROM meterflow_dead_letters WHERE written_at < $1")
-            .bind(cutoff)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        let c = sqlx::query("DELETE FROM meterflow_event_deliveries WHERE updated_at < $1")
-            .bind(cutoff)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        let d = sqlx::query("DELETE FROM meterflow_event_contents WHERE updated_at < $1")
-            .bind(cutoff)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        // An intent is deleted when its letter is recorded; one left by a crash is resolved by
-        // the look-up when its event is read again. One older than the cutoff belongs to an
-        // offset the committed offsets have passed: nothing will read it again.
-        let e = sqlx::query("DELETE FROM meterflow_dead_letter_intents WHERE updated_at < $1")
-            .bind(cutoff)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        let f = sqlx::query("DELETE FROM meterflow_event_origins WHERE updated_at < $1")
-            .bind(cutoff)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        Ok(a + b + c + d + e + f)
+        // (table, its time column). Dead-letter intents: one is deleted when its letter is
+        // recorded, and one left by a crash is resolved by the look-up when its event is read
+        // again; one older than the cutoff belongs to an offset the committed offsets have
+        // passed, which nothing reads again.
+        const PRUNED: &[(&str, &str)] = &[
+            ("meterflow_deliveries", "updated_at"),
+            ("meterflow_dead_letters", "written_at"),
+            ("meterflow_event_deliveries", "updated_at"),
+            ("meterflow_event_contents", "updated_at"),
+            ("meterflow_dead_letter_intents", "updated_at"),
+            ("meterflow_event_origins", "updated_at"),
+        ];
+        let mut pruned = 0;
+        for (table, stamp) in PRUNED {
+            pruned += sqlx::query(&format!("DELETE FROM {table} WHERE {stamp} < $1"))
+                .bind(cutoff)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+        }
+        Ok(pruned)
     }
 
     /// The aggregate each event key is mapped to, for tests and reports.

@@ -64,7 +64,9 @@ enum Contract {
 /// checks of the answer — within `timeout`: for `meterflow validate --connect`.
 pub async fn check_credentials(config: &SinkConfig, timeout: Duration) -> Result<(), TokenError> {
     let (Some(client_id), Some(client_secret)) = (&config.client_id, &config.client_secret) else {
-        return Err(TokenError::Refused { status: 0 });
+        return Err(TokenError::Unavailable(
+            "the config has no sink.client_id or sink.client_secret to ask with".into(),
+        ));
     };
     let client = reqwest::Client::builder()
         .timeout(timeout)
