@@ -49,6 +49,8 @@ pub mod signals;
 pub mod source;
 pub mod sync;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;
 pub mod trace;
 pub mod validate;
 pub mod void;

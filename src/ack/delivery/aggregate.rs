@@ -17,7 +17,9 @@
 //! and the ledger", has the whole protocol and its races.
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::ack::ledger::{AggregateClaim, Claim, EarlierAggregate, EventContent, Ledger};
 use crate::deliver::retry::Backoff;
@@ -272,7 +274,7 @@ impl LedgeredDelivery {
             } => {
                 // A task of this process may be sending it right now: let it finish first.
                 let Some(_turn) = ledger.try_local(key) else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    ledger.until_local_free(key).await;
                     return;
                 };
                 self.reconcile_earlier(

@@ -1,7 +1,9 @@
 //! What is checked right before every POST (after the pacer and the 429 gate let it go, which
 //! can take longer than any lease): that this process may still send the delivery.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::{until_ledger_answers, Ownership};
 use crate::ack::ledger::Ledger;

@@ -14,7 +14,9 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures::FutureExt;
 use tokio::task::JoinSet;
@@ -94,6 +96,9 @@ pub trait DeadLetters: Send + Sync + 'static {
         letter: DeadLetter<'a>,
         ledger: Option<&'a Ledger>,
     ) -> futures::future::BoxFuture<'a, Written>;
+
+    /// Waits (at most `timeout`) for letters still buffered to be written: at the end of a run.
+    fn flush(&self, _timeout: Duration) {}
 }
 
 impl DeadLetters for DeadLetterWriter {
@@ -103,6 +108,10 @@ impl DeadLetters for DeadLetterWriter {
         ledger: Option<&'a Ledger>,
     ) -> futures::future::BoxFuture<'a, Written> {
         Box::pin(DeadLetterWriter::write_once(self, letter, ledger))
+    }
+
+    fn flush(&self, timeout: Duration) {
+        DeadLetterWriter::flush(self, timeout)
     }
 }
 

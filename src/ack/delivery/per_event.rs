@@ -1,6 +1,6 @@
 //! Deliveries under one key each: billwerk's one record per event, Billingrails' batches.
 
-use std::time::Instant;
+use tokio::time::Instant;
 
 use crate::ack::ledger::{EventContent, Ledger};
 use crate::deliver::{Delivery, DeliveryItem, ItemOutcome};

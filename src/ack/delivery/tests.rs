@@ -3,161 +3,28 @@
 //! (SQLite in a temporary directory; PostgreSQL for leases between replicas). Each case takes
 //! well under a second of real time except the lease case (a 300 ms lease run out).
 
-use std::collections::{HashSet, VecDeque};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
-use futures::future::BoxFuture;
 use rust_decimal::Decimal;
 
+use super::LedgeredDelivery;
 use super::RunStats;
-use super::{DeadLetters, LedgeredDelivery, Ownership};
-use crate::ack::deadletter::{DeadLetter, Written};
 use crate::ack::ledger::scratch::ScratchDatabase;
-use crate::ack::ledger::{Claim, Ledger, LedgerStore};
+use crate::ack::ledger::{Claim, Ledger, LedgerClock, LedgerStore};
 use crate::config::{RateLimitConfig, RetryConfig};
 use crate::deliver::ratelimit::RateLimiter;
 use crate::deliver::runner::DeliveryRunner;
-use crate::deliver::{Attempt, Delivery, DeliveryItem, RateSignals, Reconciled, Sink};
+use crate::deliver::{Attempt, Delivery, DeliveryItem, Reconciled};
 use crate::event::{
     BillableUsage, CustomerRef, DeliveryKey, RawMessage, RejectReason, Rejection, SourceRef,
 };
+use crate::testing::{Letters, MemorySource, ScriptedSink};
 
 const TOPIC: &str = "usage";
-
-/// Partitions this "process" owns; what it settled; a revocation signal.
-struct MemorySource {
-    owned: Mutex<HashSet<i32>>,
-    settled: Mutex<Vec<i64>>,
-    revocations: tokio::sync::watch::Sender<u64>,
-}
-
-impl MemorySource {
-    fn owning(partitions: &[i32]) -> Arc<MemorySource> {
-        Arc::new(MemorySource {
-            owned: Mutex::new(partitions.iter().copied().collect()),
-            settled: Mutex::new(Vec::new()),
-            revocations: tokio::sync::watch::channel(0).0,
-        })
-    }
-
-    fn revoke(&self, partition: i32) {
-        self.owned.lock().unwrap().remove(&partition);
-        self.revocations.send_modify(|n| *n += 1);
-    }
-
-    fn settled(&self) -> Vec<i64> {
-        let mut offsets = self.settled.lock().unwrap().clone();
-        offsets.sort_unstable();
-        offsets
-    }
-}
-
-impl Ownership for MemorySource {
-    fn owns(&self, source: &SourceRef, _generation: u64) -> bool {
-        self.owned.lock().unwrap().contains(&source.partition)
-    }
-    fn settle(&self, source: &SourceRef, _generation: u64) {
-        self.settled.lock().unwrap().push(source.offset);
-    }
-    fn revocations(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.revocations.subscribe()
-    }
-}
-
-/// Letters by source offset, with their reasons.
-#[derive(Default)]
-struct Letters(Mutex<Vec<(i64, RejectReason)>>);
-
-impl Letters {
-    fn all(&self) -> Vec<(i64, RejectReason)> {
-        let mut letters = self.0.lock().unwrap().clone();
-        letters.sort_by_key(|(offset, _)| *offset);
-        letters
-    }
-}
-
-impl DeadLetters for Letters {
-    fn write_once<'a>(
-        &'a self,
-        letter: DeadLetter<'a>,
-        _ledger: Option<&'a Ledger>,
-    ) -> BoxFuture<'a, Written> {
-        self.0
-            .lock()
-            .unwrap()
-            .push((letter.raw.source.offset, letter.rejection.reason));
-        Box::pin(async { Written::Now })
-    }
-}
-
-/// Answers from a script (then `Accepted`), records what was sent, and can hold the first send
-/// until the test lets it go (`hold`).
-#[derive(Default)]
-struct ScriptedSink {
-    answers: Mutex<VecDeque<Attempt>>,
-    reconciles: Mutex<VecDeque<Reconciled>>,
-    sent: Mutex<Vec<(DeliveryKey, Vec<String>)>>,
-    reconciled: AtomicUsize,
-    hold: Option<Arc<tokio::sync::Notify>>,
-    started: tokio::sync::Notify,
-}
-
-impl ScriptedSink {
-    fn answering(answers: Vec<Attempt>) -> ScriptedSink {
-        ScriptedSink {
-            answers: Mutex::new(answers.into()),
-            ..ScriptedSink::default()
-        }
-    }
-
-    fn sent(&self) -> Vec<(DeliveryKey, Vec<String>)> {
-        self.sent.lock().unwrap().clone()
-    }
-}
-
-impl Sink for ScriptedSink {
-    fn name(&self) -> &'static str {
-        "scripted"
-    }
-
-    fn send<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, (Attempt, RateSignals)> {
-        Box::pin(async move {
-            let ids = delivery
-                .items
-                .iter()
-                .map(|i| i.usage.event_id.clone())
-                .collect();
-            let n = {
-                let mut sent = self.sent.lock().unwrap();
-                sent.push((delivery.key.clone(), ids));
-                sent.len()
-            };
-            self.started.notify_one();
-            if let Some(hold) = &self.hold {
-                hold.notified().await;
-            }
-            let answer = self.answers.lock().unwrap().pop_front();
-            let answer = answer.unwrap_or_else(|| Attempt::Accepted {
-                receipt: format!("usage-{n}"),
-            });
-            (answer, RateSignals::default())
-        })
-    }
-
-    fn reconcile<'a>(
-        &'a self,
-        _delivery: &'a Delivery,
-        _sent_since: chrono::DateTime<Utc>,
-    ) -> BoxFuture<'a, Result<Reconciled, String>> {
-        self.reconciled.fetch_add(1, Ordering::Relaxed);
-        let answer = self.reconciles.lock().unwrap().pop_front();
-        Box::pin(async move { Ok(answer.unwrap_or(Reconciled::NotFound)) })
-    }
-}
 
 fn item(id: &str, partition: i32, offset: i64) -> DeliveryItem {
     DeliveryItem {
@@ -194,14 +61,14 @@ fn delivery(items: Vec<DeliveryItem>) -> Delivery {
 
 struct Protocol {
     delivery: Arc<LedgeredDelivery>,
-    source: Arc<MemorySource>,
+    source: MemorySource,
     letters: Arc<Letters>,
     sink: Arc<ScriptedSink>,
 }
 
 impl Protocol {
     fn new(sink: ScriptedSink, ledger: Option<Ledger>, aggregating: bool) -> Protocol {
-        let source = MemorySource::owning(&[0, 1]);
+        let (source, _messages) = MemorySource::owning(&[0, 1]);
         let letters = Arc::new(Letters::default());
         let sink = Arc::new(sink);
         let limiter = Arc::new(RateLimiter::new(&RateLimitConfig {
@@ -216,7 +83,7 @@ impl Protocol {
             runner: DeliveryRunner::new(sink.clone(), limiter, retry),
             dead_letters: letters.clone(),
             ledger,
-            source: source.clone(),
+            source: Arc::new(source.clone()),
             stats: Arc::new(RunStats::default()),
             per_contract_metrics: false,
             aggregating,
@@ -234,11 +101,19 @@ impl Protocol {
     }
 }
 
+/// The real SQLite ledger with its lease stamps on Tokio's clock; then the clock is paused.
+/// (Opened first: a pool connecting under a paused clock could see its acquire timeout jump.)
 async fn sqlite() -> (Ledger, LedgerStore, tempfile::TempDir) {
+    let (store, dir) = sqlite_store().await;
+    (Ledger::start(store.clone(), Duration::ZERO), store, dir)
+}
+
+async fn sqlite_store() -> (LedgerStore, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
     let store = LedgerStore::connect(&url).await.unwrap();
-    (Ledger::start(store.clone(), Duration::ZERO), store, dir)
+    tokio::time::pause();
+    (store.with_clock(LedgerClock::tokio()), dir)
 }
 
 #[tokio::test]
@@ -438,6 +313,55 @@ async fn a_lease_that_runs_out_behind_a_closed_gate_is_taken_over_and_sent_once(
         .await
         .expect("A ends after its gate opens")
         .unwrap();
+    assert!(a.sink.sent().is_empty(), "A's fence stopped its send");
+    assert_eq!(a.stats(), (0, 0, 1, 0));
+    assert_eq!(a.source.settled(), vec![0]);
+}
+
+/// The same race on one SQLite ledger shared by two "replicas", under the paused clock with the
+/// service's own lease (request timeout 30 s + 5 s) and a 429 gate closed for a minute: no
+/// real time passes. B waits out A's lease, takes the key over, finds nothing at the provider
+/// and sends; A's gate opens, its fence finds its stamp replaced, and it settles from B's
+/// outcome without sending.
+#[tokio::test]
+async fn a_lease_run_out_behind_a_minute_long_gate_is_taken_over_under_the_paused_clock() {
+    let (store, _dir) = sqlite_store().await;
+    let lease = Duration::from_secs(35);
+    let a = Protocol::new(
+        ScriptedSink::default(),
+        Some(Ledger::start(store.clone(), lease)),
+        false,
+    );
+    let b = Protocol::new(
+        ScriptedSink::default(),
+        Some(Ledger::start(store, lease)),
+        false,
+    );
+    let d = delivery(vec![item("evt_1", 0, 0)]);
+    let started = tokio::time::Instant::now();
+    a.delivery
+        .runner
+        .limiter()
+        .gate()
+        .close_until(started + Duration::from_secs(60));
+    let a_running = {
+        let delivery = a.delivery.clone();
+        let d = d.clone();
+        tokio::spawn(async move { delivery.deliver(d).await })
+    };
+    // A claims the key, then waits at its gate.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    b.delivery.deliver(d.clone()).await;
+    let taken_over_after = started.elapsed();
+    assert!(
+        taken_over_after >= lease && taken_over_after < Duration::from_secs(60),
+        "B takes over once A's lease ran out, before A's gate opens: {taken_over_after:?}"
+    );
+    assert_eq!(b.sink.reconciled.load(Ordering::Relaxed), 1);
+    assert_eq!(b.sink.sent().len(), 1);
+    assert_eq!(b.stats(), (0, 1, 0, 0));
+    a_running.await.unwrap();
+    assert!(started.elapsed() >= Duration::from_secs(60));
     assert!(a.sink.sent().is_empty(), "A's fence stopped its send");
     assert_eq!(a.stats(), (0, 0, 1, 0));
     assert_eq!(a.source.settled(), vec![0]);

@@ -205,14 +205,73 @@ pub(crate) enum Op {
     },
 }
 
+/// The clock a SQLite ledger writes and compares lease stamps with. PostgreSQL always uses the
+/// database's own clock (shared by every replica), whatever this says.
+#[derive(Clone, Copy, Debug, Default)]
+pub enum LedgerClock {
+    /// This process's wall clock: what the service uses.
+    #[default]
+    Wall,
+    /// Tokio's clock, started at the wall clock's reading when it was made: under
+    /// `tokio::time::pause()` a test runs a lease out by advancing time, not by waiting. A
+    /// paused clock jumps to the next timer whenever the runtime has nothing to do, which
+    /// includes waiting for SQLite's own thread; so with this clock each ledger transaction
+    /// holds the clock still while it runs ([`LedgerClock::hold`]).
+    Tokio {
+        epoch_ms: i64,
+        started: tokio::time::Instant,
+    },
+}
+
+impl LedgerClock {
+    /// A clock that follows Tokio's (paused or not) from now on.
+    pub fn tokio() -> LedgerClock {
+        LedgerClock::Tokio {
+            epoch_ms: now_ms(),
+            started: tokio::time::Instant::now(),
+        }
+    }
+
+    /// While the returned guard lives, a paused Tokio clock does not advance by itself (Tokio
+    /// never advances it while a blocking task runs); `None` for the wall clock.
+    pub(crate) fn hold(&self) -> Option<ClockHold> {
+        match self {
+            LedgerClock::Wall => None,
+            LedgerClock::Tokio { .. } => {
+                let (release, released) = std::sync::mpsc::channel::<()>();
+                tokio::task::spawn_blocking(move || {
+                    let _ = released.recv();
+                });
+                Some(ClockHold { _release: release })
+            }
+        }
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        match self {
+            LedgerClock::Wall => now_ms(),
+            LedgerClock::Tokio { epoch_ms, started } => {
+                let elapsed = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
+                epoch_ms.saturating_add(elapsed)
+            }
+        }
+    }
+}
+
+/// See [`LedgerClock::hold`]: dropping it ends the blocking task that holds the clock.
+pub(crate) struct ClockHold {
+    _release: std::sync::mpsc::Sender<()>,
+}
+
 /// The ledger as the pipeline uses it.
 #[derive(Clone)]
 pub struct Ledger {
     ops: mpsc::UnboundedSender<Op>,
     /// How long a "sending" claim by someone else must be left alone before taking it over.
     lease: Duration,
-    /// Keys being delivered by this process right now.
+    /// Keys being delivered by this process right now, and a wake-up when one is let go.
     local: Arc<Mutex<HashSet<DeliveryKey>>>,
+    local_released: Arc<tokio::sync::Notify>,
 }
 
 impl Ledger {
@@ -229,6 +288,7 @@ impl Ledger {
             ops: tx,
             lease,
             local: Arc::new(Mutex::new(HashSet::new())),
+            local_released: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -420,10 +480,30 @@ impl Ledger {
     /// [`Ledger::try_local`], waiting for the other task to finish with the key.
     pub async fn local(&self, key: &DeliveryKey) -> LocalTurn<'_> {
         loop {
+            // Registered before the try, so a release between the two is not missed.
+            let released = self.local_released.notified();
             if let Some(turn) = self.try_local(key) {
                 return turn;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            released.await;
+        }
+    }
+}
+
+impl Ledger {
+    /// Waits until no task of this process holds `key` (without taking it).
+    pub async fn until_local_free(&self, key: &DeliveryKey) {
+        loop {
+            let released = self.local_released.notified();
+            if !self
+                .local
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(key)
+            {
+                return;
+            }
+            released.await;
         }
     }
 }
@@ -439,6 +519,8 @@ impl Drop for LocalTurn<'_> {
         let mut local = self.ledger.local.lock().unwrap_or_else(|e| e.into_inner());
         local.remove(&self.key);
         metrics::gauge!("meterflow_ledger_in_flight").set(local.len() as f64);
+        drop(local);
+        self.ledger.local_released.notify_waiters();
     }
 }
 

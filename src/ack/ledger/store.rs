@@ -8,8 +8,8 @@ use tokio::sync::mpsc;
 
 use super::dead_letters::{self, DeadLetterClaim};
 use super::{
-    from_ms, now_ms, AggregateClaim, Checked, Claim, EarlierAggregate, EventContent, EventOrigin,
-    LedgerError, Op,
+    from_ms, AggregateClaim, Checked, Claim, EarlierAggregate, EventContent, EventOrigin,
+    LedgerClock, LedgerError, Op,
 };
 use crate::event::DeliveryKey;
 
@@ -98,6 +98,8 @@ const CHUNK: usize = 300;
 #[derive(Clone)]
 pub struct LedgerStore {
     pub(super) pool: AnyPool,
+    /// What a SQLite ledger stamps leases with (PostgreSQL uses the database's clock).
+    pub(super) clock: LedgerClock,
 }
 
 impl LedgerStore {
@@ -127,7 +129,16 @@ impl LedgerStore {
             .connect(&url)
             .await?;
         set_up_schema(&pool, sqlite).await?;
-        Ok(LedgerStore { pool })
+        Ok(LedgerStore {
+            pool,
+            clock: LedgerClock::Wall,
+        })
+    }
+
+    /// Stamps leases with `clock` (SQLite; see [`LedgerClock`]).
+    pub fn with_clock(mut self, clock: LedgerClock) -> LedgerStore {
+        self.clock = clock;
+        self
     }
 
     /// [`LedgerStore::connect`] for the commands that read a service's ledger (`meterflow
@@ -347,7 +358,9 @@ pub(super) async fn writer(store: LedgerStore, mut ops: mpsc::UnboundedReceiver<
             }
         }
         let mut replies = Vec::with_capacity(batch.len());
-        let result = apply(&store.pool, &mut batch, &mut replies).await;
+        let hold = store.clock.hold();
+        let result = apply(&store, &mut batch, &mut replies).await;
+        drop(hold);
         match result {
             Ok(()) => {
                 for reply in replies {
@@ -416,12 +429,12 @@ impl Reply {
 }
 
 async fn apply(
-    pool: &AnyPool,
+    store: &LedgerStore,
     batch: &mut Vec<Op>,
     replies: &mut Vec<Reply>,
 ) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let now = ledger_clock(&mut tx).await?;
+    let mut tx = store.pool.begin().await?;
+    let now = ledger_clock(&mut tx, store.clock).await?;
     for op in batch.drain(..) {
         match op {
             Op::Claim {
@@ -572,7 +585,7 @@ async fn apply(
 /// The clock lease stamps are written and compared with: the database's on PostgreSQL (shared
 /// by every replica, so no replica's clock skew can end another's lease early), this process's
 /// on SQLite (one replica only).
-async fn ledger_clock(conn: &mut AnyConnection) -> Result<i64, sqlx::Error> {
+async fn ledger_clock(conn: &mut AnyConnection, clock: LedgerClock) -> Result<i64, sqlx::Error> {
     if conn.backend_name() == "PostgreSQL" {
         let row =
             sqlx::query("SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)")
@@ -580,7 +593,7 @@ async fn ledger_clock(conn: &mut AnyConnection) -> Result<i64, sqlx::Error> {
                 .await?;
         return row.try_get::<i64, _>(0);
     }
-    Ok(now_ms())
+    Ok(clock.now_ms())
 }
 
 /// Inserts the key as "sending" (then it is ours: `Claimed`, and `true`), or reads what the
@@ -939,7 +952,8 @@ async fn claim_aggregate(
 mod tests {
     use super::super::scratch::ScratchDatabase;
     use super::super::*;
-    use super::{claim_aggregate, now_ms};
+    use super::claim_aggregate;
+    use crate::ack::ledger::now_ms;
     use crate::event::{DeliveryKey, SourceRef};
 
     async fn sqlite() -> (Ledger, LedgerStore, tempfile::TempDir) {

@@ -1,0 +1,259 @@
+//! The whole pipeline (decode → window → price → batch → protocol → settle, and the drain)
+//! built from parts in memory: the source and the dead letters in `crate::testing`, a scripted
+//! sink, the real SQLite ledger, under the paused clock. What is Kafka's own (rebalances, the
+//! commit, gaps) stays in the mock-cluster and Tansu tests under `tests/`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::{Parts, Stages};
+use crate::ack::delivery::{LedgeredDelivery, RunStats};
+use crate::ack::ledger::{Ledger, LedgerClock, LedgerStore};
+use crate::batch::Grouping;
+use crate::config::Config;
+use crate::deliver::permits::Permits;
+use crate::deliver::ratelimit::RateLimiter;
+use crate::deliver::runner::DeliveryRunner;
+use crate::deliver::{Attempt, RateSignals, RetryCause};
+use crate::event::{RawMessage, RejectReason, SourceRef};
+use crate::testing::{Letters, MemorySource, ScriptedSink};
+
+const CONTRACT: &str = "5cd186af443e551fe8e4f5dd";
+
+fn config(extra: &str) -> Config {
+    let text = format!(
+        r#"
+[kafka]
+brokers = "memory"
+group_id = "g"
+topics = ["usage"]
+dead_letter_topic = "usage-dlq"
+
+[sink]
+kind = "billwerk"
+base_url = "http://127.0.0.1:9"
+client_id = "id"
+client_secret = "secret"
+
+[input]
+max_age = "0"
+
+[components]
+api_calls = "5ce53069443e551b9caccc64"
+{extra}
+"#
+    );
+    Config::from_toml_str(&text).unwrap()
+}
+
+fn event(id: &str, quantity: u32) -> Vec<u8> {
+    json!({
+        "id": id,
+        "contract_id": CONTRACT,
+        "metric": "api_calls",
+        "quantity": quantity,
+        "timestamp": "2026-11-20T10:15:00Z",
+    })
+    .to_string()
+    .into_bytes()
+}
+
+fn message(offset: i64, payload: Vec<u8>) -> RawMessage {
+    RawMessage {
+        source: SourceRef {
+            topic: "usage".into(),
+            partition: 0,
+            offset,
+        },
+        key: None,
+        payload: payload.into(),
+        headers: vec![],
+        generation: 1,
+    }
+}
+
+/// What a test looks at after a run.
+struct Run {
+    source: MemorySource,
+    sink: Arc<ScriptedSink>,
+    letters: Arc<Letters>,
+    stats: Arc<RunStats>,
+}
+
+fn build(
+    config: &Config,
+    sink: ScriptedSink,
+    ledger: Option<Ledger>,
+) -> (Run, Parts<MemorySource>) {
+    let (source, messages) = MemorySource::owning(&[0]);
+    let sink = Arc::new(sink);
+    let letters = Arc::new(Letters::default());
+    let stats = Arc::new(RunStats::default());
+    let stages = Stages::from_config(config).unwrap();
+    let delivery = Arc::new(LedgeredDelivery {
+        runner: DeliveryRunner::new(
+            sink.clone(),
+            Arc::new(RateLimiter::new(&config.rate_limit)),
+            config.retry.clone(),
+        ),
+        dead_letters: letters.clone(),
+        ledger,
+        source: Arc::new(source.clone()),
+        stats: stats.clone(),
+        per_contract_metrics: false,
+        aggregating: matches!(stages.grouping, Grouping::Aggregate { .. }),
+    });
+    let parts = Parts {
+        source: source.clone(),
+        messages,
+        stages,
+        delivery,
+        concurrency: Arc::new(Permits::new(8, 4)),
+        readiness: None,
+    };
+    let run = Run {
+        source,
+        sink,
+        letters,
+        stats,
+    };
+    (run, parts)
+}
+
+/// The real SQLite ledger, stamps on Tokio's clock; the clock paused once it is open.
+async fn sqlite() -> (LedgerStore, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
+    let store = LedgerStore::connect(&url).await.unwrap();
+    tokio::time::pause();
+    (store.with_clock(LedgerClock::tokio()), dir)
+}
+
+/// Feeds `messages`, asks for shutdown at once and runs the pipeline through its drain (which
+/// ends when everything fed is settled).
+async fn run_through(run: &Run, parts: Parts<MemorySource>, messages: Vec<RawMessage>) {
+    for m in messages {
+        run.source.feed(m);
+    }
+    tokio::time::timeout(Duration::from_secs(3600), parts.run(async {}))
+        .await
+        .expect("the drain ends")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn each_event_is_sent_once_bad_ones_are_dead_lettered_and_a_restart_sends_nothing() {
+    let (store, _dir) = sqlite().await;
+    let config = config("");
+    let messages = vec![
+        message(0, event("evt_1", 1)),
+        message(1, b"{not json".to_vec()),
+        message(2, event("evt_2", 2)),
+        message(3, {
+            let mut e: serde_json::Value = serde_json::from_slice(&event("evt_3", 3)).unwrap();
+            e["metric"] = json!("teleportations");
+            e.to_string().into_bytes()
+        }),
+        message(4, event("evt_4", 4)),
+    ];
+    let ledger = Ledger::start(store.clone(), Duration::ZERO);
+    let (run, parts) = build(&config, ScriptedSink::default(), Some(ledger));
+    run_through(&run, parts, messages.clone()).await;
+    let mut sent: Vec<Vec<String>> = run.sink.sent().into_iter().map(|(_, ids)| ids).collect();
+    sent.sort();
+    assert_eq!(sent, vec![vec!["evt_1"], vec!["evt_2"], vec!["evt_4"]]);
+    assert_eq!(
+        run.letters.all(),
+        vec![
+            (1, RejectReason::InvalidJson),
+            (3, RejectReason::UnknownMetric)
+        ]
+    );
+    assert_eq!(run.source.settled(), vec![0, 1, 2, 3, 4]);
+    assert_eq!(run.stats.snapshot(), (5, 3, 0, 2));
+
+    // A restart before the commit reads them all again: the ledger settles the three.
+    let ledger = Ledger::start(store, Duration::ZERO);
+    let (again, parts) = build(&config, ScriptedSink::default(), Some(ledger));
+    run_through(&again, parts, messages).await;
+    assert!(again.sink.sent().is_empty(), "{:?}", again.sink.sent());
+    assert_eq!(again.source.settled(), vec![0, 1, 2, 3, 4]);
+    assert_eq!(again.stats.snapshot().2, 3, "already delivered");
+}
+
+/// Pre-aggregation waits `batch.max_wait` for more events of the same hour: under the paused
+/// clock a ten-minute wait takes no time, and the three events go out as one record.
+#[tokio::test]
+async fn an_aggregate_is_flushed_when_its_wait_runs_out() {
+    let (store, _dir) = sqlite().await;
+    let config = config(
+        r#"
+[batch]
+max_events = 1000
+max_wait = "10m"
+"#,
+    );
+    let mut config = config;
+    config.sink.aggregate.enabled = true;
+    let (run, parts) = build(
+        &config,
+        ScriptedSink::default(),
+        Some(Ledger::start(store, Duration::ZERO)),
+    );
+    let started = tokio::time::Instant::now();
+    run.source.feed(message(0, event("evt_a", 1)));
+    run.source.feed(message(1, event("evt_b", 2)));
+    run.source.feed(message(2, event("evt_c", 3)));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(parts.run(async {
+        let _ = stopped.await;
+    }));
+    // Nothing goes before the wait is up.
+    tokio::time::sleep(Duration::from_secs(9 * 60)).await;
+    assert!(run.sink.sent().is_empty());
+    while run.source.settled().len() < 3 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(started.elapsed() >= Duration::from_secs(600));
+    let sent = run.sink.sent();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].1, vec!["evt_a", "evt_b", "evt_c"]);
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+    assert_eq!(run.stats.snapshot(), (3, 3, 0, 0));
+}
+
+/// A 429 with `Retry-After: 60` closes the sink-wide gate: the source is held (its partitions
+/// paused instead of buffering) until the gate opens a minute later, then the event goes once.
+#[tokio::test]
+async fn a_429_holds_the_source_while_the_gate_is_closed() {
+    let (store, _dir) = sqlite().await;
+    let config = config("");
+    let sink = ScriptedSink::answering(vec![Attempt::Retry {
+        cause: RetryCause::Throttled,
+        outcome_unknown: false,
+        detail: "429".into(),
+    }]);
+    sink.signals.lock().unwrap().push_back(RateSignals {
+        retry_after: Some(Duration::from_secs(60)),
+        ..RateSignals::default()
+    });
+    let (run, parts) = build(&config, sink, Some(Ledger::start(store, Duration::ZERO)));
+    let started = tokio::time::Instant::now();
+    run_through(&run, parts, vec![message(0, event("evt_1", 1))]).await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(run.sink.sent().len(), 2, "the 429, then the delivery");
+    assert_eq!(run.stats.snapshot(), (1, 1, 0, 0));
+    let holds = run.source.holds();
+    assert_eq!(holds.first(), Some(&false), "open at the start: {holds:?}");
+    assert!(
+        holds.windows(2).any(|w| w == [true, false]),
+        "held, then let go: {holds:?}"
+    );
+}
