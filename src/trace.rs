@@ -59,7 +59,7 @@ async fn trace(args: &TraceArgs) -> Result<u8, String> {
         (Some(id), _) => {
             check_event_id(id)?;
             let record = store.trace_event(id).await.map_err(|e| e.to_string())?;
-            let lease = crate::pipeline::ledger_lease(&config);
+            let lease = crate::ack::ledger::lease_for(&config);
             let state = EventState::of(&record);
             let with = Shown {
                 lease,

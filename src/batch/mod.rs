@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, DurationRound, Utc};
 use rust_decimal::Decimal;
 
+use crate::config::{Config, SinkKind};
 use crate::deliver::{Delivery, DeliveryItem};
 pub use crate::event::{exact_add, exact_sum};
 use crate::event::{CustomerRef, DeliveryKey, ProductOverride};
@@ -27,6 +28,22 @@ pub enum Grouping {
     /// Events with the same contract, component, override and due-date bucket become one
     /// delivery whose quantity is their exact sum.
     Aggregate { bucket: Bucket },
+}
+
+impl Grouping {
+    /// What the configured sink wants: Billingrails batches of `batch_size` (1..=100), billwerk
+    /// aggregates when `[sink.aggregate]` is on, else one billwerk record per event.
+    pub fn for_config(config: &Config) -> Grouping {
+        match config.sink.kind {
+            SinkKind::Billingrails => Grouping::Batches {
+                size: config.sink.billingrails.batch_size.clamp(1, 100),
+            },
+            SinkKind::Billwerk if config.sink.aggregate.enabled => Grouping::Aggregate {
+                bucket: Bucket::parse(&config.sink.aggregate.bucket).unwrap_or(Bucket::Hour),
+            },
+            SinkKind::Billwerk => Grouping::PerEvent,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

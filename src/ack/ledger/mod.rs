@@ -10,6 +10,7 @@
 //! pipeline pays one transaction per group, not per event.
 
 mod dead_letters;
+mod open;
 pub mod scratch;
 mod store;
 pub mod trace;
@@ -23,6 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::event::{DeliveryKey, SourceRef};
 pub use dead_letters::DeadLetterClaim;
+pub use open::{lease_for, open_for};
 pub use store::LedgerStore;
 
 /// What the ledger knows of a delivery key at claim time.

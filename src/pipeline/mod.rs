@@ -1,6 +1,7 @@
 //! Wiring: Kafka source → decode → price → batch → deliver → acknowledge; and the drain on
 //! shutdown. Each stage lives in its own module (the exactly-once delivery protocol in
-//! `ack::delivery`); this file only builds them and connects them.
+//! `ack::delivery`); `build.rs` builds them from a config ([`build`]), and [`Parts::run`] here
+//! connects them and runs them until shutdown.
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -10,57 +11,37 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::ack::deadletter::DeadLetterWriter;
 use crate::ack::delivery::LedgeredDelivery;
-use crate::ack::ledger::{Ledger, LedgerStore};
 use crate::admin::readiness::ProviderProbe;
-use crate::batch::{self, Batcher, Bucket, Grouping};
-use crate::config::{Config, SinkKind};
+use crate::batch::{self, Batcher, Grouping};
+use crate::config::Config;
 use crate::decode::{EventDecoder, TimestampWindow};
-use crate::deliver::billingrails::BillingrailsSink;
-use crate::deliver::billwerk::BillwerkSink;
 use crate::deliver::permits::Permits;
-use crate::deliver::ratelimit::RateLimiter;
-use crate::deliver::runner::DeliveryRunner;
-use crate::deliver::{DeliveryItem, Sink};
+use crate::deliver::DeliveryItem;
 use crate::event::RawMessage;
 use crate::pricing::PriceBook;
-use crate::source::{KafkaSource, Source, SourceControl, SourceOptions};
+use crate::source::{Source, SourceControl};
 
 pub use crate::ack::delivery::RunStats;
+pub use build::{build, run, run_with_sink, SinkFactory};
 
-/// Builds the sink a pipeline delivers through, given the shared rate limiter.
-pub type SinkFactory = Box<dyn FnOnce(Arc<RateLimiter>) -> Arc<dyn Sink> + Send>;
+mod build;
+#[cfg(test)]
+mod tests;
 
-/// Runs the pipeline `config` describes until `shutdown` resolves, then drains and returns:
-/// [`build`], then [`Parts::run`].
-pub async fn run(
-    config: Config,
-    stats: Arc<RunStats>,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
-    run_with_sink(config, stats, shutdown, None).await
-}
-
-/// [`run`], delivering through the sink `custom_sink` builds instead of the configured one: for
-/// tests that need a provider misbehaving in ways no emulator can (a sink that panics).
-pub async fn run_with_sink(
-    config: Config,
-    stats: Arc<RunStats>,
-    shutdown: impl Future<Output = ()>,
-    custom_sink: Option<SinkFactory>,
-) -> anyhow::Result<()> {
-    tokio::pin!(shutdown);
-    // A SIGTERM while the start waits (a dead-letter topic check, a ledger that does not answer
-    // yet) ends the run cleanly, before anything was read.
-    let parts = tokio::select! {
-        parts = build_with_sink(&config, stats, custom_sink) => parts?,
-        _ = &mut shutdown => {
-            tracing::info!("stopped during start-up, before anything was read");
-            return Ok(());
-        }
-    };
-    parts.run(shutdown).await
+/// Everything a running pipeline is made of, built and connected by [`build`] from a config,
+/// or by a test from parts of its own (a source in memory, a scripted sink).
+pub struct Parts<S: Source> {
+    pub source: S,
+    /// Where `source`'s messages arrive; closed when it has shut down.
+    pub messages: mpsc::Receiver<RawMessage>,
+    pub stages: Stages,
+    /// The exactly-once protocol, with the sink, the ledger and the dead-letter topic.
+    pub delivery: Arc<LedgeredDelivery>,
+    /// Requests in flight, overall and per contract.
+    pub concurrency: Arc<Permits>,
+    /// `/readyz`'s provider probe and stuck-partition threshold (none: not watched).
+    pub readiness: Option<(ProviderProbe, Duration)>,
 }
 
 /// The pure stages between the source and the protocol: decode, the timestamp window, pricing,
@@ -83,98 +64,10 @@ impl Stages {
             decoder: EventDecoder::for_sink(config.input.clone(), config.sink.kind),
             window: TimestampWindow::from_config(&config.input),
             prices,
-            grouping: grouping_for(config),
+            grouping: Grouping::for_config(config),
             batcher: Batcher::new(config.batch.max_events, config.batch.max_wait),
         })
     }
-}
-
-/// Everything a running pipeline is made of, built and connected by [`build`] from a config,
-/// or by a test from parts of its own (a source in memory, a scripted sink).
-pub struct Parts<S: Source> {
-    pub source: S,
-    /// Where `source`'s messages arrive; closed when it has shut down.
-    pub messages: mpsc::Receiver<RawMessage>,
-    pub stages: Stages,
-    /// The exactly-once protocol, with the sink, the ledger and the dead-letter topic.
-    pub delivery: Arc<LedgeredDelivery>,
-    /// Requests in flight, overall and per contract.
-    pub concurrency: Arc<Permits>,
-    /// `/readyz`'s provider probe and stuck-partition threshold (none: not watched).
-    pub readiness: Option<(ProviderProbe, Duration)>,
-}
-
-/// Builds the pipeline `config` describes. Waits until the dead-letter topic is checked and the
-/// ledger answers: nothing is read before claims can be made.
-pub async fn build(config: &Config, stats: Arc<RunStats>) -> anyhow::Result<Parts<KafkaSource>> {
-    build_with_sink(config, stats, None).await
-}
-
-async fn build_with_sink(
-    config: &Config,
-    stats: Arc<RunStats>,
-    custom_sink: Option<SinkFactory>,
-) -> anyhow::Result<Parts<KafkaSource>> {
-    let stages = Stages::from_config(config)?;
-    let limiter = Arc::new(RateLimiter::new(&config.rate_limit).for_sink(config.sink.kind.name()));
-    stats.status.set_pacer(limiter.clone());
-    let sink: Arc<dyn Sink> = match (custom_sink, config.sink.kind) {
-        (Some(make), _) => make(limiter.clone()),
-        (None, SinkKind::Billwerk) => Arc::new(
-            BillwerkSink::new(&config.sink, limiter.clone())?
-                .with_readiness(stats.readiness.clone()),
-        ),
-        (None, SinkKind::Billingrails) => Arc::new(
-            BillingrailsSink::new(&config.sink, limiter.clone())?
-                .with_readiness(stats.readiness.clone()),
-        ),
-    };
-    let properties: Vec<(String, String)> = config
-        .kafka
-        .properties
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let dead_letters = DeadLetterWriter::new(
-        &config.kafka.brokers,
-        &config.kafka.dead_letter_topic,
-        &properties,
-        config.retry.clone(),
-    )?;
-    // A missing or forbidden dead-letter topic stops the start, before anything is consumed.
-    dead_letters.check_topic().await?;
-    // The ledger before the source: nothing is read before claims can be made.
-    let ledger = open_ledger(config).await?;
-    let (source, messages) = KafkaSource::start(SourceOptions {
-        brokers: config.kafka.brokers.clone(),
-        group_id: config.kafka.group_id.clone(),
-        topics: config.kafka.topics.clone(),
-        session_timeout: config.kafka.session_timeout,
-        drain_timeout: config.kafka.drain_timeout,
-        commit_interval: config.kafka.commit_interval,
-        max_in_flight: config.batch.max_in_flight,
-        properties,
-    })?;
-    let delivery = Arc::new(LedgeredDelivery {
-        runner: DeliveryRunner::new(sink, limiter, config.retry.clone()),
-        dead_letters: Arc::new(dead_letters),
-        ledger,
-        source: Arc::new(source.control()),
-        stats,
-        per_contract_metrics: config.admin.per_contract_metrics,
-        aggregating: matches!(stages.grouping, Grouping::Aggregate { .. }),
-    });
-    Ok(Parts {
-        source,
-        messages,
-        stages,
-        delivery,
-        concurrency: Arc::new(Permits::new(
-            config.sink.concurrency,
-            config.sink.contract_concurrency(),
-        )),
-        readiness: Some((ProviderProbe::new(&config.sink)?, config.kafka.stuck_after)),
-    })
 }
 
 impl<S: Source> Parts<S> {
@@ -318,57 +211,8 @@ impl<S: Source> Parts<S> {
     }
 }
 
-/// How long a replica leaves another's "sending" claim alone: no time on SQLite (one replica,
-/// so a "sending" entry can only be a dead process's), one request timeout plus a margin on
-/// PostgreSQL.
-pub fn ledger_lease(config: &Config) -> Duration {
-    if config.ledger.url.trim().starts_with("sqlite:") {
-        Duration::ZERO
-    } else {
-        config.sink.request_timeout + Duration::from_secs(5)
-    }
-}
-
-/// `[ledger] url`: SQLite (single replica: no lease needed, a "sending" entry can only be a
-/// dead process's), PostgreSQL (several replicas: leave another owner's claim alone for one
-/// request timeout plus a margin), or `none`.
-async fn open_ledger(config: &Config) -> anyhow::Result<Option<Ledger>> {
-    let url = config.ledger.url.trim();
-    if url.is_empty() || url == "none" {
-        tracing::warn!("delivery ledger disabled: a crash after a delivery may bill it twice");
-        return Ok(None);
-    }
-    let lease = ledger_lease(config);
-    let store = LedgerStore::connect(url)
-        .await
-        .map_err(|e| anyhow::anyhow!("ledger.url: cannot open the delivery ledger: {e}"))?;
-    // Pruned hourly, never past what the group has committed (`ack/retention.rs`).
-    crate::ack::retention::spawn_pruner(
-        store.clone(),
-        config.ledger.retention,
-        crate::ack::retention::KafkaGroupOffsets::new(&config.kafka)?,
-        Duration::from_secs(3600),
-    );
-    Ok(Some(Ledger::start(store, lease)))
-}
-
 /// The batcher's clock: Tokio's, so that a pipeline under `tokio::time::pause()` flushes when
 /// its paused clock says so (the same as the wall clock's otherwise).
 fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
-
-fn grouping_for(config: &Config) -> Grouping {
-    match config.sink.kind {
-        SinkKind::Billingrails => Grouping::Batches {
-            size: config.sink.billingrails.batch_size.clamp(1, 100),
-        },
-        SinkKind::Billwerk if config.sink.aggregate.enabled => Grouping::Aggregate {
-            bucket: Bucket::parse(&config.sink.aggregate.bucket).unwrap_or(Bucket::Hour),
-        },
-        SinkKind::Billwerk => Grouping::PerEvent,
-    }
-}
-
-#[cfg(test)]
-mod tests;
