@@ -42,6 +42,7 @@ pub mod event;
 /// Fuzz targets over arbitrary bytes (run as tests; see the module).
 #[doc(hidden)]
 pub mod fuzz;
+pub mod load;
 pub mod pipeline;
 pub mod pricing;
 pub mod service;
@@ -51,6 +52,7 @@ pub mod sync;
 pub mod telemetry;
 #[cfg(test)]
 mod testing;
+pub mod text;
 pub mod trace;
 pub mod validate;
 pub mod void;

@@ -2,7 +2,6 @@
 //! problem at once, each naming the key, the bad value and what would be accepted.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
 use rust_decimal::Decimal;
@@ -132,7 +131,7 @@ fn window_bound<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::E
             humantime::parse_duration(s.trim()).map_err(|e| {
                 E::custom(format!(
                     "{:?} is not a duration ({e}): expected a duration",
-                    crate::decode::truncate_chars(s, 40)
+                    crate::text::truncate_chars(s, 40)
                 ))
             })
         }
@@ -534,29 +533,30 @@ pub enum ConfigError {
     Invalid(Vec<ConfigProblem>),
 }
 
+/// The checks of a config that only later stages can make: the field mapping's pointers (the
+/// decoder's rules), the price book, templates. Those stages read config's types, so config
+/// asks for their checks through this trait rather than calling them: the loader above both
+/// (`crate::load`, where `Config::load` and `Config::from_toml_str` live) passes the real ones,
+/// and every problem of a file is still reported at once, in the order of its sections.
+pub trait StageChecks {
+    /// Every problem with `[input]`'s mapping, keyed `input.FIELD`.
+    fn mapping(&self, input: &InputMapping) -> Vec<ConfigProblem>;
+    /// Every problem the price book finds (components, overrides, description templates).
+    fn prices(&self, config: &Config) -> Vec<ConfigProblem>;
+    /// Parses a template: `Ok(true)` when it is empty.
+    fn template(&self, text: &str) -> Result<bool, String>;
+}
+
 impl Config {
-    /// Reads, interpolates `${ENV}`, parses and validates a config file.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        Config::load_with_env(path, &|name| std::env::var(name).ok())
-    }
-
-    /// [`Config::load`] with `${VAR}`s read through `env`.
-    pub fn load_with_env(path: &Path, env: EnvLookup<'_>) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Config::from_toml_str_with_env(&text, env)
-    }
-
-    /// Interpolates `${ENV}` from the process environment, parses and validates config text.
-    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
-        Config::from_toml_str_with_env(text, &|name| std::env::var(name).ok())
-    }
-
     /// Parses TOML, interpolates `${VAR}` / `${VAR:-default}` / `$${` in string values through
-    /// `env`, deserializes and validates; every problem at once, none showing a secret.
-    pub fn from_toml_str_with_env(text: &str, env: EnvLookup<'_>) -> Result<Config, ConfigError> {
+    /// `env`, deserializes and validates (with the later stages' `checks`); every problem at
+    /// once, none showing a secret. `Config::from_toml_str` (in `crate::load`) is this with the
+    /// real checks.
+    pub fn parse_checked(
+        text: &str,
+        env: EnvLookup<'_>,
+        checks: &dyn StageChecks,
+    ) -> Result<Config, ConfigError> {
         let mut tree = parse::parse_toml(text).map_err(|p| ConfigError::Invalid(vec![p]))?;
         let mut problems = interpolate::interpolate_tree(&mut tree, env);
         parse::stringify_scalars(&mut tree);
@@ -576,7 +576,12 @@ impl Config {
                         .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
             })
         };
-        problems.extend(config.validate().into_iter().filter(|p| !covered(&p.key)));
+        problems.extend(
+            config
+                .validate_with(checks)
+                .into_iter()
+                .filter(|p| !covered(&p.key)),
+        );
         if problems.is_empty() {
             Ok(config)
         } else {
@@ -584,8 +589,8 @@ impl Config {
         }
     }
 
-    /// Every problem at once; empty when the config can run.
-    pub fn validate(&self) -> Vec<ConfigProblem> {
-        validate::validate(self)
+    /// Every problem at once (with the later stages' `checks`); empty when the config can run.
+    pub fn validate_with(&self, checks: &dyn StageChecks) -> Vec<ConfigProblem> {
+        validate::validate(self, checks)
     }
 }

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::{Config, ConfigProblem, SinkKind};
+use super::{Config, ConfigProblem, SinkKind, StageChecks};
 
 /// The consumer group session timeout range brokers accept by default
 /// (`group.min.session.timeout.ms` = 6 s, `group.max.session.timeout.ms` = 5 min).
@@ -51,17 +51,15 @@ fn human(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
 
-pub(super) fn validate(config: &Config) -> Vec<ConfigProblem> {
+pub(super) fn validate(config: &Config, checks: &dyn StageChecks) -> Vec<ConfigProblem> {
     let mut p = Problems(Vec::new());
     kafka(config, &mut p);
-    p.0.extend(crate::decode::check_mapping(&config.input));
+    p.0.extend(checks.mapping(&config.input));
     input_window(config, &mut p);
     batch(config, &mut p);
-    sink(config, &mut p);
+    sink(config, checks, &mut p);
     rate_limit_and_retry(config, &mut p);
-    if let Err(problems) = crate::pricing::PriceBook::new(config) {
-        p.0.extend(problems);
-    }
+    p.0.extend(checks.prices(config));
     ledger_admin_log(config, &mut p);
     p.0
 }
@@ -214,7 +212,7 @@ fn input_window(config: &Config, p: &mut Problems) {
             format!(
                 "{} is out of range: expected at most 31d (a billing period; the default is \
                  \"5m\"), or \"0\" for no bound",
-                crate::decode::compact_duration(i.max_future)
+                crate::text::compact_duration(i.max_future)
             ),
         );
     }
@@ -224,7 +222,7 @@ fn input_window(config: &Config, p: &mut Problems) {
             format!(
                 "{} is too short: expected at least 1h (every event of a backlog older than that \
                  would be dead-lettered; the default is \"35d\"), or \"0\" for no bound",
-                crate::decode::compact_duration(i.max_age)
+                crate::text::compact_duration(i.max_age)
             ),
         );
     }
@@ -244,8 +242,8 @@ fn input_window(config: &Config, p: &mut Problems) {
                  entry was pruned would pass the window and be billed again; expected \
                  input.max_age at most ledger.retention (raise ledger.retention, or lower \
                  input.max_age)",
-                crate::decode::compact_duration(i.max_age),
-                crate::decode::compact_duration(retention)
+                crate::text::compact_duration(i.max_age),
+                crate::text::compact_duration(retention)
             ),
         );
     }
@@ -268,7 +266,7 @@ fn batch(config: &Config, p: &mut Problems) {
     }
 }
 
-fn sink(config: &Config, p: &mut Problems) {
+fn sink(config: &Config, checks: &dyn StageChecks, p: &mut Problems) {
     let s = &config.sink;
     match url::Url::parse(&s.base_url) {
         _ if s.base_url.trim().is_empty() => p.add(
@@ -397,8 +395,8 @@ fn sink(config: &Config, p: &mut Problems) {
                     );
                 }
             }
-            match crate::pricing::Template::parse(&br.event_name) {
-                Ok(t) if t.is_empty() => p.add(
+            match checks.template(&br.event_name) {
+                Ok(true) => p.add(
                     "sink.billingrails.event_name",
                     "is empty: expected a template like \"{metric}\"",
                 ),

@@ -34,8 +34,9 @@ use crate::event::{is_billwerk_contract_id, CustomerRef, RejectReason, Rejection
 
 mod decimal;
 mod window;
+pub use crate::text::{compact_duration, truncate_chars};
 pub use decimal::{parse_decimal, DecimalError};
-pub use window::{human as compact_duration, TimestampWindow};
+pub use window::TimestampWindow;
 
 #[cfg(test)]
 mod tests;
@@ -498,12 +499,4 @@ fn json_kind(v: &Value) -> &'static str {
 /// A value as compact JSON, cut at [`SHOWN_VALUE_CHARS`] characters.
 fn show(v: &Value) -> String {
     truncate_chars(&v.to_string(), SHOWN_VALUE_CHARS)
-}
-
-/// `s` cut to `max` characters, with `…` when cut.
-pub fn truncate_chars(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", s.get(..i).unwrap_or(s)),
-        None => s.to_string(),
-    }
 }

@@ -9,6 +9,7 @@ use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 
 use crate::config::InputMapping;
 use crate::event::{RejectReason, Rejection};
+use crate::text::compact_duration;
 
 /// The accepted range of event timestamps relative to the time an event is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +51,7 @@ impl TimestampWindow {
                              belongs to. Raise input.max_age (or set it to \"0\") and replay \
                              to bill it anyway",
                             rfc3339(timestamp),
-                            human(self.max_age),
+                            compact_duration(self.max_age),
                             human_delta(age),
                             rfc3339(now),
                         ),
@@ -69,7 +70,7 @@ impl TimestampWindow {
                              ahead of this process's clock when read at {}; check the \
                              producer's clock (and this host's)",
                             rfc3339(timestamp),
-                            human(self.max_future),
+                            compact_duration(self.max_future),
                             human_delta(ahead),
                             rfc3339(now),
                         ),
@@ -98,27 +99,6 @@ fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
 }
 
-/// `35d`, `5m`, `334d 3h 12m 5s`: whole seconds, in units the config file accepts.
-pub fn human(d: Duration) -> String {
-    let secs = d.as_secs();
-    let parts = [
-        (secs / 86_400, "d"),
-        (secs % 86_400 / 3600, "h"),
-        (secs % 3600 / 60, "m"),
-        (secs % 60, "s"),
-    ];
-    let shown: Vec<String> = parts
-        .iter()
-        .filter(|(n, _)| *n > 0)
-        .map(|(n, unit)| format!("{n}{unit}"))
-        .collect();
-    if shown.is_empty() {
-        "0s".into()
-    } else {
-        shown.join(" ")
-    }
-}
-
 fn human_delta(d: TimeDelta) -> String {
-    human(d.to_std().unwrap_or(Duration::ZERO))
+    compact_duration(d.to_std().unwrap_or(Duration::ZERO))
 }
