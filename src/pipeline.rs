@@ -14,7 +14,7 @@ use crate::ack::delivery::LedgeredDelivery;
 use crate::ack::ledger::{Ledger, LedgerStore};
 use crate::admin::readiness::ProviderProbe;
 use crate::batch::{self, Batcher, Bucket, Grouping};
-use crate::config::{Config, SinkKind};
+use crate::config::{Config, ProviderConfig, SinkKind};
 use crate::decode::{EventDecoder, TimestampWindow};
 use crate::deliver::billingrails::BillingrailsSink;
 use crate::deliver::billwerk::BillwerkSink;
@@ -48,7 +48,7 @@ pub async fn run_with_sink(
     custom_sink: Option<SinkFactory>,
 ) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
-    let decoder = EventDecoder::for_sink(config.input.clone(), config.sink.kind);
+    let decoder = EventDecoder::for_sink(config.input.clone(), config.sink.kind());
     let window = TimestampWindow::from_config(&config.input);
     let prices = PriceBook::new(&config).map_err(|problems| {
         anyhow::anyhow!(
@@ -60,17 +60,17 @@ pub async fn run_with_sink(
                 .join("\n")
         )
     })?;
-    let limiter = Arc::new(RateLimiter::new(&config.rate_limit).for_sink(config.sink.kind.name()));
+    let limiter =
+        Arc::new(RateLimiter::new(&config.rate_limit).for_sink(config.sink.kind().name()));
     stats.status.set_pacer(limiter.clone());
-    let sink: Arc<dyn Sink> = match (custom_sink, config.sink.kind) {
+    let sink: Arc<dyn Sink> = match (custom_sink, config.sink.kind()) {
         (Some(make), _) => make(limiter.clone()),
         (None, SinkKind::Billwerk) => Arc::new(
-            BillwerkSink::new(&config.sink, limiter.clone())?
-                .with_readiness(stats.readiness.clone()),
+            BillwerkSink::new(&config.sink, limiter.clone())?.with_health(stats.readiness.clone()),
         ),
         (None, SinkKind::Billingrails) => Arc::new(
             BillingrailsSink::new(&config.sink, limiter.clone())?
-                .with_readiness(stats.readiness.clone()),
+                .with_health(stats.readiness.clone()),
         ),
     };
     let grouping = grouping_for(&config);
@@ -279,13 +279,13 @@ async fn open_ledger(config: &Config) -> anyhow::Result<Option<Ledger>> {
 }
 
 fn grouping_for(config: &Config) -> Grouping {
-    match config.sink.kind {
-        SinkKind::Billingrails => Grouping::Batches {
-            size: config.sink.billingrails.batch_size.clamp(1, 100),
+    match &config.sink.provider {
+        ProviderConfig::Billingrails(b) => Grouping::Batches {
+            size: b.billingrails.batch_size.clamp(1, 100),
         },
-        SinkKind::Billwerk if config.sink.aggregate.enabled => Grouping::Aggregate {
-            bucket: Bucket::parse(&config.sink.aggregate.bucket).unwrap_or(Bucket::Hour),
+        ProviderConfig::Billwerk(b) if b.aggregate.enabled => Grouping::Aggregate {
+            bucket: Bucket::parse(&b.aggregate.bucket).unwrap_or(Bucket::Hour),
         },
-        SinkKind::Billwerk => Grouping::PerEvent,
+        ProviderConfig::Billwerk(_) => Grouping::PerEvent,
     }
 }

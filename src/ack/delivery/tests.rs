@@ -19,9 +19,10 @@ use crate::ack::deadletter::{DeadLetter, Written};
 use crate::ack::ledger::scratch::ScratchDatabase;
 use crate::ack::ledger::{Claim, Ledger, LedgerStore};
 use crate::config::{RateLimitConfig, RetryConfig};
+use crate::deliver::client::Turn;
 use crate::deliver::ratelimit::RateLimiter;
 use crate::deliver::runner::DeliveryRunner;
-use crate::deliver::{Attempt, Delivery, DeliveryItem, RateSignals, Reconciled, Sink};
+use crate::deliver::{Attempt, Delivery, DeliveryItem, Reconciled, Sink};
 use crate::event::{
     BillableUsage, CustomerRef, DeliveryKey, RawMessage, RejectReason, Rejection, SourceRef,
 };
@@ -124,7 +125,7 @@ impl Sink for ScriptedSink {
         "scripted"
     }
 
-    fn send<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, (Attempt, RateSignals)> {
+    fn send<'a>(&'a self, delivery: &'a Delivery, _turn: Turn) -> BoxFuture<'a, Attempt> {
         Box::pin(async move {
             let ids = delivery
                 .items
@@ -144,7 +145,7 @@ impl Sink for ScriptedSink {
             let answer = answer.unwrap_or_else(|| Attempt::Accepted {
                 receipt: format!("usage-{n}"),
             });
-            (answer, RateSignals::default())
+            answer
         })
     }
 
