@@ -247,6 +247,10 @@ for m in re.finditer(r"pub struct (\w+)\s*\{(.*?)\n\}", config_rs, re.S):
     for f in re.finditer(r"^\s*pub (\w+):\s*(.+?),\s*$", m.group(2), re.M):
         fields[f.group(1)] = f.group(2).strip()
     structs[m.group(1)] = fields
+# A section read through another shape (`#[serde(try_from = "SinkFile")]`) is written as that one.
+for m in re.finditer(r"#\[serde\(try_from = \"(\w+)\"\)\]\s*pub struct (\w+)", config_rs):
+    if m.group(1) in structs:
+        structs[m.group(2)] = structs[m.group(1)]
 enums: dict[str, set[str]] = {}
 for m in re.finditer(r"pub enum (\w+)\s*\{(.*?)\}", config_rs, re.S):
     enums[m.group(1)] = {v.lower() for v in re.findall(r"^\s*(\w+),", m.group(2), re.M)}

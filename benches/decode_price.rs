@@ -16,7 +16,7 @@ fn main() {
     .unwrap();
     let config =
         Config::from_toml_str_with_env(&text, &|_| Some("bench-secret".to_string())).unwrap();
-    let decoder = EventDecoder::for_sink(config.input.clone(), config.sink.kind);
+    let decoder = EventDecoder::for_sink(config.input.clone(), config.sink.kind());
     let book = PriceBook::new(&config).unwrap();
 
     let plans = ["enterprise", "startup", "free"];

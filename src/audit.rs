@@ -168,7 +168,7 @@ pub fn compare(
 
 async fn audit(args: &AuditArgs) -> Result<(u8, String), String> {
     let config = Config::load(&args.config).map_err(|e| e.to_string())?;
-    if config.sink.kind != SinkKind::Billwerk {
+    if config.sink.kind() != SinkKind::Billwerk {
         return Err(
             "meterflow audit works with billwerk only: Billingrails has no endpoint \
                     that lists ingested events, so there is nothing to set the ledger against"

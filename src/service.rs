@@ -15,7 +15,7 @@ pub async fn run(config_path: &Path, signals: ShutdownSignals) -> anyhow::Result
     let _metrics = crate::telemetry::metrics_handle();
     tracing::info!(
         config = %config_path.display(),
-        sink = ?config.sink.kind,
+        sink = ?config.sink.kind(),
         topics = ?config.kafka.topics,
         group = %config.kafka.group_id,
         "meterflow starting"

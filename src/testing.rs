@@ -18,7 +18,9 @@ use crate::ack::delivery::{DeadLetters, Ownership};
 use crate::ack::ledger::Ledger;
 use crate::admin::readiness::{PartitionView, Pinned};
 use crate::admin::status::{PartitionFigures, PartitionStatus};
-use crate::deliver::{Attempt, Delivery, RateSignals, Reconciled, Sink};
+use crate::deliver::client::Turn;
+use crate::deliver::ratelimit::RateLimiter;
+use crate::deliver::{Attempt, Delivery, RateSignals, Reconciled, RetryCause, Sink};
 use crate::event::{DeliveryKey, RawMessage, RejectReason, SourceRef};
 use crate::source::{Source, SourceControl};
 
@@ -201,8 +203,10 @@ impl DeadLetters for Letters {
 #[derive(Default)]
 pub(crate) struct ScriptedSink {
     pub(crate) answers: Mutex<VecDeque<Attempt>>,
-    /// The rate-limit signals each answer carries (then none).
+    /// The rate-limit signals each answer carries (then none), reported to `limiter` as the
+    /// provider client reports an HTTP answer's headers.
     pub(crate) signals: Mutex<VecDeque<RateSignals>>,
+    pub(crate) limiter: Option<Arc<RateLimiter>>,
     pub(crate) reconciles: Mutex<VecDeque<Reconciled>>,
     pub(crate) sent: Mutex<Vec<(DeliveryKey, Vec<String>)>>,
     pub(crate) reconciled: AtomicUsize,
@@ -229,8 +233,9 @@ impl Sink for ScriptedSink {
         "scripted"
     }
 
-    fn send<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, (Attempt, RateSignals)> {
+    fn send<'a>(&'a self, delivery: &'a Delivery, _turn: Turn) -> BoxFuture<'a, Attempt> {
         Box::pin(async move {
+            let sent_at = tokio::time::Instant::now();
             let ids = delivery
                 .items
                 .iter()
@@ -250,7 +255,17 @@ impl Sink for ScriptedSink {
                 receipt: format!("usage-{n}"),
             });
             let signals = self.signals.lock().unwrap().pop_front();
-            (answer, signals.unwrap_or_default())
+            if let Some(limiter) = &self.limiter {
+                let throttled = matches!(
+                    answer,
+                    Attempt::Retry {
+                        cause: RetryCause::Throttled,
+                        ..
+                    }
+                );
+                limiter.observe_sent(&signals.unwrap_or_default(), throttled, sent_at);
+            }
+            answer
         })
     }
 

@@ -77,7 +77,7 @@ async fn trace(args: &TraceArgs) -> Result<u8, String> {
             })
         }
         (None, Some(usage_id)) => {
-            check_usage_id(config.sink.kind, usage_id)?;
+            check_usage_id(config.sink.kind(), usage_id)?;
             let record = store
                 .usage_record(usage_id)
                 .await

@@ -156,11 +156,10 @@ fn secret_values(config: &Config) -> Vec<String> {
     secrets.extend(
         config
             .sink
-            .client_secret
-            .iter()
+            .secrets()
+            .into_iter()
             .map(|s| s.expose().to_string()),
     );
-    secrets.extend(config.sink.api_key.iter().map(|s| s.expose().to_string()));
     // Very short values would blank unrelated text; they are not worth hiding that way.
     secrets.retain(|s| s.len() >= 4);
     secrets
@@ -369,7 +368,7 @@ async fn check_provider(config: &Config) -> Vec<ConfigProblem> {
         Err(e) => return problem("sink.base_url", format!("cannot build an HTTP client: {e}")),
     };
     let base = s.base_url.trim_end_matches('/');
-    match s.kind {
+    match s.kind() {
         SinkKind::Billwerk => {
             use crate::deliver::billwerk::{check_credentials, TokenError};
             match check_credentials(s, CONNECT_TIMEOUT).await {

@@ -71,7 +71,7 @@ struct Target {
 
 async fn void(args: &VoidArgs) -> Result<(u8, String), String> {
     let config = Config::load(&args.config).map_err(|e| e.to_string())?;
-    if config.sink.kind != SinkKind::Billwerk {
+    if config.sink.kind() != SinkKind::Billwerk {
         return Err(
             "meterflow void works with billwerk only: Billingrails has no endpoint to \
                     delete ingested events (correct them in Billingrails)"

@@ -788,7 +788,12 @@ async fn an_event_refused_through_an_earlier_aggregate_comes_back_with_a_replay(
     };
     let aggregating = |base_url: &str| {
         let mut config = config(&brokers, base_url, &ledger);
-        config.sink.aggregate.enabled = true;
+        config
+            .sink
+            .billwerk_mut()
+            .expect("a billwerk sink")
+            .aggregate
+            .enabled = true;
         config
     };
 

@@ -25,7 +25,8 @@ use rust_decimal::Decimal;
 use serde_json::json;
 
 use meterflow::config::Config;
-use meterflow::deliver::{Attempt, Delivery, RateSignals, Reconciled, Sink};
+use meterflow::deliver::client::Turn;
+use meterflow::deliver::{Attempt, Delivery, Reconciled, Sink};
 use meterflow::emulator::billwerk::{self, BillwerkOptions};
 use meterflow::pipeline::{self, RunStats, SinkFactory};
 
@@ -370,7 +371,7 @@ impl Sink for PanickingSink {
         "billwerk"
     }
 
-    fn send<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, (Attempt, RateSignals)> {
+    fn send<'a>(&'a self, delivery: &'a Delivery, _turn: Turn) -> BoxFuture<'a, Attempt> {
         Box::pin(async move {
             if delivery
                 .items
@@ -380,7 +381,7 @@ impl Sink for PanickingSink {
                 panic!("a bug in a delivery task");
             }
             let receipt = "r".to_string();
-            (Attempt::Accepted { receipt }, RateSignals::default())
+            Attempt::Accepted { receipt }
         })
     }
 

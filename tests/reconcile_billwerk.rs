@@ -15,8 +15,9 @@ use chrono::{TimeZone, Utc};
 use rust_decimal::Decimal;
 use serde_json::json;
 
-use meterflow::config::Config;
+use meterflow::config::{Config, RateLimitConfig};
 use meterflow::deliver::billwerk::BillwerkSink;
+use meterflow::deliver::client::Turn;
 use meterflow::deliver::ratelimit::RateLimiter;
 use meterflow::deliver::{Attempt, Delivery, DeliveryItem, Reconciled, Sink};
 use meterflow::emulator::billwerk::{self, BillwerkOptions};
@@ -87,9 +88,15 @@ async fn reconciliation_pages_past_short_pages_until_an_empty_one() {
         .await
         .unwrap();
     let sink = sink(&emulator.base_url());
+    // The runner takes each delivery request's turn; here a pace that never makes them wait.
+    let unhurried = RateLimiter::new(&RateLimitConfig {
+        initial_rate: 1_000_000,
+        ..RateLimitConfig::default()
+    });
     let mut receipts = Vec::new();
     for i in 0..1200 {
-        match sink.send(&delivery(&format!("paging_{i}"))).await.0 {
+        let turn = Turn::wait(&unhurried).await;
+        match sink.send(&delivery(&format!("paging_{i}")), turn).await {
             Attempt::Accepted { receipt } => receipts.push(receipt),
             other => panic!("record {i} not created: {other:?}"),
         }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::config::SinkConfig;
+use crate::deliver::client::ProviderHealth;
 
 /// An answer older than this no longer counts as "reachable". Several probe intervals, so one
 /// slow or lost probe does not flap readiness; short enough that a real outage shows within
@@ -59,6 +60,13 @@ impl Default for Readiness {
     }
 }
 
+/// What the provider client reports: every HTTP answer from the provider.
+impl ProviderHealth for Readiness {
+    fn provider_answered(&self) {
+        Readiness::provider_answered(self);
+    }
+}
+
 impl Readiness {
     pub fn new() -> Self {
         Readiness {
@@ -96,7 +104,8 @@ impl Readiness {
     }
 
     /// The provider answered with any HTTP status: even a 4xx or a 429 proves it is reachable.
-    /// Connection errors and timeouts must not call this.
+    /// Connection errors and timeouts must not call this (the provider client calls it, through
+    /// [`ProviderHealth`]).
     pub fn provider_answered(&self) {
         self.provider_answered
             .store(self.stamp(Instant::now()), Ordering::Relaxed);

@@ -10,7 +10,9 @@
 //! - the last warnings and errors logged ([`crate::telemetry::recent_errors`]).
 //!
 //! The source and the rate limiter are read through two traits ([`PartitionFigures`],
-//! [`PacerView`]): `admin` stays below `source` and `deliver` (DEVELOPERS.md, module directions).
+//! [`PacerView`]): `admin` stays below `source` (DEVELOPERS.md, module directions). `admin` sits
+//! above `deliver`: `PacerView` is implemented here for `deliver`'s `RateLimiter`, and
+//! `Readiness` implements `deliver`'s `ProviderHealth`; `deliver` knows nothing of `admin`.
 //!
 //! Everything that came from outside (topics, reasons, error texts with event ids or provider
 //! answers) is HTML-escaped; error texts have credentials blanked before they are kept.
@@ -50,22 +52,17 @@ pub trait PartitionFigures: Send + Sync + 'static {
     fn partition_status(&self) -> Vec<PartitionStatus>;
 }
 
-/// The pacer's state at one moment.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct PacerSnapshot {
-    /// Requests per second.
-    pub pace: f64,
-    /// The provider's limit per window (or `rate_limit.limit`), once known.
-    pub limit: Option<u32>,
-    /// The lowest remaining quota the provider reported in the current window.
-    pub remaining: Option<u32>,
-    /// `Some(t)`: the sink-wide gate is closed until t (a 429, or the window's budget spent).
-    pub gate_closed_until: Option<tokio::time::Instant>,
-}
+pub use crate::deliver::ratelimit::PacerSnapshot;
 
 /// What the page reads off the rate limiter (`deliver::ratelimit::RateLimiter` implements it).
 pub trait PacerView: Send + Sync + 'static {
     fn pacer_snapshot(&self) -> PacerSnapshot;
+}
+
+impl PacerView for crate::deliver::ratelimit::RateLimiter {
+    fn pacer_snapshot(&self) -> PacerSnapshot {
+        self.snapshot()
+    }
 }
 
 /// What the page reads: set by the pipeline while it runs.

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, DurationRound, Utc};
 use rust_decimal::Decimal;
 
-use crate::config::{Config, SinkKind};
+use crate::config::{Config, ProviderConfig};
 use crate::deliver::{Delivery, DeliveryItem};
 pub use crate::event::{exact_add, exact_sum};
 use crate::event::{CustomerRef, DeliveryKey, ProductOverride};
@@ -34,14 +34,14 @@ impl Grouping {
     /// What the configured sink wants: Billingrails batches of `batch_size` (1..=100), billwerk
     /// aggregates when `[sink.aggregate]` is on, else one billwerk record per event.
     pub fn for_config(config: &Config) -> Grouping {
-        match config.sink.kind {
-            SinkKind::Billingrails => Grouping::Batches {
-                size: config.sink.billingrails.batch_size.clamp(1, 100),
+        match &config.sink.provider {
+            ProviderConfig::Billingrails(b) => Grouping::Batches {
+                size: b.billingrails.batch_size.clamp(1, 100),
             },
-            SinkKind::Billwerk if config.sink.aggregate.enabled => Grouping::Aggregate {
-                bucket: Bucket::parse(&config.sink.aggregate.bucket).unwrap_or(Bucket::Hour),
+            ProviderConfig::Billwerk(b) if b.aggregate.enabled => Grouping::Aggregate {
+                bucket: Bucket::parse(&b.aggregate.bucket).unwrap_or(Bucket::Hour),
             },
-            SinkKind::Billwerk => Grouping::PerEvent,
+            ProviderConfig::Billwerk(_) => Grouping::PerEvent,
         }
     }
 }

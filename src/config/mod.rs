@@ -205,50 +205,191 @@ impl SinkKind {
     }
 }
 
+/// `[sink]`: the keys every provider shares, and the provider's own ([`ProviderConfig`],
+/// chosen by `kind`). Read through [`SinkFile`], the section as written.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "SinkFile")]
 pub struct SinkConfig {
-    pub kind: SinkKind,
     /// e.g. `https://sandbox.billwerk.com` or `https://api.billingrails.com/v1`.
     pub base_url: String,
-    /// billwerk OAuth client id.
-    #[serde(default)]
-    pub client_id: Option<String>,
-    /// billwerk OAuth client secret.
-    #[serde(default)]
-    pub client_secret: Option<Secret>,
-    /// billwerk accounts with an entity hierarchy: sent as `X-SELECTED-LEGAL-ENTITY-ID`.
-    #[serde(default)]
-    pub legal_entity_id: Option<String>,
-    /// Billingrails API key.
-    #[serde(default)]
-    pub api_key: Option<Secret>,
     /// Requests in flight at once.
-    #[serde(default = "defaults::concurrency")]
     pub concurrency: usize,
     /// Of those, at most this many for one contract (default: a quarter, at least 1), so that a
     /// contract whose requests keep failing cannot hold every permit while it retries.
-    #[serde(default)]
     pub concurrency_per_contract: Option<usize>,
-    #[serde(default = "defaults::request_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// What only this provider takes (`kind`).
+    pub provider: ProviderConfig,
+}
+
+/// The provider's own keys of `[sink]`, by `kind`: a billwerk sink has OAuth credentials, a
+/// Billingrails sink an API key, and neither carries the other's as empty options.
+#[derive(Debug, Clone)]
+pub enum ProviderConfig {
+    Billwerk(BillwerkConfig),
+    Billingrails(BillingrailsSinkConfig),
+}
+
+/// `kind = "billwerk"`.
+#[derive(Debug, Clone)]
+pub struct BillwerkConfig {
+    /// OAuth client id (`sink.client_id`; required: validation refuses an empty one).
+    pub client_id: String,
+    /// OAuth client secret (`sink.client_secret`; required).
+    pub client_secret: Secret,
+    /// Accounts with an entity hierarchy: sent as `X-SELECTED-LEGAL-ENTITY-ID`.
+    pub legal_entity_id: Option<String>,
     /// Entries in the external-id → contract-id cache.
-    #[serde(default = "defaults::contract_cache_size")]
     pub contract_cache_size: usize,
-    /// Billingrails paths (relative to base_url) and batch size.
-    #[serde(default)]
-    pub billingrails: BillingrailsConfig,
-    /// billwerk pre-aggregation (opt-in).
-    #[serde(default)]
+    /// Pre-aggregation (opt-in), `[sink.aggregate]`.
     pub aggregate: AggregateConfig,
 }
 
+/// `kind = "billingrails"`.
+#[derive(Debug, Clone)]
+pub struct BillingrailsSinkConfig {
+    /// `sink.api_key` (required: validation refuses an empty one).
+    pub api_key: Secret,
+    /// `[sink.billingrails]`: paths (relative to base_url), batch size, event shape.
+    pub billingrails: BillingrailsConfig,
+}
+
 impl SinkConfig {
+    pub fn kind(&self) -> SinkKind {
+        match self.provider {
+            ProviderConfig::Billwerk(_) => SinkKind::Billwerk,
+            ProviderConfig::Billingrails(_) => SinkKind::Billingrails,
+        }
+    }
+
     /// `concurrency_per_contract`, or its default: a quarter of `concurrency`, at least 1.
     pub fn contract_concurrency(&self) -> usize {
         self.concurrency_per_contract
             .unwrap_or(self.concurrency / 4)
             .clamp(1, self.concurrency.max(1))
+    }
+
+    pub fn billwerk(&self) -> Option<&BillwerkConfig> {
+        match &self.provider {
+            ProviderConfig::Billwerk(b) => Some(b),
+            ProviderConfig::Billingrails(_) => None,
+        }
+    }
+
+    pub fn billwerk_mut(&mut self) -> Option<&mut BillwerkConfig> {
+        match &mut self.provider {
+            ProviderConfig::Billwerk(b) => Some(b),
+            ProviderConfig::Billingrails(_) => None,
+        }
+    }
+
+    pub fn billingrails(&self) -> Option<&BillingrailsSinkConfig> {
+        match &self.provider {
+            ProviderConfig::Billingrails(b) => Some(b),
+            ProviderConfig::Billwerk(_) => None,
+        }
+    }
+
+    pub fn billingrails_mut(&mut self) -> Option<&mut BillingrailsSinkConfig> {
+        match &mut self.provider {
+            ProviderConfig::Billingrails(b) => Some(b),
+            ProviderConfig::Billwerk(_) => None,
+        }
+    }
+
+    /// Every secret value of the section.
+    pub fn secrets(&self) -> Vec<&Secret> {
+        match &self.provider {
+            ProviderConfig::Billwerk(b) => vec![&b.client_secret],
+            ProviderConfig::Billingrails(b) => vec![&b.api_key],
+        }
+    }
+}
+
+/// `[sink]` as written: one table for every provider (the TOML users write names `kind` and
+/// then that provider's keys); only [`SinkConfig`] is read from it. Keys of the other provider are accepted and unused, as they
+/// always were; a required key left out reads as empty, which validation refuses with the key's
+/// name ([`validate`]).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkFile {
+    pub kind: SinkKind,
+    pub base_url: String,
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub client_secret: Option<Secret>,
+    #[serde(default)]
+    pub legal_entity_id: Option<String>,
+    #[serde(default)]
+    pub api_key: Option<Secret>,
+    #[serde(default = "defaults::concurrency")]
+    pub concurrency: usize,
+    #[serde(default)]
+    pub concurrency_per_contract: Option<usize>,
+    #[serde(default = "defaults::request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    #[serde(default = "defaults::contract_cache_size")]
+    pub contract_cache_size: usize,
+    #[serde(default)]
+    pub billingrails: BillingrailsConfig,
+    #[serde(default)]
+    pub aggregate: AggregateConfig,
+}
+
+/// A problem a section finds while it is built, at `key` below the section: serde carries only
+/// text, so the key travels in it (`parse.rs` reads it back and reports `sink.<key>`).
+#[derive(Debug)]
+pub struct KeyedProblem {
+    pub key: &'static str,
+    pub message: String,
+}
+
+/// How [`KeyedProblem`] reads in a serde message.
+pub(crate) const KEYED_PREFIX: &str = "key `";
+
+impl std::fmt::Display for KeyedProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{KEYED_PREFIX}{}`: {}", self.key, self.message)
+    }
+}
+
+impl TryFrom<SinkFile> for SinkConfig {
+    type Error = KeyedProblem;
+
+    fn try_from(file: SinkFile) -> Result<Self, KeyedProblem> {
+        let provider = match file.kind {
+            SinkKind::Billwerk => ProviderConfig::Billwerk(BillwerkConfig {
+                client_id: file.client_id.unwrap_or_default(),
+                client_secret: file.client_secret.unwrap_or_else(|| Secret::new("")),
+                legal_entity_id: file.legal_entity_id,
+                contract_cache_size: file.contract_cache_size,
+                aggregate: file.aggregate,
+            }),
+            SinkKind::Billingrails => {
+                if file.aggregate.enabled {
+                    return Err(KeyedProblem {
+                        key: "aggregate.enabled",
+                        message: "pre-aggregation is for billwerk (one usage record per \
+                                  request): Billingrails takes batches of events \
+                                  (sink.billingrails.batch_size); remove [sink.aggregate] or set \
+                                  enabled = false"
+                            .into(),
+                    });
+                }
+                ProviderConfig::Billingrails(BillingrailsSinkConfig {
+                    api_key: file.api_key.unwrap_or_else(|| Secret::new("")),
+                    billingrails: file.billingrails,
+                })
+            }
+        };
+        Ok(SinkConfig {
+            base_url: file.base_url,
+            concurrency: file.concurrency,
+            concurrency_per_contract: file.concurrency_per_contract,
+            request_timeout: file.request_timeout,
+            provider,
+        })
     }
 }
 

@@ -138,6 +138,21 @@ pub(super) fn deserialize(mut tree: toml::Value) -> Parsed {
                     _ => break,
                 }
             }
+            Kind::Keyed { below, message } => {
+                // A section's own check (e.g. `[sink.aggregate]` for Billingrails): reported at
+                // its key, which is then removed so the section can be read without it.
+                let mut segs = segments;
+                segs.extend(below.split('.').map(|k| Seg::Key(k.to_string())));
+                let key = dotted(&segs);
+                problems.push(ConfigProblem {
+                    key: key.clone(),
+                    message,
+                });
+                suppressed.push(key);
+                if !remove(&mut tree, &segs) {
+                    break;
+                }
+            }
             Kind::Other => {
                 let key = dotted(&segments);
                 problems.push(ConfigProblem {
@@ -220,6 +235,11 @@ enum Kind {
     MissingField {
         field: String,
     },
+    /// A [`KeyedProblem`](super::KeyedProblem): `below` is the key under the failing section.
+    Keyed {
+        below: String,
+        message: String,
+    },
     Other,
 }
 
@@ -231,6 +251,14 @@ fn classify(message: &str) -> Kind {
             return Kind::UnknownField {
                 field: field.to_string(),
                 expected: backticked(tail),
+            };
+        }
+    }
+    if let Some(rest) = message.strip_prefix(super::KEYED_PREFIX) {
+        if let Some((below, message)) = rest.split_once("`: ") {
+            return Kind::Keyed {
+                below: below.to_string(),
+                message: message.to_string(),
             };
         }
     }

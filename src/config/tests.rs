@@ -57,6 +57,20 @@ fn edited(edit: impl FnOnce(&mut toml::Table)) -> String {
     toml::to_string(&table).unwrap()
 }
 
+/// The billwerk part of a billwerk config.
+fn bw(c: &mut Config) -> &mut BillwerkConfig {
+    c.sink.billwerk_mut().expect("a billwerk sink")
+}
+
+/// `[sink.billingrails]` of a Billingrails config.
+fn br(c: &mut Config) -> &mut BillingrailsConfig {
+    &mut c
+        .sink
+        .billingrails_mut()
+        .expect("a Billingrails sink")
+        .billingrails
+}
+
 fn table<'a>(t: &'a mut toml::Table, key: &str) -> &'a mut toml::Table {
     t.entry(key)
         .or_insert_with(|| toml::Value::Table(Default::default()))
@@ -90,8 +104,9 @@ fn the_base_config_is_valid_and_has_defaults() {
     let c = valid();
     assert!(c.validate().is_empty());
     assert_eq!(c.kafka.session_timeout, Duration::from_secs(30));
-    assert_eq!(c.sink.client_id.as_deref(), Some("client-1"));
-    assert_eq!(c.sink.client_secret.as_ref().unwrap().expose(), SECRET);
+    let billwerk = c.sink.billwerk().unwrap();
+    assert_eq!(Some(billwerk.client_id.as_str()), Some("client-1"));
+    assert_eq!(billwerk.client_secret.expose(), SECRET);
     assert_eq!(c.input.id, "/id");
     assert_eq!(c.batch.max_events, 500);
 }
@@ -506,17 +521,17 @@ fn sink_rules() {
     assert_eq!(p.key, "sink.base_url");
     assert!(!p.message.contains(SECRET));
     assert_problem(
-        |c| c.sink.client_id = None,
+        |c| bw(c).client_id = String::new(),
         "sink.client_id",
         &["required for billwerk"],
     );
     assert_problem(
-        |c| c.sink.client_secret = Some(Secret::new("")),
+        |c| bw(c).client_secret = Secret::new(""),
         "sink.client_secret",
         &["required for billwerk"],
     );
     assert_problem(
-        |c| c.sink.legal_entity_id = Some("".into()),
+        |c| bw(c).legal_entity_id = Some("".into()),
         "sink.legal_entity_id",
         &["is empty"],
     );
@@ -537,7 +552,7 @@ fn sink_rules() {
         &["is 0"],
     );
     assert_problem(
-        |c| c.sink.aggregate.bucket = "week".into(),
+        |c| bw(c).aggregate.bucket = "week".into(),
         "sink.aggregate.bucket",
         &["\"week\"", "\"hour\" or \"day\""],
     );
@@ -545,9 +560,11 @@ fn sink_rules() {
 
 fn billingrails() -> Config {
     let mut c = valid();
-    c.sink.kind = SinkKind::Billingrails;
+    c.sink.provider = ProviderConfig::Billingrails(BillingrailsSinkConfig {
+        api_key: Secret::new(SECRET),
+        billingrails: BillingrailsConfig::default(),
+    });
     c.sink.base_url = "https://api.billingrails.com/v1".into();
-    c.sink.api_key = Some(Secret::new(SECRET));
     c.components.insert("free_text".into(), "any name".into());
     assert!(c.validate().is_empty(), "{:#?}", c.validate());
     c
@@ -563,54 +580,105 @@ fn billingrails_rules() {
         assert!(p[0].message.contains(contains), "{}", p[0]);
     };
     check(
-        |c| c.sink.api_key = None,
+        |c| c.sink.billingrails_mut().unwrap().api_key = Secret::new(""),
         "sink.api_key",
         "required for billingrails",
     );
     check(
-        |c| c.sink.billingrails.batch_size = 101,
+        |c| br(c).batch_size = 101,
         "sink.billingrails.batch_size",
         "1 to 100",
     );
     check(
-        |c| c.sink.billingrails.batch_size = 0,
+        |c| br(c).batch_size = 0,
         "sink.billingrails.batch_size",
         "0 is out of range",
     );
     check(
-        |c| c.sink.billingrails.batch_path = "events/batch".into(),
+        |c| br(c).batch_path = "events/batch".into(),
         "sink.billingrails.batch_path",
         "start with `/`",
     );
     check(
-        |c| c.sink.billingrails.event_name = "{metrc}".into(),
+        |c| br(c).event_name = "{metrc}".into(),
         "sink.billingrails.event_name",
         "unknown field `{metrc}`",
     );
     check(
-        |c| c.sink.billingrails.account_property = "".into(),
+        |c| br(c).account_property = "".into(),
         "sink.billingrails.account_property",
         "is empty",
     );
     check(
-        |c| c.sink.billingrails.price_property = Some("".into()),
+        |c| br(c).price_property = Some("".into()),
         "sink.billingrails.price_property",
         "is empty",
     );
     check(
-        |c| c.sink.billingrails.quantity_property = " ".into(),
+        |c| br(c).quantity_property = " ".into(),
         "sink.billingrails.quantity_property",
         "is empty",
     );
     check(
-        |c| c.sink.billingrails.price_property = Some("billingrails_account_id".into()),
+        |c| br(c).price_property = Some("billingrails_account_id".into()),
         "sink.billingrails.price_property",
         "already sink.billingrails.account_property",
     );
-    check(
-        |c| c.sink.aggregate.enabled = true,
-        "sink.aggregate.enabled",
-        "pre-aggregation is for billwerk",
+}
+
+/// A billwerk `[sink]` without one of its required keys is refused, naming the key and what to
+/// put there; so is a Billingrails one without its API key.
+#[test]
+fn a_provider_section_missing_its_required_key_is_refused_naming_it() {
+    for (key, expected) in [
+        ("client_id", "the OAuth client id of an API client"),
+        ("client_secret", "the OAuth client secret"),
+    ] {
+        let text = edited(|t| {
+            table(t, "sink").remove(key);
+        });
+        let p = problems(&text);
+        assert_eq!(keys(&p), vec![format!("sink.{key}").as_str()], "{p:#?}");
+        assert!(
+            p[0].message.starts_with("is required for billwerk: ")
+                && p[0].message.contains(expected),
+            "{}",
+            p[0]
+        );
+    }
+    let text = edited(|t| {
+        let sink = table(t, "sink");
+        sink.insert("kind".into(), "billingrails".into());
+        sink.insert("base_url".into(), "https://api.billingrails.com/v1".into());
+    });
+    let p = problems(&text);
+    assert_eq!(keys(&p), vec!["sink.api_key"], "{p:#?}");
+    assert!(
+        p[0].message.contains("is required for billingrails"),
+        "{}",
+        p[0]
+    );
+}
+
+/// `[sink.aggregate]` belongs to billwerk: a Billingrails config has no such key, so the
+/// section is refused where it is read, naming the key.
+#[test]
+fn billingrails_refuses_pre_aggregation() {
+    let text = edited(|t| {
+        let sink = table(t, "sink");
+        sink.insert("kind".into(), "billingrails".into());
+        sink.insert("base_url".into(), "https://api.billingrails.com/v1".into());
+        sink.insert("api_key".into(), "${BILLINGRAILS_API_KEY}".into());
+        let mut aggregate = toml::Table::new();
+        aggregate.insert("enabled".into(), true.into());
+        sink.insert("aggregate".into(), aggregate.into());
+    });
+    let p = problems(&text);
+    assert_eq!(keys(&p), vec!["sink.aggregate.enabled"], "{p:#?}");
+    assert!(
+        p[0].message.contains("pre-aggregation is for billwerk"),
+        "{}",
+        p[0]
     );
 }
 
@@ -923,7 +991,10 @@ url = "postgres://meterflow:{SECRET}@db/"
     let debug = format!("{config:?} {config:#?}");
     assert!(!debug.contains(SECRET), "{debug}");
     assert!(debug.contains("sasl.password"));
-    assert_eq!(config.sink.client_secret.as_ref().unwrap().expose(), SECRET);
+    assert_eq!(
+        config.sink.billwerk().unwrap().client_secret.expose(),
+        SECRET
+    );
     assert_eq!(config.kafka.properties["sasl.password"], SECRET);
 
     // A secret of the wrong type: the value is not echoed.

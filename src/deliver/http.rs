@@ -1,5 +1,5 @@
 //! HTTP plumbing every sink shares: the pooled client, rate-limit headers, transport failures,
-//! request metrics, and short error texts without URLs.
+//! and short error texts without URLs (the requests themselves go through `client.rs`).
 
 use std::time::Duration;
 
@@ -93,7 +93,6 @@ pub fn rate_signals_at(headers: &reqwest::header::HeaderMap, now: DateTime<Utc>)
         remaining: count("x-ratelimit-remaining"),
         reset_after,
         retry_after,
-        sent_at: None,
     }
 }
 
@@ -113,27 +112,6 @@ fn wait_until(at: DateTime<Utc>, now: DateTime<Utc>) -> Duration {
         .to_std()
         .unwrap_or_default()
         .min(MAX_HEADER_WAIT)
-}
-
-pub(crate) fn record_request(
-    sink: &'static str,
-    endpoint: &'static str,
-    result: &Result<reqwest::Response, reqwest::Error>,
-    elapsed: Duration,
-) {
-    let class = match result {
-        Ok(r) => match r.status().as_u16() {
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        },
-        Err(_) => "error",
-    };
-    metrics::counter!("meterflow_requests_total", "sink" => sink, "endpoint" => endpoint, "status_class" => class)
-        .increment(1);
-    metrics::histogram!("meterflow_request_duration_seconds", "sink" => sink, "endpoint" => endpoint)
-        .record(elapsed.as_secs_f64());
 }
 
 /// A pooled keep-alive client with the configured timeout.

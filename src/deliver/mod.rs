@@ -1,6 +1,8 @@
-//! Delivery to the provider: the [`Sink`] trait (billwerk, Billingrails), and the loop that
-//! paces every attempt through the rate limiter, retries what may succeed later, reconciles
-//! unknown outcomes and hands back one [`ItemOutcome`] per event.
+//! Delivery to the provider: the [`Sink`] trait (billwerk, Billingrails), the one door every
+//! request passes ([`client::ProviderClient`]: pace, send, time, record, observe the rate-limit
+//! headers, report readiness), the events it records ([`events`]), and the loop that paces every
+//! attempt, retries what may succeed later, reconciles unknown outcomes and hands back one
+//! [`ItemOutcome`] per event.
 
 use std::time::Duration;
 
@@ -47,9 +49,6 @@ pub struct RateSignals {
     pub reset_after: Option<Duration>,
     /// `Retry-After`.
     pub retry_after: Option<Duration>,
-    /// When the request these signals answer was sent, if it was not the runner's own request
-    /// (a sink that sends follow-up requests, such as a bisection, reports the last one's).
-    pub sent_at: Option<tokio::time::Instant>,
 }
 
 /// Why an attempt is retried: the `cause` label of `meterflow_retries_total`.
@@ -114,9 +113,12 @@ pub trait Sink: Send + Sync + 'static {
     /// `billwerk` or `billingrails`: the `sink` label on metrics.
     fn name(&self) -> &'static str;
 
-    /// One request for the delivery, under its delivery key. Reports the rate-limit signals of
-    /// the answer through the returned tuple.
-    fn send<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, (Attempt, RateSignals)>;
+    /// One attempt at the delivery, under its delivery key. `turn` is the delivery request's
+    /// turn in the pace, taken by the runner (which checked right after it that the delivery is
+    /// still this process's to send); any other request the sink needs (a look-up, a token, a
+    /// bisection's parts) takes its own turn through the sink's
+    /// [`ProviderClient`](client::ProviderClient), which also feeds every answer to the limiter.
+    fn send<'a>(&'a self, delivery: &'a Delivery, turn: client::Turn) -> BoxFuture<'a, Attempt>;
 
     /// Looks for a delivery whose earlier outcome is unknown. Providers that deduplicate by key
     /// (Billingrails) answer `NotFound`: re-sending under the same key is the reconciliation.
@@ -129,6 +131,8 @@ pub trait Sink: Send + Sync + 'static {
 
 pub mod billingrails;
 pub mod billwerk;
+pub mod client;
+pub mod events;
 pub(crate) mod http;
 pub mod permits;
 pub mod ratelimit;

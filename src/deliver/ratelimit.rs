@@ -34,8 +34,8 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::Quota;
 use tokio::sync::watch;
 
-use crate::admin::status::PacerSnapshot;
 use crate::config::RateLimitConfig;
+use crate::deliver::events::Throttled;
 use crate::deliver::RateSignals;
 use crate::sync::lock;
 
@@ -574,6 +574,19 @@ struct Paced {
     limiter: Gcra,
 }
 
+/// The pacer's state at one moment (what the status page shows).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PacerSnapshot {
+    /// Requests per second.
+    pub pace: f64,
+    /// The provider's limit per window (or `rate_limit.limit`), once known.
+    pub limit: Option<u32>,
+    /// The lowest remaining quota the provider reported in the current window.
+    pub remaining: Option<u32>,
+    /// `Some(t)`: the sink-wide gate is closed until t (a 429, or the window's budget spent).
+    pub gate_closed_until: Option<tokio::time::Instant>,
+}
+
 /// The limiter every request to the provider passes through.
 pub struct RateLimiter {
     model: Mutex<PaceModel>,
@@ -658,16 +671,17 @@ impl RateLimiter {
     fn observe_inner(&self, signals: &RateSignals, throttled: bool, sent_at: Option<Instant>) {
         let now_tokio = tokio::time::Instant::now();
         let now = now_tokio.into_std();
-        if throttled {
-            metrics::counter!("meterflow_throttled_responses_total", "sink" => self.sink)
-                .increment(1);
-        }
         let (pace, pause, window_capped, probe_every) = {
             let mut model = lock(&self.model);
-            if !model.observe_answer(signals, throttled, sent_at, now) {
-                if throttled {
-                    tracing::debug!("429 for a request sent in an earlier window: no pause");
+            let news = model.observe_answer(signals, throttled, sent_at, now);
+            if throttled {
+                Throttled {
+                    sink: self.sink,
+                    stale: !news,
                 }
+                .emit();
+            }
+            if !news {
                 return;
             }
             let pause = throttled.then(|| model.throttle_pause(signals, now));
@@ -751,12 +765,6 @@ impl RateLimiter {
             metrics::gauge!("meterflow_quota_remaining").set(f64::from(remaining));
         }
         metrics::gauge!("meterflow_pace_requests_per_second").set(self.paced.load().rate);
-    }
-}
-
-impl crate::admin::status::PacerView for RateLimiter {
-    fn pacer_snapshot(&self) -> PacerSnapshot {
-        self.snapshot()
     }
 }
 
@@ -869,7 +877,6 @@ mod tests {
                 remaining: Some(5),
                 reset_after: Some(Duration::from_secs(7)),
                 retry_after: None,
-                sent_at: None,
             },
             false,
             t0,

@@ -9,6 +9,8 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 
 use crate::config::RetryConfig;
+use crate::deliver::client::Turn;
+use crate::deliver::events::{self, Reconciliation, RetryScheduled, RetryWait};
 use crate::deliver::ratelimit::RateLimiter;
 use crate::deliver::retry::Backoff;
 use crate::deliver::{Attempt, Delivery, ItemOutcome, Reconciled, RetryCause, Sink};
@@ -69,9 +71,11 @@ impl DeliveryRunner {
             if let Some(since) = unknown_since {
                 match self.sink.reconcile(&current, since).await {
                     Ok(Reconciled::Found { receipt }) => {
-                        metrics::counter!("meterflow_reconciliations_total", "result" => "found")
-                            .increment(1);
-                        tracing::info!(delivery_key = %current.key, %receipt, "reconciled: the provider already has this delivery; not re-sending");
+                        events::Reconciled {
+                            delivery_key: &current.key,
+                            result: Reconciliation::Found { receipt: &receipt },
+                        }
+                        .emit();
                         for &i in &open {
                             outcomes[i] = Some(ItemOutcome::AlreadyDelivered {
                                 receipt: receipt.clone(),
@@ -80,22 +84,29 @@ impl DeliveryRunner {
                         break;
                     }
                     Ok(Reconciled::NotFound) => {
-                        metrics::counter!("meterflow_reconciliations_total", "result" => "not_found")
-                            .increment(1);
-                        tracing::info!(delivery_key = %current.key, "reconciled: not at the provider; sending");
+                        events::Reconciled {
+                            delivery_key: &current.key,
+                            result: Reconciliation::NotFound,
+                        }
+                        .emit();
                         unknown_since = None;
                     }
                     Err(detail) => {
-                        metrics::counter!("meterflow_reconciliations_total", "result" => "error")
-                            .increment(1);
                         let wait = backoff.next_delay();
-                        tracing::warn!(delivery_key = %current.key, %detail, retry_in_ms = wait.as_millis() as u64, "reconciliation failed; will look again before re-sending");
+                        events::Reconciled {
+                            delivery_key: &current.key,
+                            result: Reconciliation::Error {
+                                detail: &detail,
+                                retry_in: wait,
+                            },
+                        }
+                        .emit();
                         tokio::time::sleep(wait).await;
                         continue;
                     }
                 }
             }
-            self.limiter.until_ready().await;
+            let turn = Turn::wait(&self.limiter).await;
             // Right before the request, after the pacer and the gate let it go (which can take
             // longer than any lease): is it still ours to send?
             if !guard.may_send().await {
@@ -103,18 +114,8 @@ impl DeliveryRunner {
                 return None;
             }
             let sent_at = Utc::now();
-            // When it left, so that a late answer is not mistaken for news of the current window.
-            let sent = tokio::time::Instant::now();
-            let (attempt, signals) = self.sink.send(&current).await;
-            let throttled = matches!(
-                attempt,
-                Attempt::Retry {
-                    cause: RetryCause::Throttled,
-                    ..
-                }
-            );
-            self.limiter
-                .observe_sent(&signals, throttled, signals.sent_at.unwrap_or(sent));
+            // The sink's client feeds every answer to the limiter (a 429 closes the gate).
+            let attempt = self.sink.send(&current, turn).await;
             match attempt {
                 Attempt::Accepted { receipt } => {
                     for &i in &open {
@@ -162,45 +163,44 @@ impl DeliveryRunner {
                     outcome_unknown,
                     detail,
                 } => {
-                    metrics::counter!("meterflow_retries_total", "sink" => sink_name, "cause" => cause.as_str())
-                        .increment(1);
                     if outcome_unknown && unknown_since.is_none() {
                         unknown_since = Some(sent_at);
                     }
-                    let event_ids: Vec<&str> = current
-                        .items
-                        .iter()
-                        .take(5)
-                        .map(|i| i.usage.event_id.as_str())
-                        .collect();
-                    match cause {
-                        // The gate (closed by observe) is the wait: no per-request backoff.
-                        RetryCause::Throttled => {
-                            tracing::debug!(delivery_key = %current.key, ?event_ids, "throttled; retrying after the sink-wide pause");
-                        }
+                    let wait = match cause {
+                        // The gate (closed by the client on the 429) is the wait: no
+                        // per-request backoff.
+                        RetryCause::Throttled => RetryWait::Gate,
+                        // Never a loop on bad credentials: pause every sender for the longest
+                        // backoff.
                         RetryCause::Unauthorized => {
-                            // Never a loop on bad credentials: pause every sender for the longest
-                            // backoff.
-                            let pause = self.retry.max_backoff;
+                            RetryWait::AllSendersPause(self.retry.max_backoff)
+                        }
+                        _ => RetryWait::Backoff(backoff.next_delay()),
+                    };
+                    RetryScheduled {
+                        sink: sink_name,
+                        cause,
+                        delivery_key: &current.key,
+                        event_ids: current
+                            .items
+                            .iter()
+                            .take(5)
+                            .map(|i| i.usage.event_id.as_str())
+                            .collect(),
+                        outcome_unknown,
+                        attempt: backoff.attempts(),
+                        wait,
+                        detail: &detail,
+                    }
+                    .emit();
+                    match wait {
+                        RetryWait::Gate => {}
+                        RetryWait::AllSendersPause(pause) => {
                             self.limiter
                                 .gate()
                                 .close_until(tokio::time::Instant::now() + pause);
-                            tracing::error!(delivery_key = %current.key, %detail, pause_s = pause.as_secs(), "provider refused our credentials; all senders pause");
                         }
-                        _ => {
-                            let wait = backoff.next_delay();
-                            tracing::warn!(
-                                delivery_key = %current.key,
-                                ?event_ids,
-                                cause = cause.as_str(),
-                                outcome_unknown,
-                                attempt = backoff.attempts(),
-                                retry_in_ms = wait.as_millis() as u64,
-                                %detail,
-                                "delivery failed; will retry"
-                            );
-                            tokio::time::sleep(wait).await;
-                        }
+                        RetryWait::Backoff(wait) => tokio::time::sleep(wait).await,
                     }
                 }
             }

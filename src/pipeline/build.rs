@@ -64,17 +64,17 @@ async fn build_with_sink(
     custom_sink: Option<SinkFactory>,
 ) -> anyhow::Result<Parts<KafkaSource>> {
     let stages = Stages::from_config(config)?;
-    let limiter = Arc::new(RateLimiter::new(&config.rate_limit).for_sink(config.sink.kind.name()));
+    let limiter =
+        Arc::new(RateLimiter::new(&config.rate_limit).for_sink(config.sink.kind().name()));
     stats.status.set_pacer(limiter.clone());
-    let sink: Arc<dyn Sink> = match (custom_sink, config.sink.kind) {
+    let sink: Arc<dyn Sink> = match (custom_sink, config.sink.kind()) {
         (Some(make), _) => make(limiter.clone()),
         (None, SinkKind::Billwerk) => Arc::new(
-            BillwerkSink::new(&config.sink, limiter.clone())?
-                .with_readiness(stats.readiness.clone()),
+            BillwerkSink::new(&config.sink, limiter.clone())?.with_health(stats.readiness.clone()),
         ),
         (None, SinkKind::Billingrails) => Arc::new(
             BillingrailsSink::new(&config.sink, limiter.clone())?
-                .with_readiness(stats.readiness.clone()),
+                .with_health(stats.readiness.clone()),
         ),
     };
     let properties: Vec<(String, String)> = config

@@ -61,7 +61,7 @@ impl Stages {
             anyhow::anyhow!("{}", lines.join("\n"))
         })?;
         Ok(Stages {
-            decoder: EventDecoder::for_sink(config.input.clone(), config.sink.kind),
+            decoder: EventDecoder::for_sink(config.input.clone(), config.sink.kind()),
             window: TimestampWindow::from_config(&config.input),
             prices,
             grouping: Grouping::for_config(config),

@@ -84,20 +84,19 @@ struct Run {
 
 fn build(
     config: &Config,
-    sink: ScriptedSink,
+    mut sink: ScriptedSink,
     ledger: Option<Ledger>,
 ) -> (Run, Parts<MemorySource>) {
     let (source, messages) = MemorySource::owning(&[0]);
+    // The sink reports its scripted rate-limit signals here, as the provider client does.
+    let limiter = Arc::new(RateLimiter::new(&config.rate_limit));
+    sink.limiter = Some(limiter.clone());
     let sink = Arc::new(sink);
     let letters = Arc::new(Letters::default());
     let stats = Arc::new(RunStats::default());
     let stages = Stages::from_config(config).unwrap();
     let delivery = Arc::new(LedgeredDelivery {
-        runner: DeliveryRunner::new(
-            sink.clone(),
-            Arc::new(RateLimiter::new(&config.rate_limit)),
-            config.retry.clone(),
-        ),
+        runner: DeliveryRunner::new(sink.clone(), limiter, config.retry.clone()),
         dead_letters: letters.clone(),
         ledger,
         source: Arc::new(source.clone()),
@@ -196,7 +195,7 @@ max_wait = "10m"
 "#,
     );
     let mut config = config;
-    config.sink.aggregate.enabled = true;
+    config.sink.billwerk_mut().unwrap().aggregate.enabled = true;
     let (run, parts) = build(
         &config,
         ScriptedSink::default(),

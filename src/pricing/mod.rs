@@ -95,7 +95,7 @@ impl PriceBook {
                     key,
                     "the component id is empty: expected the provider's id for this metric".into(),
                 );
-            } else if config.sink.kind == SinkKind::Billwerk && !is_billwerk_id(component) {
+            } else if config.sink.kind() == SinkKind::Billwerk && !is_billwerk_id(component) {
                 problem(
                     key,
                     format!(

@@ -13,7 +13,6 @@ mod bisect;
 pub mod payload;
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
@@ -21,65 +20,62 @@ use futures::future::BoxFuture;
 use self::answer::{Answer, Refusal};
 use self::bisect::Bisection;
 use self::payload::EventMapper;
-use crate::admin::Readiness;
-use crate::config::{Secret, SinkConfig};
-use crate::deliver::http::{http_client, rate_signals, record_request, transport_failure};
+use crate::config::{ProviderConfig, Secret, SinkConfig};
+use crate::deliver::client::{ProviderClient, ProviderHealth, Turn};
+use crate::deliver::http::http_client;
 use crate::deliver::ratelimit::RateLimiter;
-use crate::deliver::{Attempt, Delivery, RateSignals, Reconciled, RetryCause, Sink};
+use crate::deliver::{Attempt, Delivery, Reconciled, Sink};
 use crate::event::{RejectReason, Rejection};
 
 pub struct BillingrailsSink {
-    client: reqwest::Client,
+    /// Every request goes through it (the runner paces the first of an attempt, the client
+    /// the extra requests of a bisection).
+    client: ProviderClient,
     api_key: Secret,
     ingest_url: String,
     batch_url: String,
     ingest_path: String,
     batch_path: String,
     mapper: EventMapper,
-    /// Paces the extra requests of a bisection (the runner paces the first one).
-    limiter: Arc<RateLimiter>,
-    readiness: Arc<Readiness>,
 }
 
-/// One answer, with what the rate limiter should learn from it.
+/// One answer classified.
 struct Sent {
     answer: Answer,
-    signals: RateSignals,
     /// The request's `Idempotency-Key`: the receipt when the answer carries no request id.
     request_key: String,
 }
 
 impl BillingrailsSink {
     pub fn new(config: &SinkConfig, limiter: Arc<RateLimiter>) -> anyhow::Result<Self> {
-        let api_key = config
-            .api_key
-            .clone()
-            .filter(|k| !k.expose().is_empty())
-            .ok_or_else(|| anyhow::anyhow!("sink.api_key is required for billingrails"))?;
-        let br = &config.billingrails;
+        let ProviderConfig::Billingrails(provider) = &config.provider else {
+            anyhow::bail!(
+                "sink.kind is {:?}: a Billingrails sink needs kind = \"billingrails\"",
+                config.kind().name()
+            );
+        };
+        let br = &provider.billingrails;
         let base = config.base_url.trim_end_matches('/');
         Ok(BillingrailsSink {
-            client: http_client(config)?,
-            api_key,
+            client: ProviderClient::new("billingrails", http_client(config)?, limiter),
+            api_key: provider.api_key.clone(),
             ingest_url: format!("{base}{}", br.ingest_path),
             batch_url: format!("{base}{}", br.batch_path),
             ingest_path: br.ingest_path.clone(),
             batch_path: br.batch_path.clone(),
             mapper: EventMapper::new(br).map_err(|e| anyhow::anyhow!(e))?,
-            limiter,
-            readiness: Arc::default(),
         })
     }
 
-    /// Reports every answer from Billingrails to `readiness` (what `/readyz` checks).
-    pub fn with_readiness(mut self, readiness: Arc<Readiness>) -> Self {
-        self.readiness = readiness;
+    /// Reports every answer from Billingrails to `health` (what `/readyz` checks).
+    pub fn with_health(mut self, health: Arc<dyn ProviderHealth>) -> Self {
+        self.client = self.client.with_health(health);
         self
     }
 
     /// One request carrying the events at `part` (indexes into `events`): the ingest endpoint
-    /// for one event, the batch endpoint for more.
-    async fn post(&self, events: &[Vec<u8>], part: &[usize]) -> Sent {
+    /// for one event, the batch endpoint for more. In `turn` when given, else after its own.
+    async fn post(&self, events: &[Vec<u8>], part: &[usize], turn: Option<Turn>) -> Sent {
         let (endpoint, url, path, body) = match part {
             [one] => (
                 "ingest",
@@ -95,59 +91,35 @@ impl BillingrailsSink {
             ),
         };
         let request_key = payload::request_key(path, &body);
-        let started = Instant::now();
-        let result = self
+        let request = self
             .client
+            .http()
             .post(url)
             .bearer_auth(self.api_key.expose())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header("Idempotency-Key", &request_key)
-            .body(body)
-            .send()
-            .await;
-        record_request("billingrails", endpoint, &result, started.elapsed());
-        if result.is_ok() {
-            self.readiness.provider_answered();
-        }
-        let response = match result {
-            Ok(r) => r,
-            Err(e) => {
-                return Sent {
-                    answer: Answer::Retry(transport_failure(&e)),
-                    signals: RateSignals::default(),
-                    request_key,
-                }
-            }
+            .body(body);
+        let turn = match turn {
+            Some(turn) => turn,
+            None => self.client.turn().await,
         };
-        let signals = rate_signals(response.headers());
-        let status = response.status();
-        let text = match response.text().await {
-            Ok(t) => t,
-            // The status arrived but the body did not: the events may be queued.
-            Err(e) => {
-                return Sent {
-                    answer: Answer::Retry(transport_failure(&e)),
-                    signals,
-                    request_key,
-                }
-            }
+        let answer = match self.client.send_in_turn(turn, endpoint, request).await {
+            Ok(answer) => answer::classify(answer.status, &answer.body),
+            // No answer, or a status without its body (the events may be queued): retry.
+            Err(failure) => Answer::Retry(failure.attempt()),
         };
         Sent {
-            answer: answer::classify(status, &text),
-            signals,
+            answer,
             request_key,
         }
     }
 
-    async fn send_inner(&self, delivery: &Delivery) -> (Attempt, RateSignals) {
+    async fn send_inner(&self, delivery: &Delivery, turn: Turn) -> Attempt {
         let n = delivery.items.len();
         if n == 0 {
-            return (
-                Attempt::Accepted {
-                    receipt: String::new(),
-                },
-                RateSignals::default(),
-            );
+            return Attempt::Accepted {
+                receipt: String::new(),
+            };
         }
         let events: Vec<Vec<u8>> = delivery
             .items
@@ -155,23 +127,20 @@ impl BillingrailsSink {
             .map(|item| self.mapper.event_bytes(&item.usage))
             .collect();
         let all: Vec<usize> = (0..n).collect();
-        let sent = self.post(&events, &all).await;
+        let sent = self.post(&events, &all, Some(turn)).await;
         let refusal = match sent.answer {
             Answer::Accepted { receipt } => {
                 let receipt = receipt.unwrap_or(sent.request_key);
-                return (Attempt::Accepted { receipt }, sent.signals);
+                return Attempt::Accepted { receipt };
             }
-            Answer::Retry(attempt) => return (attempt, sent.signals),
+            Answer::Retry(attempt) => return attempt,
             Answer::Refused(refusal) => refusal,
         };
         if n == 1 {
-            return (
-                Attempt::Rejected {
-                    items: vec![(0, rejection(refusal.reason()))],
-                    provider_answer: refusal.provider_answer,
-                },
-                sent.signals,
-            );
+            return Attempt::Rejected {
+                items: vec![(0, rejection(refusal.reason()))],
+                provider_answer: refusal.provider_answer,
+            };
         }
         let named = refusal.named_events(n);
         if !named.is_empty() {
@@ -180,13 +149,10 @@ impl BillingrailsSink {
                 .into_iter()
                 .map(|(i, said)| (i, rejection(refusal.reason_for(&said))))
                 .collect();
-            return (
-                Attempt::Rejected {
-                    items,
-                    provider_answer: refusal.provider_answer,
-                },
-                sent.signals,
-            );
+            return Attempt::Rejected {
+                items,
+                provider_answer: refusal.provider_answer,
+            };
         }
         tracing::info!(
             delivery_key = %delivery.key,
@@ -194,43 +160,25 @@ impl BillingrailsSink {
             status = refusal.status,
             "Billingrails refused the batch without naming events; bisecting to find them"
         );
-        self.bisect(&events, refusal, sent.signals).await
+        self.bisect(&events, refusal).await
     }
 
     /// Sends halves of the refused batch until every event is either queued or refused alone.
     /// Returns what the runner needs: the refused events (it re-sends the rest, which
     /// Billingrails deduplicates by event key), `Accepted` when none was refused, or the retry
     /// that interrupted the search when nothing was learnt yet (the runner backs off and sends
-    /// the whole batch again; parts already queued come back as replays).
-    async fn bisect(
-        &self,
-        events: &[Vec<u8>],
-        first: Refusal,
-        first_signals: RateSignals,
-    ) -> (Attempt, RateSignals) {
+    /// the whole batch again; parts already queued come back as replays). Each part takes its
+    /// own turn in the pace; the client feeds every answer to the limiter.
+    async fn bisect(&self, events: &[Vec<u8>], first: Refusal) -> Attempt {
         let mut search = Bisection::new((0..events.len()).collect());
-        // Signals of every answer but the last go to the limiter here; the last one is returned
-        // for the runner to observe, so no answer is counted twice.
-        // `first_signals` answer the runner's own request: it knows when that one left.
-        let mut unobserved: Option<RateSignals> = Some(first_signals);
         let mut last_answer = first.provider_answer;
         let mut receipt = String::new();
         while let Some(part) = search.next_part() {
-            if let Some(signals) = unobserved.take() {
-                self.observe(&signals, false);
-            }
-            self.limiter.until_ready().await;
-            let sent_at = tokio::time::Instant::now();
-            let sent = self.post(events, &part).await;
-            let signals = RateSignals {
-                sent_at: Some(sent_at),
-                ..sent.signals
-            };
+            let sent = self.post(events, &part, None).await;
             match sent.answer {
                 Answer::Accepted { receipt: r } => {
                     receipt = r.unwrap_or(sent.request_key);
                     search.accepted(part);
-                    unobserved = Some(signals);
                 }
                 Answer::Refused(refusal) => {
                     let named = refusal.named_events(part.len());
@@ -244,40 +192,22 @@ impl BillingrailsSink {
                         search.refused(part, || refusal.reason());
                     }
                     last_answer = refusal.provider_answer;
-                    unobserved = Some(signals);
                 }
                 Answer::Retry(attempt) => {
                     if search.refused_so_far().is_empty() {
-                        return (attempt, signals);
+                        return attempt;
                     }
                     // Keep what was found; the runner re-sends the rest (its next attempt is
-                    // paced, and a 429 closed the gate through these signals).
-                    let throttled = matches!(
-                        attempt,
-                        Attempt::Retry {
-                            cause: RetryCause::Throttled,
-                            ..
-                        }
-                    );
-                    self.observe(&signals, throttled);
-                    return (self.refused(search, last_answer), RateSignals::default());
+                    // paced, and a 429 closed the gate in the client).
+                    return self.refused(search, last_answer);
                 }
             }
         }
-        let signals = unobserved.unwrap_or_default();
         if search.refused_so_far().is_empty() {
             // The refusal was about the request, not an event (e.g. too large): all queued now.
-            return (Attempt::Accepted { receipt }, signals);
+            return Attempt::Accepted { receipt };
         }
-        (self.refused(search, last_answer), signals)
-    }
-
-    /// Feeds one answer of the bisection to the limiter, dated by when its request left.
-    fn observe(&self, signals: &RateSignals, throttled: bool) {
-        match signals.sent_at {
-            Some(sent_at) => self.limiter.observe_sent(signals, throttled, sent_at),
-            None => self.limiter.observe(signals, throttled),
-        }
+        self.refused(search, last_answer)
     }
 
     fn refused(&self, search: Bisection, provider_answer: String) -> Attempt {
@@ -301,8 +231,8 @@ impl Sink for BillingrailsSink {
         "billingrails"
     }
 
-    fn send<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, (Attempt, RateSignals)> {
-        Box::pin(self.send_inner(delivery))
+    fn send<'a>(&'a self, delivery: &'a Delivery, turn: Turn) -> BoxFuture<'a, Attempt> {
+        Box::pin(self.send_inner(delivery, turn))
     }
 
     /// Billingrails stores an event once per `idempotency_key`, however often it is sent, and

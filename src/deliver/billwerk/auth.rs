@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
-use crate::config::Secret;
-use crate::deliver::http::without_url;
+use crate::config::{BillwerkConfig, Secret};
+use crate::deliver::client::{Failure, ProviderClient};
+use crate::deliver::events::TokenRefreshed;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
@@ -39,7 +40,8 @@ struct TokenAnswer {
 
 /// A cached bearer token, renewed before expiry and on demand after a 401.
 pub struct TokenSource {
-    client: reqwest::Client,
+    /// The sink's client: token requests are recorded like any request, outside the pace.
+    pub(super) client: ProviderClient,
     token_url: String,
     client_id: String,
     client_secret: Secret,
@@ -55,19 +57,13 @@ const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
 pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 impl TokenSource {
-    pub fn new(
-        client: reqwest::Client,
-        base_url: &str,
-        client_id: String,
-        client_secret: Secret,
-        legal_entity_id: Option<String>,
-    ) -> Self {
+    pub fn new(client: ProviderClient, base_url: &str, config: &BillwerkConfig) -> Self {
         TokenSource {
             client,
             token_url: format!("{}/oauth/token/", base_url.trim_end_matches('/')),
-            client_id,
-            client_secret,
-            legal_entity_id,
+            client_id: config.client_id.clone(),
+            client_secret: config.client_secret.clone(),
+            legal_entity_id: config.legal_entity_id.clone(),
             current: Mutex::new(None),
         }
     }
@@ -100,46 +96,67 @@ impl TokenSource {
     }
 
     async fn fetch(&self) -> Result<Token, TokenError> {
+        let fetched = self.ask().await;
+        let event = match &fetched {
+            Ok(token) => TokenRefreshed::Ok {
+                expires_in: token.lifetime,
+            },
+            Err(TokenError::Refused { status }) => TokenRefreshed::Refused { status: *status },
+            Err(e) => TokenRefreshed::Error {
+                detail: e.to_string(),
+            },
+        };
+        event.emit();
+        fetched.map(|t| Token {
+            expires_at: t.lifetime.and_then(|l| Instant::now().checked_add(l)),
+            value: t.value,
+        })
+    }
+
+    async fn ask(&self) -> Result<Fetched, TokenError> {
         let mut request = self
             .client
+            .http()
             .post(&self.token_url)
             .basic_auth(&self.client_id, Some(self.client_secret.expose()))
             .form(&[("grant_type", "client_credentials")]);
         if let Some(id) = &self.legal_entity_id {
             request = request.header("X-SELECTED-LEGAL-ENTITY-ID", id);
         }
-        let response = request.send().await.map_err(|e| {
-            metrics::counter!("meterflow_token_refreshes_total", "result" => "error").increment(1);
-            TokenError::Unreachable(without_url(&e))
-        })?;
-        let status = response.status();
+        let answer = match self.client.send_unpaced("token", request).await {
+            Ok(answer) => answer,
+            Err(Failure::NoAnswer(e)) => {
+                return Err(TokenError::Unreachable(Failure::NoAnswer(e).detail()))
+            }
+            Err(lost @ Failure::BodyLost { .. }) => {
+                return Err(TokenError::Unavailable(format!(
+                    "unreadable token answer: {}",
+                    lost.detail()
+                )))
+            }
+        };
+        let status = answer.status;
         if status == reqwest::StatusCode::UNAUTHORIZED
             || status == reqwest::StatusCode::FORBIDDEN
             || status == reqwest::StatusCode::BAD_REQUEST
         {
-            metrics::counter!("meterflow_token_refreshes_total", "result" => "refused")
-                .increment(1);
             return Err(TokenError::Refused {
                 status: status.as_u16(),
             });
         }
         if !status.is_success() {
-            metrics::counter!("meterflow_token_refreshes_total", "result" => "error").increment(1);
             return Err(TokenError::Unavailable(format!("HTTP {status}")));
         }
-        let body = response.bytes().await.map_err(|e| {
-            metrics::counter!("meterflow_token_refreshes_total", "result" => "error").increment(1);
-            TokenError::Unavailable(format!("unreadable token answer: {}", without_url(&e)))
-        })?;
-        let (value, lifetime) = parse_token_answer(&body).map_err(|problem| {
-            metrics::counter!("meterflow_token_refreshes_total", "result" => "error").increment(1);
-            TokenError::Unavailable(problem)
-        })?;
-        let expires_at = lifetime.and_then(|l| Instant::now().checked_add(l));
-        metrics::counter!("meterflow_token_refreshes_total", "result" => "ok").increment(1);
-        tracing::info!(expires_in_s = ?lifetime.map(|l| l.as_secs()), "billwerk access token obtained");
-        Ok(Token { value, expires_at })
+        let (value, lifetime) =
+            parse_token_answer(answer.body.as_bytes()).map_err(TokenError::Unavailable)?;
+        Ok(Fetched { value, lifetime })
     }
+}
+
+/// A token as answered, before its expiry is dated.
+struct Fetched {
+    value: String,
+    lifetime: Option<Duration>,
 }
 
 /// The token and its lifetime from a token answer `{"access_token", "expires_in"?}`. Pure.

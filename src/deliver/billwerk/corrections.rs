@@ -1,13 +1,13 @@
 //! Taking usage back at billwerk (`meterflow void`): `DELETE /api/v1/contracts/{id}/usage/{usageId}`,
 //! which billwerk allows only while the usage is unbilled. Through the sink's one door (token,
-//! legal entity, rate limiter), like a delivery.
+//! legal entity, the provider client's pacing), like a delivery.
 
 use std::time::Duration;
 
 use reqwest::StatusCode;
 
 use super::{api_url, error_message, BillwerkSink, Contract};
-use crate::deliver::http::{rate_signals, truncate};
+use crate::deliver::http::truncate;
 use crate::event::{is_billwerk_contract_id, CustomerRef};
 
 /// How many answers that may succeed later (429, 5xx, no answer) a deletion sits through.
@@ -39,7 +39,7 @@ impl BillwerkSink {
         match self.resolve(customer).await {
             Ok(Contract::Id(id)) => Ok(id),
             Ok(Contract::Unknown(rejection)) => Err(rejection.detail),
-            Err((attempt, _)) => Err(format!("contract lookup failed: {attempt:?}")),
+            Err(attempt) => Err(format!("contract lookup failed: {attempt:?}")),
         }
     }
 
@@ -64,27 +64,20 @@ impl BillwerkSink {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(200u64 << attempt.min(5))).await;
             }
-            self.limiter.until_ready().await;
-            let sent = tokio::time::Instant::now();
-            let response = self
-                .call("usage_delete", |c, api| {
+            let answer = self
+                .call("usage_delete", None, |c, api| {
                     c.delete(api_url(api, &["contracts", contract_id, "usage", usage_id]))
                 })
                 .await;
-            let response = match response {
-                Ok(r) => r,
+            let (status, body) = match answer {
+                Ok(answer) => (answer.status, answer.body),
                 Err(e) => {
-                    // No answer: the deletion may have happened.
+                    // No answer (or a status without its body): the deletion may have happened.
                     unknown = true;
                     last_failure = format!("{:?}", e.into_attempt());
                     continue;
                 }
             };
-            let signals = rate_signals(response.headers());
-            let status = response.status();
-            self.limiter
-                .observe_sent(&signals, status == StatusCode::TOO_MANY_REQUESTS, sent);
-            let body = response.text().await.unwrap_or_default();
             let message = error_message(&body);
             match status.as_u16() {
                 200..=299 => return Ok(Deletion::Deleted),
@@ -141,7 +134,7 @@ const MAX_LISTED: usize = 1_000_000;
 
 impl BillwerkSink {
     /// Every usage record of `contract_id` created from `from` until `until` (billwerk's
-    /// creation-time filters), page after page through the rate limiter.
+    /// creation-time filters), page after page, each paced by the provider client.
     pub async fn list_usage(
         &self,
         contract_id: &str,
@@ -190,25 +183,20 @@ impl BillwerkSink {
                 crate::decode::truncate_chars(contract_id, 100)
             ));
         }
-        self.limiter.until_ready().await;
-        let sent = tokio::time::Instant::now();
-        let response = self
-            .call("contracts", |c, api| {
+        let answer = self
+            .call("contracts", None, |c, api| {
                 c.get(api_url(api, &["contracts", contract_id]))
             })
             .await
             .map_err(|e| format!("{:?}", e.into_attempt()))?;
-        let signals = rate_signals(response.headers());
-        let status = response.status();
-        self.limiter
-            .observe_sent(&signals, status == StatusCode::TOO_MANY_REQUESTS, sent);
+        let status = answer.status;
         if status == StatusCode::NOT_FOUND {
             return Err(format!("billwerk knows no contract {contract_id} (404)"));
         }
         if !status.is_success() {
             return Err(format!("reading contract {contract_id} answered {status}"));
         }
-        let text = response.text().await.unwrap_or_default();
+        let text = answer.body;
         let value: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| format!("unreadable contract answer: {e}"))?;
         Ok(super::field(&value, "ExternalId")

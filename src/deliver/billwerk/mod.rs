@@ -8,7 +8,7 @@ mod corrections;
 pub mod payload;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
@@ -20,13 +20,11 @@ pub use auth::{TokenError, TokenSource};
 use contracts::ContractCache;
 pub use corrections::{Deletion, ListedUsage};
 
-use crate::admin::Readiness;
-use crate::config::SinkConfig;
-use crate::deliver::http::{
-    http_client, rate_signals, record_request, transport_failure, truncate, without_url,
-};
+use crate::config::{ProviderConfig, RateLimitConfig, SinkConfig};
+use crate::deliver::client::{Answer, Failure, ProviderClient, ProviderHealth, Turn};
+use crate::deliver::http::{http_client, truncate, without_url};
 use crate::deliver::ratelimit::RateLimiter;
-use crate::deliver::{Attempt, Delivery, RateSignals, Reconciled, RetryCause, Sink};
+use crate::deliver::{Attempt, Delivery, Reconciled, RetryCause, Sink};
 use crate::event::{is_billwerk_contract_id, CustomerRef, RejectReason, Rejection};
 
 /// How far before the first send a reconciliation looks: billwerk filters on its own creation
@@ -36,14 +34,13 @@ const RECONCILE_CLOCK_MARGIN: chrono::Duration = chrono::Duration::minutes(10);
 const LIST_PAGE: usize = 500;
 
 pub struct BillwerkSink {
-    client: reqwest::Client,
+    /// Every request goes through it, the token requests too.
+    client: ProviderClient,
     /// `{base_url}/api/v1`; paths below it are built segment by segment ([`api_url`]).
     api: url::Url,
     legal_entity_id: Option<String>,
     tokens: TokenSource,
     contracts: ContractCache,
-    limiter: Arc<RateLimiter>,
-    readiness: Arc<Readiness>,
 }
 
 /// One contract of billwerk's `GET /contracts?externalId=` answer: only its id matters.
@@ -63,21 +60,26 @@ enum Contract {
 /// Asks billwerk for a token with the sink's own token code — the same request and the same
 /// checks of the answer — within `timeout`: for `meterflow validate --connect`.
 pub async fn check_credentials(config: &SinkConfig, timeout: Duration) -> Result<(), TokenError> {
-    let (Some(client_id), Some(client_secret)) = (&config.client_id, &config.client_secret) else {
+    let ProviderConfig::Billwerk(billwerk) = &config.provider else {
+        return Err(TokenError::Unavailable(
+            "the config's sink is not a billwerk sink: no token to ask for".into(),
+        ));
+    };
+    if billwerk.client_id.trim().is_empty() || billwerk.client_secret.expose().is_empty() {
         return Err(TokenError::Unavailable(
             "the config has no sink.client_id or sink.client_secret to ask with".into(),
         ));
-    };
-    let client = reqwest::Client::builder()
+    }
+    let http = reqwest::Client::builder()
         .timeout(timeout)
         .build()
         .map_err(|e| TokenError::Unreachable(without_url(&e)))?;
+    // The token endpoint is outside the pace: this limiter is never waited on.
+    let limiter = Arc::new(RateLimiter::new(&RateLimitConfig::default()).for_sink("billwerk"));
     TokenSource::new(
-        client,
+        ProviderClient::new("billwerk", http, limiter),
         &config.base_url,
-        client_id.clone(),
-        client_secret.clone(),
-        config.legal_entity_id.clone(),
+        billwerk,
     )
     .token()
     .await
@@ -86,15 +88,13 @@ pub async fn check_credentials(config: &SinkConfig, timeout: Duration) -> Result
 
 impl BillwerkSink {
     pub fn new(config: &SinkConfig, limiter: Arc<RateLimiter>) -> anyhow::Result<Self> {
-        let client = http_client(config)?;
-        let client_id = config
-            .client_id
-            .clone()
-            .ok_or_else(|| anyhow::anyhow!("sink.client_id is required for billwerk"))?;
-        let client_secret = config
-            .client_secret
-            .clone()
-            .ok_or_else(|| anyhow::anyhow!("sink.client_secret is required for billwerk"))?;
+        let ProviderConfig::Billwerk(billwerk) = &config.provider else {
+            anyhow::bail!(
+                "sink.kind is {:?}: a billwerk sink needs kind = \"billwerk\"",
+                config.kind().name()
+            );
+        };
+        let client = ProviderClient::new("billwerk", http_client(config)?, limiter);
         let base = config.base_url.trim_end_matches('/').to_string();
         let api = url::Url::parse(&format!("{base}/api/v1"))
             .ok()
@@ -106,59 +106,60 @@ impl BillwerkSink {
                 )
             })?;
         Ok(BillwerkSink {
-            tokens: TokenSource::new(
-                client.clone(),
-                &base,
-                client_id,
-                client_secret,
-                config.legal_entity_id.clone(),
-            ),
+            tokens: TokenSource::new(client.clone(), &base, billwerk),
             client,
             api,
-            legal_entity_id: config.legal_entity_id.clone(),
-            contracts: ContractCache::new(config.contract_cache_size),
-            limiter,
-            readiness: Arc::default(),
+            legal_entity_id: billwerk.legal_entity_id.clone(),
+            contracts: ContractCache::new(billwerk.contract_cache_size),
         })
     }
 
     /// Every HTTP answer (any status) refreshes `/readyz`'s "provider reachable" check.
-    pub fn with_readiness(mut self, readiness: Arc<Readiness>) -> Self {
-        self.readiness = readiness;
+    pub fn with_health(mut self, health: Arc<dyn ProviderHealth>) -> Self {
+        self.client = self.client.with_health(health);
+        self.tokens.client = self.client.clone();
         self
     }
 
-    /// A request with the bearer token and legal-entity header. On 401 the token is renewed
-    /// once and the request sent again; a second 401 is the caller's to back off from.
+    /// A request with the bearer token and legal-entity header, in `turn` if given (else after
+    /// its own). On 401 the token is renewed once and the request sent again, in a turn of its
+    /// own; a second 401 is the caller's to back off from.
     async fn call(
         &self,
         endpoint: &'static str,
+        turn: Option<Turn>,
         build: impl Fn(&reqwest::Client, &url::Url) -> reqwest::RequestBuilder,
-    ) -> Result<reqwest::Response, CallError> {
+    ) -> Result<Answer, CallError> {
+        let mut turn = Some(match turn {
+            Some(turn) => turn,
+            None => self.client.turn().await,
+        });
         let mut renewed = false;
         loop {
             let token = self.tokens.token().await.map_err(CallError::Token)?;
-            let mut request = build(&self.client, &self.api).bearer_auth(&token);
+            let mut request = build(self.client.http(), &self.api).bearer_auth(&token);
             if let Some(id) = &self.legal_entity_id {
                 request = request.header("X-SELECTED-LEGAL-ENTITY-ID", id);
             }
-            let started = Instant::now();
-            let result = request.send().await;
-            record_request("billwerk", endpoint, &result, started.elapsed());
-            if result.is_ok() {
-                self.readiness.provider_answered();
-            }
-            let response = result.map_err(CallError::Transport)?;
-            if response.status() == StatusCode::UNAUTHORIZED && !renewed {
+            let turn = match turn.take() {
+                Some(turn) => turn,
+                None => self.client.turn().await,
+            };
+            let answer = self
+                .client
+                .send_in_turn(turn, endpoint, request)
+                .await
+                .map_err(CallError::Transport)?;
+            if answer.status == StatusCode::UNAUTHORIZED && !renewed {
                 self.tokens.invalidate(&token).await;
                 renewed = true;
                 continue;
             }
-            return Ok(response);
+            return Ok(answer);
         }
     }
 
-    async fn resolve(&self, customer: &CustomerRef) -> Result<Contract, (Attempt, RateSignals)> {
+    async fn resolve(&self, customer: &CustomerRef) -> Result<Contract, Attempt> {
         let external_id = match customer {
             // Checked at decode too; here it guards the path whatever built the event.
             CustomerRef::ContractId(id) if is_billwerk_contract_id(id) => {
@@ -179,41 +180,23 @@ impl BillwerkSink {
         if let Some(id) = self.contracts.get(external_id) {
             return Ok(Contract::Id(id));
         }
-        self.limiter.until_ready().await;
-        let sent = tokio::time::Instant::now();
-        let response = self
-            .call("contracts", |c, api| {
+        let answer = self
+            .call("contracts", None, |c, api| {
                 // reqwest percent-encodes query values: `&`, `#`, `/` stay inside the value.
                 c.get(api_url(api, &["contracts"]))
                     .query(&[("externalId", external_id.as_str())])
             })
-            .await;
-        let response = match response {
-            Ok(r) => r,
-            Err(e) => return Err((e.into_attempt(), RateSignals::default())),
-        };
-        let signals = rate_signals(response.headers());
-        let status = response.status();
-        if !status.is_success() {
-            let throttled = status == StatusCode::TOO_MANY_REQUESTS;
-            self.limiter.observe_sent(&signals, throttled, sent);
-            let body = response.text().await.unwrap_or_default();
-            return Err((classify_failure(status, &body), RateSignals::default()));
+            .await
+            .map_err(CallError::into_attempt)?;
+        if !answer.status.is_success() {
+            return Err(classify_failure(answer.status, &answer.body));
         }
-        self.limiter.observe_sent(&signals, false, sent);
-        let found: Vec<ContractView> = match response.json().await {
-            Ok(v) => v,
-            Err(e) => {
-                return Err((
-                    Attempt::Retry {
-                        cause: RetryCause::ServerError,
-                        outcome_unknown: false,
-                        detail: format!("unreadable contract lookup answer: {}", without_url(&e)),
-                    },
-                    RateSignals::default(),
-                ))
-            }
-        };
+        let found: Vec<ContractView> =
+            serde_json::from_str(&answer.body).map_err(|e| Attempt::Retry {
+                cause: RetryCause::ServerError,
+                outcome_unknown: false,
+                detail: format!("unreadable contract lookup answer: {e}"),
+            })?;
         match found.as_slice() {
             [one] if !is_billwerk_contract_id(&one.id) => Ok(Contract::Unknown(Rejection::new(
                 RejectReason::InvalidContractId,
@@ -241,86 +224,74 @@ impl BillwerkSink {
         }
     }
 
-    async fn send_inner(&self, delivery: &Delivery) -> (Attempt, RateSignals) {
+    async fn send_inner(&self, delivery: &Delivery, turn: Turn) -> Attempt {
         let Some(first) = delivery.items.first() else {
-            return (
-                Attempt::Accepted {
-                    receipt: String::new(),
-                },
-                RateSignals::default(),
-            );
+            return Attempt::Accepted {
+                receipt: String::new(),
+            };
         };
         let contract = match self.resolve(&first.usage.customer).await {
             Ok(Contract::Id(id)) => id,
             Ok(Contract::Unknown(rejection)) => {
-                return (
-                    reject_all(delivery, rejection, String::new()),
-                    RateSignals::default(),
-                )
+                return reject_all(delivery, rejection, String::new())
             }
             Err(failure) => return failure,
         };
         let Some(body) = payload::usage_body(delivery) else {
             // Unreachable through `batch::group`, which never makes such a sum; refused rather
             // than rounded if it ever were.
-            return (
-                reject_all(
-                    delivery,
-                    Rejection::new(
-                        RejectReason::InvalidQuantity,
-                        format!(
-                            "the quantities of these {} events cannot be summed exactly (the sum \
-                             exceeds the decimal range or needs more than 28 significant digits)",
-                            delivery.items.len()
-                        ),
+            return reject_all(
+                delivery,
+                Rejection::new(
+                    RejectReason::InvalidQuantity,
+                    format!(
+                        "the quantities of these {} events cannot be summed exactly (the sum \
+                         exceeds the decimal range or needs more than 28 significant digits)",
+                        delivery.items.len()
                     ),
-                    String::new(),
                 ),
-                RateSignals::default(),
+                String::new(),
             );
         };
-        let response = self
-            .call("usage", |c, api| {
+        let answer = self
+            .call("usage", Some(turn), |c, api| {
                 c.post(api_url(api, &["contracts", &contract, "usage"]))
                     .json(&body)
             })
             .await;
-        let response = match response {
-            Ok(r) => r,
-            Err(e) => return (e.into_attempt(), RateSignals::default()),
+        // No answer, or a status without its body: billwerk may have recorded the usage.
+        let Answer { status, body, .. } = match answer {
+            Ok(answer) => answer,
+            Err(e) => return e.into_attempt(),
         };
-        let signals = rate_signals(response.headers());
-        let status = response.status();
-        let text = response.text().await.unwrap_or_default();
         if status.is_success() {
             #[derive(Deserialize)]
             struct Created {
                 #[serde(rename = "Id", alias = "id")]
                 id: Option<String>,
             }
-            let receipt = serde_json::from_str::<Created>(&text)
+            let receipt = serde_json::from_str::<Created>(&body)
                 .ok()
                 .and_then(|c| c.id)
                 .unwrap_or_default();
-            return (Attempt::Accepted { receipt }, signals);
+            return Attempt::Accepted { receipt };
         }
-        let attempt = match classify_failure(status, &text) {
+        match classify_failure(status, &body) {
             Attempt::Rejected { items, .. } if items.is_empty() => {
                 let reason = if status == StatusCode::NOT_FOUND {
                     RejectReason::UnknownContract
                 } else {
                     RejectReason::ProviderRejected
                 };
-                let message = error_message(&text);
+                let message = error_message(&body);
                 reject_all(
                     delivery,
                     Rejection::new(reason, format!("billwerk answered {status}: {message}")),
-                    format!("{} {}", status.as_u16(), truncate(&text, 2000)),
+                    format!("{} {}", status.as_u16(), truncate(&body, 2000)),
                 )
             }
             other => other,
-        };
-        (attempt, signals)
+        }
     }
 
     async fn reconcile_inner(
@@ -334,7 +305,7 @@ impl BillwerkSink {
         let contract = match self.resolve(&first.usage.customer).await {
             Ok(Contract::Id(id)) => id,
             Ok(Contract::Unknown(_)) => return Ok(Reconciled::NotFound),
-            Err((attempt, _)) => return Err(format!("contract lookup failed: {attempt:?}")),
+            Err(attempt) => return Err(format!("contract lookup failed: {attempt:?}")),
         };
         let from_date = payload::billwerk_timestamp(sent_since - RECONCILE_CLOCK_MARGIN);
         let key = delivery.key.as_str();
@@ -365,7 +336,7 @@ impl BillwerkSink {
     }
 
     /// Pages through `contract`'s usage created from `from_date` (until `until_date`, if given)
-    /// with billwerk's cursor, each request through the rate limiter, handing every page to
+    /// with billwerk's cursor, each request through the client (paced), handing every page to
     /// `visit` until it says stop or an empty page ends the listing. A server may cap its
     /// pages below `take`: only an empty page ends it. A cursor that does not advance, or a
     /// listing longer than [`MAX_LIST_PAGES`] pages, is an error, never "the end".
@@ -380,11 +351,9 @@ impl BillwerkSink {
         let mut pages = 0_usize;
         let mut throttles = 0_usize;
         loop {
-            self.limiter.until_ready().await;
-            let sent = tokio::time::Instant::now();
             let cursor_now = cursor.clone();
-            let response = self
-                .call("usage_list", |c, api| {
+            let answer = self
+                .call("usage_list", None, |c, api| {
                     let mut q: Vec<(&str, String)> = vec![("take", LIST_PAGE.to_string())];
                     if let Some(from) = &from_date {
                         q.push(("fromDateTime", from.clone()));
@@ -400,12 +369,9 @@ impl BillwerkSink {
                 })
                 .await
                 .map_err(|e| format!("{:?}", e.into_attempt()))?;
-            let signals = rate_signals(response.headers());
-            let status = response.status();
-            let throttled = status == StatusCode::TOO_MANY_REQUESTS;
-            self.limiter.observe_sent(&signals, throttled, sent);
-            // The limiter's gate is closed now: ask for the same page again once it opens.
-            if throttled && throttles < MAX_THROTTLED_PAGES {
+            let status = answer.status;
+            // The client closed the limiter's gate: ask for the same page again once it opens.
+            if status == StatusCode::TOO_MANY_REQUESTS && throttles < MAX_THROTTLED_PAGES {
                 throttles = throttles.saturating_add(1);
                 continue;
             }
@@ -415,10 +381,8 @@ impl BillwerkSink {
             if !status.is_success() {
                 return Err(format!("listing usage answered {status}"));
             }
-            let page: Vec<serde_json::Value> = response
-                .json()
-                .await
-                .map_err(|e| format!("unreadable usage list: {}", without_url(&e)))?;
+            let page: Vec<serde_json::Value> = serde_json::from_str(&answer.body)
+                .map_err(|e| format!("unreadable usage list: {e}"))?;
             let Some(last) = page.last() else {
                 return Ok(Listed::Complete);
             };
@@ -473,8 +437,8 @@ impl Sink for BillwerkSink {
         "billwerk"
     }
 
-    fn send<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, (Attempt, RateSignals)> {
-        Box::pin(self.send_inner(delivery))
+    fn send<'a>(&'a self, delivery: &'a Delivery, turn: Turn) -> BoxFuture<'a, Attempt> {
+        Box::pin(self.send_inner(delivery, turn))
     }
 
     fn reconcile<'a>(
@@ -501,7 +465,7 @@ pub(crate) fn api_url(api: &url::Url, segments: &[&str]) -> url::Url {
 #[derive(Debug)]
 enum CallError {
     Token(TokenError),
-    Transport(reqwest::Error),
+    Transport(Failure),
 }
 
 impl CallError {
@@ -517,7 +481,7 @@ impl CallError {
                 outcome_unknown: false,
                 detail,
             },
-            CallError::Transport(e) => transport_failure(&e),
+            CallError::Transport(failure) => failure.attempt(),
         }
     }
 }
