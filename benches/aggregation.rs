@@ -15,16 +15,16 @@
 //! `--billingrails-url` sends the Billingrails case
 //! to an emulator in another process (e.g. to profile meterflow alone with `perf`).
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+use meterflow_testkit as common;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::mocking::MockCluster;
+use rust_decimal::Decimal;
 
-use meterflow::config::Config;
+use meterflow::config::builder::{Bucket, ConfigBuilder, Override};
 use meterflow::demo::generate::{EventGenerator, COMPONENTS, CONTRACTS};
 use meterflow::emulator::billingrails::{self, BillingrailsOptions};
 use meterflow::emulator::billwerk::{self, BillwerkOptions};
@@ -43,13 +43,13 @@ struct Case {
     /// Emulator limit per second; 0 = unlimited.
     limit: u32,
     /// `[batch] max_events` and `max_wait`: the aggregation window.
-    window: (usize, &'static str),
+    window: (usize, Duration),
 }
 
 /// meterflow's default batch window.
-const DEFAULT_WINDOW: (usize, &str) = (500, "100ms");
+const DEFAULT_WINDOW: (usize, Duration) = (500, Duration::from_millis(100));
 /// A wider window, for a pipeline that the provider's limit holds back anyway.
-const WIDE_WINDOW: (usize, &str) = (5000, "1s");
+const WIDE_WINDOW: (usize, Duration) = (5000, Duration::from_secs(1));
 
 struct Figures {
     events: usize,
@@ -205,7 +205,7 @@ async fn run_case(case: &Case, n: usize, external_billingrails: Option<&str>) ->
         Provider::Billwerk { aggregate } => ("billwerk", aggregate),
         Provider::Billingrails => ("billingrails", false),
     };
-    let config = config_text(
+    let config = config(
         &brokers,
         provider,
         &base_url,
@@ -213,8 +213,9 @@ async fn run_case(case: &Case, n: usize, external_billingrails: Option<&str>) ->
         assumed,
         aggregate,
         case.window,
-    );
-    let config = Config::from_toml_str(&config).unwrap();
+    )
+    .build()
+    .unwrap();
 
     let stats = Arc::new(RunStats::default());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -265,92 +266,65 @@ async fn run_case(case: &Case, n: usize, external_billingrails: Option<&str>) ->
     }
 }
 
-fn config_text(
+fn config(
     brokers: &str,
     provider: &str,
     base_url: &str,
     ledger: &str,
     limit: u32,
     aggregate: bool,
-    (max_events, max_wait): (usize, &str),
-) -> String {
-    let mut components = String::new();
+    (max_events, max_wait): (usize, Duration),
+) -> ConfigBuilder {
+    let mut config = ConfigBuilder::new()
+        .brokers(brokers)
+        .group_id(&format!("bench-{provider}"))
+        .topic("usage")
+        .dead_letter_topic("usage-dlq")
+        .session_timeout(Duration::from_secs(6))
+        .drain_timeout(Duration::from_secs(3))
+        .commit_interval(Duration::from_millis(200))
+        .kafka_property("fetch.wait.max.ms", "10")
+        .max_events(max_events)
+        .max_wait(max_wait);
+    config = if provider == "billwerk" {
+        config.billwerk(
+            base_url,
+            billwerk::DEFAULT_CLIENT_ID,
+            billwerk::DEFAULT_CLIENT_SECRET,
+        )
+    } else {
+        config.billingrails(base_url, billingrails::DEFAULT_API_KEY)
+    };
+    if aggregate {
+        config = config.aggregate(Bucket::Hour);
+    }
     for (metric, id) in COMPONENTS {
         let id = if provider == "billingrails" {
             metric
         } else {
             id
         };
-        components.push_str(&format!("{metric} = \"{id}\"\n"));
+        config = config.component(metric, id);
     }
-    let sink = if provider == "billwerk" {
-        format!(
-            "kind = \"billwerk\"\nbase_url = \"{base_url}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"",
-            billwerk::DEFAULT_CLIENT_ID,
-            billwerk::DEFAULT_CLIENT_SECRET
+    config
+        .concurrency(32)
+        .request_timeout(Duration::from_secs(5))
+        .rate_window(Duration::from_secs(1))
+        .rate_limit(Some(limit))
+        .headroom(0.005)
+        .rule(
+            Override::metric("api_calls")
+                .attribute("plan", "enterprise")
+                .price_per_unit(Decimal::new(8, 4))
+                .name("API calls (enterprise)")
+                .description("API calls in {attributes.region}"),
         )
-    } else {
-        format!(
-            "kind = \"billingrails\"\nbase_url = \"{base_url}\"\napi_key = \"{}\"",
-            billingrails::DEFAULT_API_KEY
+        .rule(
+            Override::metric("storage_gb")
+                .price_per_unit(Decimal::new(21, 3))
+                .description("GB stored ({attributes.plan})"),
         )
-    };
-    let aggregate = if aggregate {
-        "[sink.aggregate]\nenabled = true\nbucket = \"hour\"\n"
-    } else {
-        ""
-    };
-    format!(
-        r#"
-[kafka]
-brokers = "{brokers}"
-group_id = "bench-{provider}"
-topics = ["usage"]
-dead_letter_topic = "usage-dlq"
-session_timeout = "6s"
-drain_timeout = "3s"
-commit_interval = "200ms"
-
-[kafka.properties]
-"fetch.wait.max.ms" = "10"
-
-[batch]
-max_events = {max_events}
-max_wait = "{max_wait}"
-
-[sink]
-{sink}
-concurrency = 32
-request_timeout = "5s"
-
-{aggregate}
-[rate_limit]
-window = "1s"
-limit = {limit}
-headroom = 0.005
-
-[components]
-{components}
-[[overrides]]
-metric = "api_calls"
-attributes = {{ plan = "enterprise" }}
-price_per_unit = "0.0008"
-name = "API calls (enterprise)"
-description = "API calls in {{attributes.region}}"
-
-[[overrides]]
-metric = "storage_gb"
-price_per_unit = "0.021"
-description = "GB stored ({{attributes.plan}})"
-
-[ledger]
-url = "{ledger}"
-
-[admin]
-listen = ""
-
-[log]
-level = "error"
-"#
-    )
+        .ledger_url(ledger)
+        .admin_listen("")
+        .log_level("error")
 }

@@ -19,7 +19,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 
-use meterflow::config::Config;
+use meterflow::config::builder::ConfigBuilder;
 use meterflow::emulator::billwerk::{self, BillwerkEmulator, BillwerkOptions};
 use meterflow::emulator::ratelimit::WindowTally;
 use meterflow::emulator::RateLimitSettings;
@@ -297,12 +297,7 @@ async fn run(settings: &Settings, scenario: Scenario) -> anyhow::Result<Outcome>
     let mut stops = Vec::new();
     let mut pipelines = Vec::new();
     for s in &stats {
-        let config = Config::from_toml_str(&config(
-            &brokers,
-            &emulator.base_url(),
-            settings,
-            configured,
-        ))?;
+        let config = config(&brokers, &emulator.base_url(), settings, configured).build()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         stops.push(stop);
         pipelines.push(tokio::spawn(pipeline::run(config, s.clone(), async {
@@ -475,62 +470,35 @@ fn config(
     base_url: &str,
     settings: &Settings,
     configured_limit: Option<u32>,
-) -> String {
-    let mut rate_limit = format!(
-        "window = \"{}\"\n",
-        humantime::format_duration(settings.window)
-    );
-    if let Some(h) = settings.headroom {
-        rate_limit.push_str(&format!("headroom = {h}\n"));
+) -> ConfigBuilder {
+    let config = ConfigBuilder::new()
+        .brokers(brokers)
+        .group_id("meterflow-bench")
+        .topic("usage")
+        .dead_letter_topic("usage-dlq")
+        .session_timeout(Duration::from_secs(6))
+        .drain_timeout(Duration::from_secs(1))
+        .commit_interval(Duration::from_millis(200))
+        .kafka_property("fetch.wait.max.ms", "10")
+        .billwerk(
+            base_url,
+            billwerk::DEFAULT_CLIENT_ID,
+            billwerk::DEFAULT_CLIENT_SECRET,
+        )
+        .concurrency(settings.concurrency)
+        .request_timeout(Duration::from_secs(2))
+        .rate_window(settings.window)
+        .rate_limit(configured_limit)
+        .backoff(Duration::from_millis(50), Duration::from_secs(1))
+        .component("api_calls", COMPONENT)
+        // The events carry a fixed timestamp (2026-11-20): no age bound.
+        .max_age(Duration::ZERO)
+        .ledger_url("none")
+        .admin_listen("");
+    match settings.headroom {
+        Some(h) => config.headroom(h),
+        None => config,
     }
-    if let Some(l) = configured_limit {
-        rate_limit.push_str(&format!("limit = {l}\n"));
-    }
-    format!(
-        r#"
-[kafka]
-brokers = "{brokers}"
-group_id = "meterflow-bench"
-topics = ["usage"]
-dead_letter_topic = "usage-dlq"
-session_timeout = "6s"
-drain_timeout = "1s"
-commit_interval = "200ms"
-
-[kafka.properties]
-"fetch.wait.max.ms" = "10"
-
-[sink]
-kind = "billwerk"
-base_url = "{base_url}"
-client_id = "{client_id}"
-client_secret = "{client_secret}"
-concurrency = {concurrency}
-request_timeout = "2s"
-
-[rate_limit]
-{rate_limit}
-[retry]
-initial_backoff = "50ms"
-max_backoff = "1s"
-
-[components]
-api_calls = "{COMPONENT}"
-
-# The events carry a fixed timestamp (2026-11-20): no age bound.
-[input]
-max_age = "0"
-
-[ledger]
-url = "none"
-
-[admin]
-listen = ""
-"#,
-        client_id = billwerk::DEFAULT_CLIENT_ID,
-        client_secret = billwerk::DEFAULT_CLIENT_SECRET,
-        concurrency = settings.concurrency,
-    )
 }
 
 /// 429 episodes in a window: refusals less than 20 ms apart belong to one episode (the

@@ -16,8 +16,7 @@
 //! DWARF call stacks) and prints the share of its CPU per pipeline stage (benches/stage_cpu.py).
 //! meterflow's log of each scenario is kept in `target/bench-throughput/`.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+use meterflow_testkit as common;
 
 use std::io::Read;
 use std::path::Path;
@@ -208,8 +207,7 @@ async fn scenario(
             &format!("http://{emu_addr}"),
             ledger,
         )
-        .replace("concurrency = 16", "concurrency = 64")
-        .replace("max_events = 200", "max_events = 500"),
+        .concurrency(64),
         SinkKind::Billingrails => common::billingrails_config(
             brokers,
             &group,
@@ -218,19 +216,13 @@ async fn scenario(
             &format!("http://{emu_addr}/v1"),
             ledger,
         )
-        .replace("concurrency = 8", "concurrency = 16")
-        .replace("max_events = 200", "max_events = 500")
-        .replace("limit = 5000\n", ""),
+        .concurrency(16),
     }
+    .max_events(500)
     // The emulator without a limit sends no rate-limit headers: tell meterflow the budget.
-    .replace(
-        "[rate_limit]\nwindow = \"1s\"",
-        "[rate_limit]\nwindow = \"1s\"\nlimit = 10000000",
-    )
-    .replace(
-        "[admin]\nlisten = \"\"",
-        "[admin]\nlisten = \"\"\n\n[log]\nlevel = \"warn\"",
-    );
+    .rate_limit(Some(10_000_000))
+    .log_level("warn")
+    .to_toml();
     std::fs::write(&config, text).unwrap();
     let log_path = logs.join(format!("{}-{name}.log", sink.name()));
     let log = std::fs::File::create(&log_path).unwrap();

@@ -2,19 +2,17 @@
 //! and following a real pipeline against librdkafka's mock cluster and the billwerk emulator),
 //! `/metrics` (the catalogue's metrics after traffic; never a secret).
 
-mod common;
+use meterflow_testkit as common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncBufReadExt;
 
-use rdkafka::mocking::MockCluster;
 use serde_json::json;
 
 use meterflow::admin::readiness::ProviderProbe;
 use meterflow::admin::{self, Readiness};
-use meterflow::config::Config;
-use meterflow::emulator::billwerk::{self, BillwerkOptions};
+use meterflow::emulator::billwerk::BillwerkOptions;
 use meterflow::pipeline::{self, RunStats};
 
 const CONTRACT: &str = "5cd186af443e551fe8e4f5dd";
@@ -91,13 +89,12 @@ async fn healthz_is_ok_and_readyz_names_the_failing_checks() {
 
 #[tokio::test]
 async fn provider_probe_counts_any_answer_and_no_connection_as_unreachable() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let emulator = billwerk::start(BillwerkOptions::default(), listener)
-        .await
-        .unwrap();
+    let emulator = common::billwerk_emulator(BillwerkOptions::default()).await;
     let sink_config = |base_url: &str| {
-        let text = common::billwerk_config("127.0.0.1:1", "g", "t", "d", base_url, "none");
-        Config::from_toml_str(&text).unwrap().sink
+        common::billwerk_config("127.0.0.1:1", "g", "t", "d", base_url, "none")
+            .build()
+            .unwrap()
+            .sink
     };
     // The emulator answers the bare base URL with a 404: an answer all the same.
     let probe = ProviderProbe::new(&sink_config(&emulator.base_url())).unwrap();
@@ -112,17 +109,10 @@ async fn provider_probe_counts_any_answer_and_no_connection_as_unreachable() {
 async fn readyz_follows_a_pipeline_and_metrics_show_its_traffic_without_secrets() {
     // Install the recorder before any traffic, as `meterflow run` does.
     let _ = meterflow::telemetry::metrics_handle();
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("usage", 2, 1).unwrap();
-    cluster.create_topic("usage-dlq", 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let emulator = billwerk::start(
-        BillwerkOptions::default().with_contract("acme-prod", CONTRACT),
-        listener,
-    )
-    .await
-    .unwrap();
+    let (_cluster, brokers) = common::mock_cluster(&[("usage", 2), ("usage-dlq", 1)]);
+    let emulator =
+        common::billwerk_emulator(BillwerkOptions::default().with_contract("acme-prod", CONTRACT))
+            .await;
 
     let stats = Arc::new(RunStats::default());
     let (base, _stop) = serve(stats.readiness.clone()).await;
@@ -134,14 +124,15 @@ async fn readyz_follows_a_pipeline_and_metrics_show_its_traffic_without_secrets(
 
     let dir = tempfile::tempdir().unwrap();
     let ledger = format!("sqlite://{}", dir.path().join("ledger.db").display());
-    let config = Config::from_toml_str(&common::billwerk_config(
+    let config = common::billwerk_config(
         &brokers,
         "meterflow-admin-test",
         "usage",
         "usage-dlq",
         &emulator.base_url(),
         &ledger,
-    ))
+    )
+    .build()
     .unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn(pipeline::run(config, stats.clone(), async {
@@ -211,23 +202,18 @@ async fn readyz_follows_a_pipeline_and_metrics_show_its_traffic_without_secrets(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_reports_an_unreachable_broker() {
     let metrics = meterflow::telemetry::metrics_handle();
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("usage", 1, 1).unwrap();
-    cluster.create_topic("usage-dlq", 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let emulator = billwerk::start(BillwerkOptions::default(), listener)
-        .await
-        .unwrap();
+    let (cluster, brokers) = common::mock_cluster(&[("usage", 1), ("usage-dlq", 1)]);
+    let emulator = common::billwerk_emulator(BillwerkOptions::default()).await;
     let stats = Arc::new(RunStats::default());
-    let config = Config::from_toml_str(&common::billwerk_config(
+    let config = common::billwerk_config(
         &brokers,
         "meterflow-admin-broker-test",
         "usage",
         "usage-dlq",
         &emulator.base_url(),
         "none",
-    ))
+    )
+    .build()
     .unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn(pipeline::run(config, stats.clone(), async {
@@ -277,10 +263,7 @@ async fn readyz_reports_an_unreachable_broker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meterflow_run_serves_the_admin_endpoints_and_stops_on_sigterm() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let emulator = billwerk::start(BillwerkOptions::default(), listener)
-        .await
-        .unwrap();
+    let emulator = common::billwerk_emulator(BillwerkOptions::default()).await;
     // No broker listens on port 1: the service runs, alive but never ready.
     let config = common::billwerk_config(
         "127.0.0.1:1",
@@ -291,10 +274,10 @@ async fn meterflow_run_serves_the_admin_endpoints_and_stops_on_sigterm() {
         "none",
     )
     // Port 0, learnt from the log: a port picked in advance could be taken by a parallel test.
-    .replace("listen = \"\"", "listen = \"127.0.0.1:0\"");
+    .admin_listen("127.0.0.1:0");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("meterflow.toml");
-    std::fs::write(&path, config).unwrap();
+    std::fs::write(&path, config.to_toml()).unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_meterflow"))
         .arg("run")
         .arg("--config")
@@ -385,7 +368,7 @@ async fn sigterm_during_a_blocked_start_up_exits_0() {
     );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("meterflow.toml");
-    std::fs::write(&path, config).unwrap();
+    std::fs::write(&path, config.to_toml()).unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_meterflow"))
         .arg("run")
         .arg("--config")
@@ -448,20 +431,14 @@ async fn sigterm_during_a_blocked_start_up_exits_0() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pinned_partition_shows_in_lag_age_and_readyz() {
     let _ = meterflow::telemetry::metrics_handle();
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("pinned", 1, 1).unwrap();
-    cluster.create_topic("pinned-dlq", 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let emulator = billwerk::start(
-        BillwerkOptions::default().with_faults(meterflow::emulator::faults::FaultSettings {
+    let (_cluster, brokers) = common::mock_cluster(&[("pinned", 1), ("pinned-dlq", 1)]);
+    let emulator = common::billwerk_emulator(BillwerkOptions::default().with_faults(
+        meterflow::emulator::faults::FaultSettings {
             fail_rate: 1.0,
             ..Default::default()
-        }),
-        listener,
-    )
-    .await
-    .unwrap();
+        },
+    ))
+    .await;
     let stats = Arc::new(RunStats::default());
     let (base, _stop) = serve(stats.readiness.clone()).await;
     let config = common::billwerk_config(
@@ -472,11 +449,9 @@ async fn a_pinned_partition_shows_in_lag_age_and_readyz() {
         &emulator.base_url(),
         "none",
     )
-    .replace(
-        "commit_interval = \"200ms\"",
-        "commit_interval = \"200ms\"\nstuck_after = \"3s\"",
-    );
-    let config = Config::from_toml_str(&config).unwrap();
+    .stuck_after(Duration::from_secs(3))
+    .build()
+    .unwrap();
     let events: Vec<Vec<u8>> = (0..10)
         .map(|i| {
             serde_json::to_vec(&json!({"id": format!("pin_{i}"), "contract_id": CONTRACT,

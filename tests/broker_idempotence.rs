@@ -4,7 +4,7 @@
 //! flight and started again. Tansu checks the producer's sequence numbers in its storage and
 //! answers a retried batch with DUPLICATE_SEQUENCE_NUMBER, which librdkafka takes as delivered.
 
-mod common;
+use meterflow_testkit as common;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -6,7 +6,7 @@
 //! - an intent in the ledger and the letter already in the topic (a kill between the broker's
 //!   acknowledgement and the ledger's record): found, recorded, not written again.
 
-mod common;
+use meterflow_testkit as common;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use meterflow::ack::deadletter::{headers, DeadLetter, DeadLetterWriter, Written};
 use meterflow::ack::ledger::{DeadLetterClaim, Ledger};
 use meterflow::config::{Config, RetryConfig};
-use meterflow::emulator::billwerk::{self, BillwerkOptions};
+use meterflow::emulator::billwerk::BillwerkOptions;
 use meterflow::event::{RawMessage, RejectReason, Rejection, SourceRef};
 use meterflow::pipeline::{self, RunStats};
 
@@ -37,14 +37,15 @@ fn cluster(dlq: Option<&str>) -> (Cluster, String) {
 }
 
 fn config(brokers: &str, base_url: &str, ledger: &str) -> Config {
-    Config::from_toml_str(&common::billwerk_config(
+    common::billwerk_config(
         brokers,
         "meterflow-dead-letters",
         "usage",
         "usage-dlq",
         base_url,
         ledger,
-    ))
+    )
+    .build()
     .unwrap()
 }
 
@@ -72,10 +73,7 @@ fn retry() -> RetryConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_999_kb_event_is_dead_lettered_cut_to_fit_with_its_digest() {
     let (_cluster, brokers) = cluster(Some("usage-dlq"));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let emulator = billwerk::start(BillwerkOptions::default(), listener)
-        .await
-        .unwrap();
+    let emulator = common::billwerk_emulator(BillwerkOptions::default()).await;
     // Not JSON, 999 000 bytes: fits the source topic, but not with meterflow's headers.
     let huge = vec![b'x'; 999_000];
     let good = serde_json::to_vec(&json!({
@@ -131,10 +129,7 @@ async fn a_999_kb_event_is_dead_lettered_cut_to_fit_with_its_digest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_dead_letter_topic_stops_the_start_naming_the_key() {
     let (_cluster, brokers) = cluster(None);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let emulator = billwerk::start(BillwerkOptions::default(), listener)
-        .await
-        .unwrap();
+    let emulator = common::billwerk_emulator(BillwerkOptions::default()).await;
     let run = pipeline::run(
         config(&brokers, &emulator.base_url(), "none"),
         Arc::new(RunStats::default()),

@@ -7,7 +7,7 @@
 //! `METERFLOW_DLQ_KILLS` sets the number of kills (default 4), `METERFLOW_DLQ_EVENTS` the
 //! number of events (default 3000, three in ten of them invalid).
 
-mod common;
+use meterflow_testkit as common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -22,7 +22,8 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::ClientConfig;
 use serde_json::json;
 
-use meterflow::emulator::billwerk::{self, BillwerkOptions};
+use meterflow::config::LogFormat;
+use meterflow::emulator::billwerk::BillwerkOptions;
 use meterflow::emulator::faults::FaultSettings;
 use meterflow::emulator::ratelimit::RateLimitSettings;
 
@@ -225,8 +226,7 @@ async fn kill_nine_and_broker_restarts_leave_one_dead_letter_per_invalid_event()
         format!("g-{run}"),
     );
     common::create_topics(&brokers, &[(&topic, 4), (&dlq, 1)]).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let emulator = billwerk::start(
+    let emulator = common::billwerk_emulator(
         BillwerkOptions {
             components: vec![API_CALLS.to_string()],
             ..BillwerkOptions::default()
@@ -237,10 +237,8 @@ async fn kill_nine_and_broker_restarts_leave_one_dead_letter_per_invalid_event()
             drop_rate: 0.02,
             ..FaultSettings::default()
         }),
-        listener,
     )
-    .await
-    .unwrap();
+    .await;
 
     // Three in ten events are invalid, of three kinds: refused at decode, at pricing, and by
     // the provider.
@@ -291,14 +289,9 @@ async fn kill_nine_and_broker_restarts_leave_one_dead_letter_per_invalid_event()
         )
         // A small in-flight budget keeps reading close to the (paced) deliveries, so letters
         // are written all along the run instead of all at once at its start.
-        .replace(
-            "max_wait = \"20ms\"",
-            "max_wait = \"20ms\"\nmax_in_flight = 200",
-        )
-        .replace(
-            "[admin]\nlisten = \"\"",
-            "[admin]\nlisten = \"\"\n\n[log]\nformat = \"json\"",
-        ),
+        .max_in_flight(200)
+        .log_format(LogFormat::Json)
+        .to_toml(),
     )
     .unwrap();
 
@@ -453,14 +446,11 @@ async fn a_kill_between_a_letters_acknowledgement_and_its_record_leaves_one_lett
         format!("g-{run}"),
     );
     common::create_topics(&brokers, &[(&topic, 2), (&dlq, 1)]).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let emulator = billwerk::start(
+    let emulator = common::billwerk_emulator(
         BillwerkOptions::default()
             .with_limit(RateLimitSettings::per_window(200, Duration::from_secs(1))),
-        listener,
     )
-    .await
-    .unwrap();
+    .await;
     let events = 600;
     let mut invalid = 0;
     let payloads: Vec<Vec<u8>> = (0..events)
@@ -490,15 +480,11 @@ async fn a_kill_between_a_letters_acknowledgement_and_its_record_leaves_one_lett
             &emulator.base_url(),
             &ledger,
         )
-        .replace(
-            "max_wait = \"20ms\"",
-            "max_wait = \"20ms\"\nmax_in_flight = 60",
-        )
-        .replace("max_events = 200", "max_events = 20")
-        .replace(
-            "[admin]\nlisten = \"\"",
-            "[admin]\nlisten = \"127.0.0.1:0\"\n\n[log]\nformat = \"json\"",
-        ),
+        .max_in_flight(60)
+        .max_events(20)
+        .admin_listen("127.0.0.1:0")
+        .log_format(LogFormat::Json)
+        .to_toml(),
     )
     .unwrap();
 

@@ -4,7 +4,7 @@
 //! the pipeline and the billwerk emulator, a replayed event is billed once — never twice, not
 //! even when it had been billed before or is replayed again.
 
-mod common;
+use meterflow_testkit as common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
@@ -23,7 +23,7 @@ use meterflow::ack::deadletter::{DeadLetter, DeadLetterWriter};
 use meterflow::config::{Config, RetryConfig};
 use meterflow::dlq::replay::{replay, ReplayError, ReplayOptions, ReplayReport};
 use meterflow::dlq::select::Filter;
-use meterflow::emulator::billwerk::{self, BillwerkOptions};
+use meterflow::emulator::billwerk::BillwerkOptions;
 use meterflow::event::{DeliveryKey, RawMessage, RejectReason, Rejection, SourceRef};
 use meterflow::pipeline::{self, RunStats};
 
@@ -146,14 +146,15 @@ async fn write(
 }
 
 fn config(brokers: &str, base_url: &str, ledger: &str) -> Config {
-    Config::from_toml_str(&common::billwerk_config(
+    common::billwerk_config(
         brokers,
         "meterflow-replay-test",
         "usage",
         "usage-dlq",
         base_url,
         ledger,
-    ))
+    )
+    .build()
     .unwrap()
 }
 
@@ -174,10 +175,7 @@ fn cluster() -> (
     MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
     String,
 ) {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("usage", 2, 1).unwrap();
-    cluster.create_topic("usage-dlq", 2, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (cluster, brokers) = common::mock_cluster(&[("usage", 2), ("usage-dlq", 2)]);
     (cluster, brokers)
 }
 
@@ -528,7 +526,8 @@ async fn dry_run_lists_what_would_be_replayed_and_produces_nothing() {
             "usage-dlq",
             "http://127.0.0.1:1",
             "none",
-        ),
+        )
+        .to_toml(),
     )
     .unwrap();
     let run = |extra: &[&str]| {
@@ -621,13 +620,8 @@ async fn replayed_events_are_billed_once_even_if_billed_before_or_replayed_twice
     let no_contract = event("evt_no_contract", OTHER_CONTRACT, "api_calls");
 
     // Before the fix: the provider knows one contract, the config no "teleportations".
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let before = billwerk::start(
-        BillwerkOptions::default().with_contract("acme", CONTRACT),
-        listener,
-    )
-    .await
-    .unwrap();
+    let before =
+        common::billwerk_emulator(BillwerkOptions::default().with_contract("acme", CONTRACT)).await;
     common::produce(
         &brokers,
         "usage",
@@ -662,15 +656,12 @@ async fn replayed_events_are_billed_once_even_if_billed_before_or_replayed_twice
     .await;
 
     // The fix: the contract exists now, the metric is mapped.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let after = billwerk::start(
+    let after = common::billwerk_emulator(
         BillwerkOptions::default()
             .with_contract("acme", CONTRACT)
             .with_contract("other", OTHER_CONTRACT),
-        listener,
     )
-    .await
-    .unwrap();
+    .await;
     let mut fixed = config(&brokers, &after.base_url(), &ledger);
     fixed
         .components
@@ -744,10 +735,7 @@ async fn an_unreachable_broker_fails_within_seconds_and_names_the_fix() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_read_ends_with_a_problem_not_a_hang() {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("usage", 1, 1).unwrap();
-    cluster.create_topic("usage-dlq", 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (cluster, brokers) = common::mock_cluster(&[("usage", 1), ("usage-dlq", 1)]);
     write(
         &writer(&brokers),
         &raw(1, "k1", br#"{"id":"evt_1"}"#, &[]),
@@ -798,13 +786,8 @@ async fn an_event_refused_through_an_earlier_aggregate_comes_back_with_a_replay(
     };
 
     // The provider does not know the contract yet: the aggregate of three events is refused.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let before = billwerk::start(
-        BillwerkOptions::default().with_contract("acme", CONTRACT),
-        listener,
-    )
-    .await
-    .unwrap();
+    let before =
+        common::billwerk_emulator(BillwerkOptions::default().with_contract("acme", CONTRACT)).await;
     common::produce(
         &brokers,
         "usage",
@@ -835,15 +818,12 @@ async fn an_event_refused_through_an_earlier_aggregate_comes_back_with_a_replay(
     assert_eq!(letters.len(), 4);
 
     // The fix, then a replay of that last letter only.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let after = billwerk::start(
+    let after = common::billwerk_emulator(
         BillwerkOptions::default()
             .with_contract("acme", CONTRACT)
             .with_contract("other", OTHER_CONTRACT),
-        listener,
     )
-    .await
-    .unwrap();
+    .await;
     let fixed = aggregating(&after.base_url());
     let last = Filter {
         since: Some(first_letters_done),

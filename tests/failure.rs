@@ -8,7 +8,7 @@
 //!
 //! `METERFLOW_FAILURE_KILLS` sets the number of kills (default 4; the long local run uses more).
 
-mod common;
+use meterflow_testkit as common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -21,7 +21,9 @@ use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
 use serde_json::json;
 
-use meterflow::emulator::billwerk::{self, BillwerkEmulator, BillwerkOptions};
+use meterflow::config::builder::ConfigBuilder;
+use meterflow::config::LogFormat;
+use meterflow::emulator::billwerk::{BillwerkEmulator, BillwerkOptions};
 use meterflow::emulator::faults::FaultSettings;
 use meterflow::emulator::ratelimit::RateLimitSettings;
 use meterflow::event::DeliveryKey;
@@ -68,26 +70,18 @@ fn stream(run: u32, valid: usize, rng: &mut StdRng) -> Stream {
     s
 }
 
-fn write_config(
-    path: &Path,
+fn test_config(
     brokers: &str,
     group: &str,
     topic: &str,
     dlq: &str,
     base: &str,
     ledger: &str,
-) {
-    let text = common::billwerk_config(brokers, group, topic, dlq, base, ledger)
-        .replace("request_timeout = \"2s\"", "request_timeout = \"1s\"")
-        .replace(
-            "[rate_limit]\nwindow = \"1s\"",
-            "[rate_limit]\nwindow = \"1s\"\nheadroom = 0.02",
-        )
-        .replace(
-            "[admin]\nlisten = \"\"",
-            "[admin]\nlisten = \"\"\n\n[log]\nformat = \"json\"",
-        );
-    std::fs::write(path, text).unwrap();
+) -> ConfigBuilder {
+    common::billwerk_config(brokers, group, topic, dlq, base, ledger)
+        .request_timeout(Duration::from_secs(1))
+        .headroom(0.02)
+        .log_format(LogFormat::Json)
 }
 
 fn spawn_meterflow(config: &Path, log: &Path) -> Child {
@@ -237,8 +231,7 @@ async fn kill_nine_and_broker_restart_lose_nothing_and_bill_nothing_twice() {
     );
     common::create_topics(&brokers, &[(&topic, 4), (&dlq, 1)]).await;
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let emulator = billwerk::start(
+    let emulator = common::billwerk_emulator(
         BillwerkOptions::default()
             .with_limit(RateLimitSettings::per_window(400, Duration::from_secs(1)))
             .with_faults(FaultSettings {
@@ -248,10 +241,8 @@ async fn kill_nine_and_broker_restart_lose_nothing_and_bill_nothing_twice() {
                 slow_duration: Duration::from_millis(1500),
                 ..FaultSettings::default()
             }),
-        listener,
     )
-    .await
-    .unwrap();
+    .await;
 
     let valid = 400 * (kills + 2);
     let s = stream(run, valid, &mut rng);
@@ -259,15 +250,16 @@ async fn kill_nine_and_broker_restart_lose_nothing_and_bill_nothing_twice() {
     let config = dir.path().join("meterflow.toml");
     let log = dir.path().join("meterflow.log");
     let ledger = format!("sqlite://{}", dir.path().join("ledger.db").display());
-    write_config(
-        &config,
+    let text = test_config(
         &brokers,
         &group,
         &topic,
         &dlq,
         &emulator.base_url(),
         &ledger,
-    );
+    )
+    .to_toml();
+    std::fs::write(&config, text).unwrap();
 
     let started = Instant::now();
     let mut broker_restarts = 0;
@@ -406,8 +398,7 @@ async fn two_replicas(brokers: &str, run: u32, postgres: &str, dir: &Path, victi
         format!("dlq-{run}"),
         format!("g-{run}"),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let emulator = billwerk::start(
+    let emulator = common::billwerk_emulator(
         BillwerkOptions::default()
             // Slow until both replicas hold partitions, so that most events are left for them.
             .with_limit(RateLimitSettings::per_window(20, Duration::from_secs(1)))
@@ -416,16 +407,13 @@ async fn two_replicas(brokers: &str, run: u32, postgres: &str, dir: &Path, victi
                 drop_rate: 0.03,
                 ..FaultSettings::default()
             }),
-        listener,
     )
-    .await
-    .unwrap();
+    .await;
     let valid = 2400;
     let s = stream(run, valid, &mut rng);
     common::produce(brokers, &topic, 4, &s.payloads).await;
     let config = dir.join("meterflow.toml");
-    write_config(
-        &config,
+    let mut replica_config = test_config(
         brokers,
         &group,
         &topic,
@@ -434,15 +422,11 @@ async fn two_replicas(brokers: &str, run: u32, postgres: &str, dir: &Path, victi
         postgres,
     );
     if victim == Victim::Follower {
-        let text = std::fs::read_to_string(&config)
-            .unwrap()
-            .replace("session_timeout = \"6s\"", "session_timeout = \"20s\"")
-            .replace(
-                "\"fetch.wait.max.ms\" = \"10\"",
-                "\"fetch.wait.max.ms\" = \"10\"\n\"heartbeat.interval.ms\" = \"1000\"",
-            );
-        std::fs::write(&config, text).unwrap();
+        replica_config = replica_config
+            .session_timeout(Duration::from_secs(20))
+            .kafka_property("heartbeat.interval.ms", "1000");
     }
+    std::fs::write(&config, replica_config.to_toml()).unwrap();
     let (log_a, log_b) = (dir.join("a.log"), dir.join("b.log"));
     let started = Instant::now();
     let mut a = Replica(spawn_meterflow(&config, &log_a));

@@ -9,18 +9,17 @@
 //! is woken with SIGCONT: its pacer wait is long over, so it goes straight for the POST. It must
 //! find that the deliveries are no longer its own, and send none of them.
 
-mod common;
+use meterflow_testkit as common;
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rdkafka::mocking::MockCluster;
 use serde_json::json;
 
 use meterflow::ack::ledger::scratch::ScratchDatabase;
-use meterflow::emulator::billwerk::{self, BillwerkEmulator, BillwerkOptions};
+use meterflow::emulator::billwerk::{BillwerkEmulator, BillwerkOptions};
 use meterflow::emulator::ratelimit::RateLimitSettings;
 use meterflow::event::DeliveryKey;
 
@@ -82,19 +81,13 @@ async fn a_replica_frozen_past_its_lease_sends_nothing_when_it_wakes() {
     let Some(database) = ScratchDatabase::for_test().await else {
         return;
     };
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("usage", 2, 1).unwrap();
-    cluster.create_topic("usage-dlq", 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = common::mock_cluster(&[("usage", 2), ("usage-dlq", 1)]);
 
     let window = Duration::from_secs(8);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let emulator = billwerk::start(
+    let emulator = common::billwerk_emulator(
         BillwerkOptions::default().with_limit(RateLimitSettings::per_window(5, window)),
-        listener,
     )
-    .await
-    .unwrap();
+    .await;
 
     let events = 120;
     let ids: Vec<String> = (0..events)
@@ -122,11 +115,9 @@ async fn a_replica_frozen_past_its_lease_sends_nothing_when_it_wakes() {
         &emulator.base_url(),
         &database.url,
     )
-    .replace("request_timeout = \"2s\"", "request_timeout = \"1s\"")
-    .replace(
-        "[rate_limit]\nwindow = \"1s\"",
-        "[rate_limit]\nwindow = \"8s\"",
-    );
+    .request_timeout(Duration::from_secs(1))
+    .rate_window(Duration::from_secs(8))
+    .to_toml();
     std::fs::write(&config, text).unwrap();
     let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
 

@@ -7,7 +7,7 @@
 //! - an absurd `Retry-After` (and limit, reset, `expires_in`) pauses for about a window;
 //! - a delivery task that panics dead-letters its events as `internal_error`, counted.
 
-mod common;
+use meterflow_testkit as common;
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,10 +24,11 @@ use rdkafka::mocking::MockCluster;
 use rust_decimal::Decimal;
 use serde_json::json;
 
+use meterflow::config::builder::Bucket;
 use meterflow::config::Config;
 use meterflow::deliver::client::Turn;
 use meterflow::deliver::{Attempt, Delivery, Reconciled, Sink};
-use meterflow::emulator::billwerk::{self, BillwerkOptions};
+use meterflow::emulator::billwerk::BillwerkOptions;
 use meterflow::pipeline::{self, RunStats, SinkFactory};
 
 const CONTRACT: &str = "5cd186af443e551fe8e4f5dd";
@@ -46,10 +47,7 @@ fn cluster() -> (
     MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
     String,
 ) {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("usage", 1, 1).unwrap();
-    cluster.create_topic("usage-dlq", 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (cluster, brokers) = common::mock_cluster(&[("usage", 1), ("usage-dlq", 1)]);
     (cluster, brokers)
 }
 
@@ -178,8 +176,9 @@ async fn start_stand_in(state: Arc<StandIn>) -> String {
 
 fn stand_in_config(brokers: &str, group: &str, base_url: &str, ledger: &str) -> Config {
     // The default max_pause (1 h): the cut pause ends through a probe, once a window (1 s).
-    let text = common::billwerk_config(brokers, group, "usage", "usage-dlq", base_url, ledger);
-    Config::from_toml_str(&text).unwrap()
+    common::billwerk_config(brokers, group, "usage", "usage-dlq", base_url, ledger)
+        .build()
+        .unwrap()
 }
 
 /// Issue 11, problem 2: the contract id `…/../../../../oauth/token/?x=` was sent, with the bearer
@@ -309,11 +308,10 @@ async fn aggregated_sums_that_cannot_be_exact_go_out_as_separate_exact_records()
     let options = BillwerkOptions::default()
         .with_contract("a", CONTRACT)
         .with_contract("b", OTHER_CONTRACT);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let emulator = billwerk::start(options, listener).await.unwrap();
+    let emulator = common::billwerk_emulator(options).await;
     let dir = tempfile::tempdir().unwrap();
     let ledger = format!("sqlite://{}", dir.path().join("l.db").display());
-    let text = common::billwerk_config(
+    let config = common::billwerk_config(
         &brokers,
         "hostile-sums",
         "usage",
@@ -321,12 +319,10 @@ async fn aggregated_sums_that_cannot_be_exact_go_out_as_separate_exact_records()
         &emulator.base_url(),
         &ledger,
     )
-    .replace(
-        "[rate_limit]",
-        "[sink.aggregate]\nenabled = true\nbucket = \"hour\"\n\n[rate_limit]",
-    )
-    .replace("window = \"1s\"", "window = \"1s\"\nlimit = 20000");
-    let config = Config::from_toml_str(&text).unwrap();
+    .aggregate(Bucket::Hour)
+    .rate_limit(Some(20000))
+    .build()
+    .unwrap();
     let (held, stats) = run_until(config, None, |s| settled(s) >= 5).await;
     assert!(held, "every event settled");
     assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 0);
@@ -422,15 +418,16 @@ async fn a_delivery_task_that_panics_dead_letters_its_events_as_internal_error()
     common::produce(&brokers, "usage", 1, &payloads).await;
     let dir = tempfile::tempdir().unwrap();
     let ledger = format!("sqlite://{}", dir.path().join("l.db").display());
-    let text = common::billwerk_config(
+    let config = common::billwerk_config(
         &brokers,
         "hostile-panic",
         "usage",
         "usage-dlq",
         "http://127.0.0.1:9",
         &ledger,
-    );
-    let config = Config::from_toml_str(&text).unwrap();
+    )
+    .build()
+    .unwrap();
     let sink: SinkFactory = Box::new(|_| Arc::new(PanickingSink));
     let (held, stats) = run_until(config, Some(sink), |s| settled(s) >= 4).await;
     assert!(held, "every event settled despite the panics");

@@ -4,16 +4,15 @@
 //! record per event, billwerk pre-aggregated, and Billingrails batches; the SQLite ledger; the
 //! mock cluster.
 
-mod common;
+use meterflow_testkit as common;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::mocking::MockCluster;
 use serde_json::json;
 
-use meterflow::config::Config;
+use meterflow::config::builder::Bucket;
 use meterflow::emulator::billingrails::{self, BillingrailsOptions};
 use meterflow::emulator::billwerk::{self, BillwerkOptions};
 use meterflow::event::DeliveryKey;
@@ -37,21 +36,18 @@ fn event(id: &str, quantity: &str, timestamp: &str) -> Vec<u8> {
 }
 
 async fn run_case(path: Path) {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("usage", 1, 1).unwrap();
-    cluster.create_topic("usage-dlq", 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = common::mock_cluster(&[("usage", 1), ("usage-dlq", 1)]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let ledger = format!("sqlite://{}", dir.path().join("ledger.db").display());
 
     // Quantities, per event id, as billed; read from whichever emulator runs.
-    let (billwerk, billingrails, text) = match path {
+    let (billwerk, billingrails, config) = match path {
         Path::Billwerk | Path::BillwerkAggregated => {
             let emulator = billwerk::start(BillwerkOptions::default(), listener)
                 .await
                 .unwrap();
-            let mut text = common::billwerk_config(
+            let mut config = common::billwerk_config(
                 &brokers,
                 "ids",
                 "usage",
@@ -60,18 +56,15 @@ async fn run_case(path: Path) {
                 &ledger,
             );
             if matches!(path, Path::BillwerkAggregated) {
-                text = text.replace(
-                    "[rate_limit]",
-                    "[sink.aggregate]\nenabled = true\nbucket = \"hour\"\n\n[rate_limit]",
-                );
+                config = config.aggregate(Bucket::Hour);
             }
-            (Some(emulator), None, text)
+            (Some(emulator), None, config)
         }
         Path::Billingrails => {
             let emulator = billingrails::start(BillingrailsOptions::default(), listener)
                 .await
                 .unwrap();
-            let text = common::billingrails_config(
+            let config = common::billingrails_config(
                 &brokers,
                 "ids",
                 "usage",
@@ -79,7 +72,7 @@ async fn run_case(path: Path) {
                 &format!("{}/v1", emulator.base_url()),
                 &ledger,
             );
-            (None, Some(emulator), text)
+            (None, Some(emulator), config)
         }
     };
     let delivered = || {
@@ -88,7 +81,7 @@ async fn run_case(path: Path) {
             |e| e.records().len(),
         )
     };
-    let config = Config::from_toml_str(&text).unwrap();
+    let config = config.build().unwrap();
     let stats = Arc::new(RunStats::default());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn(pipeline::run(config, stats.clone(), async {

@@ -6,7 +6,7 @@
 //!   with batches cut differently each time, with dropped connections, slow answers and 5xx on:
 //!   the ledger's event → aggregate map keeps every event in exactly one delivered sum.
 
-mod common;
+use meterflow_testkit as common;
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -17,10 +17,10 @@ use std::time::Duration;
 use chrono::{DateTime, DurationRound, TimeZone, Utc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::mocking::MockCluster;
 use rust_decimal::Decimal;
 use serde_json::json;
 
+use meterflow::config::builder::{Bucket, ConfigBuilder};
 use meterflow::config::Config;
 use meterflow::emulator::billwerk::{self, BillwerkEmulator, BillwerkOptions};
 use meterflow::emulator::FaultSettings;
@@ -111,29 +111,29 @@ async fn emulator(faults: FaultSettings) -> BillwerkEmulator {
 
 /// The shared billwerk test config, with or without `[sink.aggregate]`, and an override
 /// description that does not repeat the event's quantity (it would make every record differ).
-fn config_text(
+fn test_config(
     brokers: &str,
     group: &str,
     base_url: &str,
     ledger: &str,
     aggregate: bool,
     max_events: usize,
-) -> String {
-    let mut text = common::billwerk_config(brokers, group, "usage", "usage-dlq", base_url, ledger)
-        .replace(
-            "description = \"{quantity} API calls in {attributes.region}\"",
-            "description = \"API calls in {attributes.region}\"",
+) -> ConfigBuilder {
+    let config = common::billwerk_config(brokers, group, "usage", "usage-dlq", base_url, ledger)
+        .clear_rules()
+        .rule(
+            common::enterprise_api_calls()
+                .name("API calls (enterprise)")
+                .description("API calls in {attributes.region}"),
         )
-        .replace("max_events = 200", &format!("max_events = {max_events}"))
+        .max_events(max_events)
         // The emulator sends no rate-limit headers when unlimited: skip the slow probing.
-        .replace("window = \"1s\"", "window = \"1s\"\nlimit = 20000");
+        .rate_limit(Some(20000));
     if aggregate {
-        text = text.replace(
-            "[rate_limit]",
-            "[sink.aggregate]\nenabled = true\nbucket = \"hour\"\n\n[rate_limit]",
-        );
+        config.aggregate(Bucket::Hour)
+    } else {
+        config
     }
-    text
 }
 
 async fn run_until_settled(config: Config, expected: u64) -> Arc<RunStats> {
@@ -157,10 +157,7 @@ async fn aggregated_sums_equal_the_events_sums_and_the_unaggregated_run() {
     eprintln!("stream seed {seed}");
     let n = 3000;
     let events = stream(seed, n);
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("usage", 4, 1).unwrap();
-    cluster.create_topic("usage-dlq", 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = common::mock_cluster(&[("usage", 4), ("usage-dlq", 1)]);
     common::produce(&brokers, "usage", 4, &events.payloads).await;
     let dir = tempfile::tempdir().unwrap();
 
@@ -170,7 +167,7 @@ async fn aggregated_sums_equal_the_events_sums_and_the_unaggregated_run() {
         ..FaultSettings::default()
     };
     let aggregated = emulator(faults).await;
-    let config = config_text(
+    let config = test_config(
         &brokers,
         "aggregated",
         &aggregated.base_url(),
@@ -178,11 +175,11 @@ async fn aggregated_sums_equal_the_events_sums_and_the_unaggregated_run() {
         true,
         500,
     );
-    let stats = run_until_settled(Config::from_toml_str(&config).unwrap(), n as u64).await;
+    let stats = run_until_settled(config.build().unwrap(), n as u64).await;
     assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 0);
 
     let plain = emulator(FaultSettings::default()).await;
-    let config = config_text(
+    let config = test_config(
         &brokers,
         "plain",
         &plain.base_url(),
@@ -190,7 +187,7 @@ async fn aggregated_sums_equal_the_events_sums_and_the_unaggregated_run() {
         false,
         500,
     );
-    run_until_settled(Config::from_toml_str(&config).unwrap(), n as u64).await;
+    run_until_settled(config.build().unwrap(), n as u64).await;
 
     let with = record_sums(&aggregated);
     assert_eq!(
@@ -229,10 +226,7 @@ async fn kill_9_and_restarts_with_other_batch_cuts_neither_lose_nor_double_count
     eprintln!("stream seed {seed}");
     let n = 4000;
     let events = stream(seed, n);
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("usage", 4, 1).unwrap();
-    cluster.create_topic("usage-dlq", 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = common::mock_cluster(&[("usage", 4), ("usage-dlq", 1)]);
     common::produce(&brokers, "usage", 4, &events.payloads).await;
 
     // Slow enough that kills land mid-run; answers lost after recording, late past the
@@ -252,6 +246,7 @@ async fn kill_9_and_restarts_with_other_batch_cuts_neither_lose_nor_double_count
     // Each run cuts batches differently, so a restarted run builds other aggregates over the
     // events the killed run left unsettled.
     let kills = common::kill_and_restart(
+        env!("CARGO_BIN_EXE_meterflow"),
         &brokers,
         "killed",
         n,
@@ -259,7 +254,7 @@ async fn kill_9_and_restarts_with_other_batch_cuts_neither_lose_nor_double_count
         seed,
         dir.path(),
         |max_events| {
-            config_text(
+            test_config(
                 &brokers,
                 "killed",
                 &emulator.base_url(),
@@ -267,7 +262,7 @@ async fn kill_9_and_restarts_with_other_batch_cuts_neither_lose_nor_double_count
                 true,
                 max_events,
             )
-            .replace("concurrency = 16", "concurrency = 8")
+            .concurrency(8)
         },
     )
     .await;

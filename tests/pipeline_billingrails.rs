@@ -4,7 +4,7 @@
 //! answer names none) and dead-lettered with the reason, while the good events of the same batch
 //! still get through; it holds with dropped connections, 5xx and slow answers injected.
 
-mod common;
+use meterflow_testkit as common;
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
@@ -12,12 +12,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::mocking::MockCluster;
 use rust_decimal::Decimal;
 use serde_json::json;
 
-use meterflow::config::Config;
-use meterflow::emulator::billingrails::{self, BillingrailsOptions};
+use meterflow::emulator::billingrails::BillingrailsOptions;
 use meterflow::emulator::FaultSettings;
 use meterflow::event::DeliveryKey;
 use meterflow::pipeline::{self, RunStats};
@@ -83,23 +81,15 @@ struct Case {
 }
 
 async fn run_case(case: Case) {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("usage", 4, 1).unwrap();
-    cluster.create_topic("usage-dlq", 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = common::mock_cluster(&[("usage", 4), ("usage-dlq", 1)]);
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let emulator = billingrails::start(
-        BillingrailsOptions {
-            required_properties: vec!["billingrails_account_id".into(), "region".into()],
-            error_details: case.error_details,
-            faults: case.faults.clone(),
-            ..BillingrailsOptions::default()
-        },
-        listener,
-    )
-    .await
-    .unwrap();
+    let emulator = common::billingrails_emulator(BillingrailsOptions {
+        required_properties: vec!["billingrails_account_id".into(), "region".into()],
+        error_details: case.error_details,
+        faults: case.faults.clone(),
+        ..BillingrailsOptions::default()
+    })
+    .await;
 
     let produced = events(case.valid, case.refuse_every);
     let invalid = invalid_events();
@@ -125,14 +115,15 @@ async fn run_case(case: Case) {
 
     let dir = tempfile::tempdir().unwrap();
     let ledger = format!("sqlite://{}", dir.path().join("ledger.db").display());
-    let config = Config::from_toml_str(&common::billingrails_config(
+    let config = common::billingrails_config(
         &brokers,
         "meterflow-br",
         "usage",
         "usage-dlq",
         &format!("{}/v1", emulator.base_url()),
         &ledger,
-    ))
+    )
+    .build()
     .unwrap();
     let stats = Arc::new(RunStats::default());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -284,29 +275,21 @@ async fn exactly_once_with_dropped_connections_5xx_and_slow_answers() {
 async fn kill_9_and_restarts_store_each_event_once() {
     let seed = rand::random::<u64>();
     eprintln!("seed {seed}");
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("usage", 4, 1).unwrap();
-    cluster.create_topic("usage-dlq", 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let emulator = billingrails::start(
-        BillingrailsOptions {
-            required_properties: vec!["billingrails_account_id".into(), "region".into()],
-            error_details: false,
-            faults: FaultSettings {
-                fail_rate: 0.05,
-                drop_rate: 0.05,
-                slow_rate: 0.02,
-                slow_duration: Duration::from_millis(2500),
-                latency: Duration::from_millis(30),
-                ..FaultSettings::default()
-            },
-            ..BillingrailsOptions::default()
+    let (_cluster, brokers) = common::mock_cluster(&[("usage", 4), ("usage-dlq", 1)]);
+    let emulator = common::billingrails_emulator(BillingrailsOptions {
+        required_properties: vec!["billingrails_account_id".into(), "region".into()],
+        error_details: false,
+        faults: FaultSettings {
+            fail_rate: 0.05,
+            drop_rate: 0.05,
+            slow_rate: 0.02,
+            slow_duration: Duration::from_millis(2500),
+            latency: Duration::from_millis(30),
+            ..FaultSettings::default()
         },
-        listener,
-    )
-    .await
-    .unwrap();
+        ..BillingrailsOptions::default()
+    })
+    .await;
 
     let produced = events(3000, 149);
     let invalid = invalid_events();
@@ -334,6 +317,7 @@ async fn kill_9_and_restarts_store_each_event_once() {
     let ledger = format!("sqlite://{}", dir.path().join("ledger.db").display());
     let base_url = format!("{}/v1", emulator.base_url());
     let kills = common::kill_and_restart(
+        env!("CARGO_BIN_EXE_meterflow"),
         &brokers,
         "br-killed",
         payloads.len(),
@@ -349,7 +333,7 @@ async fn kill_9_and_restarts_store_each_event_once() {
                 &base_url,
                 &ledger,
             )
-            .replace("max_events = 200", &format!("max_events = {max_events}"))
+            .max_events(max_events)
         },
     )
     .await;

@@ -9,15 +9,14 @@
 //! 200 000-event reproduction is `backlog_of_200k_on_memory_storage_loses_nothing` (ignored:
 //! `cargo nextest run --test pipeline_gaps --run-ignored all`).
 
-mod common;
+use meterflow_testkit as common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use meterflow::config::Config;
-use meterflow::emulator::billwerk::{self, BillwerkOptions};
+use meterflow::emulator::billwerk::BillwerkOptions;
 use meterflow::event::DeliveryKey;
 use meterflow::pipeline::{self, RunStats};
 
@@ -61,19 +60,14 @@ async fn a_read_paused_one_record_into_the_last_batch_is_not_taken_for_caught_up
     let ids: Vec<String> = (0..n).map(|i| format!("last_{i}")).collect();
     let payloads = payloads(&ids);
     common::produce(&brokers, topic, 1, &payloads).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let emulator = billwerk::start(BillwerkOptions::default(), listener)
-        .await
-        .unwrap();
+    let emulator = common::billwerk_emulator(BillwerkOptions::default()).await;
     let ledger = format!("sqlite://{}", dir.path().join("ledger.db").display());
     let config =
         common::billwerk_config(&brokers, group, topic, dlq, &emulator.base_url(), &ledger)
-            .replace("max_events = 200", "max_events = 1")
-            .replace(
-                "max_wait = \"20ms\"",
-                "max_wait = \"20ms\"\nmax_in_flight = 1",
-            );
-    let config = Config::from_toml_str(&config).unwrap();
+            .max_events(1)
+            .max_in_flight(1)
+            .build()
+            .unwrap();
     let stats = Arc::new(RunStats::default());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn(pipeline::run(config, stats.clone(), async {
@@ -117,20 +111,14 @@ async fn backlog(n: usize, max_in_flight: Option<usize>, limit: Duration) {
     common::produce(&brokers, topic, 4, &payloads).await;
     eprintln!("produced {n} events in {:?}", produced.elapsed());
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let emulator = billwerk::start(BillwerkOptions::default(), listener)
-        .await
-        .unwrap();
+    let emulator = common::billwerk_emulator(BillwerkOptions::default()).await;
     let ledger = format!("sqlite://{}", dir.path().join("ledger.db").display());
-    let config =
-        common::billwerk_config(&brokers, group, topic, dlq, &emulator.base_url(), &ledger)
-            .replace(
-                "max_wait = \"20ms\"",
-                &max_in_flight.map_or("max_wait = \"20ms\"".to_string(), |m| {
-                    format!("max_wait = \"20ms\"\nmax_in_flight = {m}")
-                }),
-            );
-    let config = Config::from_toml_str(&config).unwrap();
+    let mut config =
+        common::billwerk_config(&brokers, group, topic, dlq, &emulator.base_url(), &ledger);
+    if let Some(m) = max_in_flight {
+        config = config.max_in_flight(m);
+    }
+    let config = config.build().unwrap();
     let stats = Arc::new(RunStats::default());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let started = Instant::now();

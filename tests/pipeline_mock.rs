@@ -2,19 +2,17 @@
 //! valid events become exactly one usage record each, priced by the rules; every kind of
 //! invalid event lands in the dead-letter topic with its reason; offsets are committed to the end.
 
-mod common;
+use meterflow_testkit as common;
 
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::mocking::MockCluster;
 use rust_decimal::Decimal;
 use serde_json::json;
 
-use meterflow::config::Config;
-use meterflow::emulator::billwerk::{self, BillwerkOptions};
+use meterflow::emulator::billwerk::BillwerkOptions;
 use meterflow::pipeline::{self, RunStats};
 
 const CONTRACT: &str = "5cd186af443e551fe8e4f5dd";
@@ -102,20 +100,14 @@ fn invalid_events() -> Vec<(Vec<u8>, &'static str)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn valid_events_billed_once_invalid_ones_dead_lettered() {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("usage", 4, 1).unwrap();
-    cluster.create_topic("usage-dlq", 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = common::mock_cluster(&[("usage", 4), ("usage-dlq", 1)]);
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let emulator = billwerk::start(
+    let emulator = common::billwerk_emulator(
         BillwerkOptions::default()
             .with_contract("acme-prod", CONTRACT)
             .with_contract("globex", "5cd186af443e551fe8e4f5df"),
-        listener,
     )
-    .await
-    .unwrap();
+    .await;
 
     let n = 300;
     let valid = valid_events(n);
@@ -132,14 +124,15 @@ async fn valid_events_billed_once_invalid_ones_dead_lettered() {
 
     let dir = tempfile::tempdir().unwrap();
     let ledger = format!("sqlite://{}", dir.path().join("ledger.db").display());
-    let config = Config::from_toml_str(&common::billwerk_config(
+    let config = common::billwerk_config(
         &brokers,
         "meterflow-test",
         "usage",
         "usage-dlq",
         &emulator.base_url(),
         &ledger,
-    ))
+    )
+    .build()
     .unwrap();
     let stats = Arc::new(RunStats::default());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -2,7 +2,7 @@
 //! admin API, a consumer group with cooperative-sticky assignment, committed offsets, the billwerk
 //! emulator behind. Skipped locally without Tansu; required in CI.
 
-mod common;
+use meterflow_testkit as common;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use meterflow::config::Config;
-use meterflow::emulator::billwerk::{self, BillwerkOptions};
+use meterflow::emulator::billwerk::BillwerkOptions;
 use meterflow::pipeline::{self, RunStats};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -36,10 +35,7 @@ async fn delivers_through_a_real_broker_and_commits() {
     );
     common::create_topics(&brokers, &[(&topic, 3), (&dlq, 1)]).await;
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let emulator = billwerk::start(BillwerkOptions::default(), listener)
-        .await
-        .unwrap();
+    let emulator = common::billwerk_emulator(BillwerkOptions::default()).await;
 
     let n = 500;
     let mut payloads: Vec<Vec<u8>> = (0..n)
@@ -58,14 +54,15 @@ async fn delivers_through_a_real_broker_and_commits() {
     common::produce(&brokers, &topic, 3, &payloads).await;
 
     let ledger = format!("sqlite://{}", dir.path().join("ledger.db").display());
-    let config = Config::from_toml_str(&common::billwerk_config(
+    let config = common::billwerk_config(
         &brokers,
         &group,
         &topic,
         &dlq,
         &emulator.base_url(),
         &ledger,
-    ))
+    )
+    .build()
     .unwrap();
     let stats = Arc::new(RunStats::default());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -3,7 +3,7 @@
 //! whose cursor stalls or never ends makes it fail (the runner looks again later) instead of
 //! answering "not there", which would re-send and bill twice.
 
-mod common;
+use meterflow_testkit as common;
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +15,7 @@ use chrono::{TimeZone, Utc};
 use rust_decimal::Decimal;
 use serde_json::json;
 
-use meterflow::config::{Config, RateLimitConfig};
+use meterflow::config::RateLimitConfig;
 use meterflow::deliver::billwerk::BillwerkSink;
 use meterflow::deliver::client::Turn;
 use meterflow::deliver::ratelimit::RateLimiter;
@@ -26,15 +26,16 @@ use meterflow::event::{BillableUsage, CustomerRef, DeliveryKey, RawMessage, Sour
 const CONTRACT: &str = "5cd186af443e551fe8e4f5c1";
 
 fn sink(base_url: &str) -> BillwerkSink {
-    let text = common::billwerk_config(
+    let config = common::billwerk_config(
         "127.0.0.1:9",
         "g",
         "usage",
         "dlq",
         base_url,
         "sqlite::memory:",
-    );
-    let config = Config::from_toml_str(&text).expect("test config parses");
+    )
+    .build()
+    .expect("test config parses");
     let limiter = Arc::new(RateLimiter::new(&config.rate_limit).for_sink("billwerk"));
     BillwerkSink::new(&config.sink, limiter).expect("sink")
 }
@@ -83,10 +84,8 @@ async fn reconcile(sink: &BillwerkSink, event_id: &str) -> Result<Reconciled, St
 /// only after the empty page.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconciliation_pages_past_short_pages_until_an_empty_one() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let emulator = billwerk::start(BillwerkOptions::default().with_list_page_cap(100), listener)
-        .await
-        .unwrap();
+    let emulator =
+        common::billwerk_emulator(BillwerkOptions::default().with_list_page_cap(100)).await;
     let sink = sink(&emulator.base_url());
     // The runner takes each delivery request's turn; here a pace that never makes them wait.
     let unhurried = RateLimiter::new(&RateLimitConfig {

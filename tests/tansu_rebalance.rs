@@ -10,7 +10,7 @@
 //! Each member is a child process (this test binary again, running `member_process`), so that
 //! it can die without leaving the group, as a crashed replica does.
 
-mod common;
+use meterflow_testkit as common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

@@ -2,7 +2,7 @@
 //! librdkafka's mock cluster and the billwerk emulator: events outside it are dead-lettered with
 //! reason `timestamp_out_of_window` and a detail naming the bound, the others are billed.
 
-mod common;
+use meterflow_testkit as common;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -10,12 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{SecondsFormat, Utc};
-use rdkafka::mocking::MockCluster;
 use serde_json::json;
 
 use meterflow::ack::deadletter::headers;
-use meterflow::config::Config;
-use meterflow::emulator::billwerk::{self, BillwerkOptions};
+use meterflow::emulator::billwerk::BillwerkOptions;
 use meterflow::pipeline::{self, RunStats};
 
 fn event(id: &str, timestamp: chrono::DateTime<Utc>) -> Vec<u8> {
@@ -29,14 +27,8 @@ fn event(id: &str, timestamp: chrono::DateTime<Utc>) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_outside_the_window_are_dead_lettered_and_the_others_billed() {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("usage", 1, 1).unwrap();
-    cluster.create_topic("usage-dlq", 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let emulator = billwerk::start(BillwerkOptions::default(), listener)
-        .await
-        .unwrap();
+    let (_cluster, brokers) = common::mock_cluster(&[("usage", 1), ("usage-dlq", 1)]);
+    let emulator = common::billwerk_emulator(BillwerkOptions::default()).await;
 
     let now = Utc::now();
     let days = |n: i64| chrono::Duration::days(n);
@@ -54,7 +46,7 @@ async fn events_outside_the_window_are_dead_lettered_and_the_others_billed() {
 
     // The shared test config turns the age bound off (its events carry fixed dates): this test
     // runs with the defaults, set explicitly.
-    let text = common::billwerk_config(
+    let config = common::billwerk_config(
         &brokers,
         "meterflow-window",
         "usage",
@@ -62,9 +54,12 @@ async fn events_outside_the_window_are_dead_lettered_and_the_others_billed() {
         &emulator.base_url(),
         "none",
     );
-    assert!(text.contains("max_age = \"0\""));
-    let text = text.replace("max_age = \"0\"", "max_age = \"35d\"\nmax_future = \"5m\"");
-    let config = Config::from_toml_str(&text).unwrap();
+    assert_eq!(config.build().unwrap().input.max_age, Duration::ZERO);
+    let config = config
+        .max_age(Duration::from_secs(35 * 86_400))
+        .max_future(Duration::from_secs(5 * 60))
+        .build()
+        .unwrap();
     assert_eq!(config.input.max_age, Duration::from_secs(35 * 86_400));
 
     let stats = Arc::new(RunStats::default());

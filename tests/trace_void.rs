@@ -2,7 +2,7 @@
 //! real pipeline (mock cluster, billwerk emulator, SQLite or PostgreSQL ledger) did its work.
 //! Every answer is checked against what the emulator and the dead-letter topic hold.
 
-mod common;
+use meterflow_testkit as common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -13,14 +13,13 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::mocking::MockCluster;
 use rdkafka::ClientConfig;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
 use meterflow::ack::ledger::scratch::ScratchDatabase;
 use meterflow::ack::ledger::{EventContent, EventOrigin, Ledger, LedgerStore};
-use meterflow::config::Config;
+use meterflow::config::builder::{Bucket, ConfigBuilder};
 use meterflow::emulator::billwerk::{self, BillwerkEmulator, BillwerkOptions};
 use meterflow::event::{DeliveryKey, SourceRef};
 use meterflow::pipeline::{self, RunStats};
@@ -76,28 +75,26 @@ async fn emulator() -> BillwerkEmulator {
     billwerk::start(options, listener).await.unwrap()
 }
 
-fn config_text(
+fn test_config(
     brokers: &str,
     group: &str,
     base_url: &str,
     ledger: &str,
     aggregate: bool,
-) -> String {
-    let mut text = common::billwerk_config(brokers, group, "usage", "usage-dlq", base_url, ledger)
-        .replace("window = \"1s\"", "window = \"1s\"\nlimit = 20000");
+) -> ConfigBuilder {
+    let config = common::billwerk_config(brokers, group, "usage", "usage-dlq", base_url, ledger)
+        .rate_limit(Some(20000));
     if aggregate {
-        text = text.replace(
-            "[rate_limit]",
-            "[sink.aggregate]\nenabled = true\nbucket = \"hour\"\n\n[rate_limit]",
-        );
+        config.aggregate(Bucket::Hour)
+    } else {
+        config
     }
-    text
 }
 
 /// Runs the pipeline in this process until `settled` more events are delivered, found
 /// delivered, or dead-lettered; then drains it.
-async fn run_pipeline(config: &str, settled: u64) -> Arc<RunStats> {
-    let config = Config::from_toml_str(config).unwrap();
+async fn run_pipeline(config: &ConfigBuilder, settled: u64) -> Arc<RunStats> {
+    let config = config.build().unwrap();
     let stats = Arc::new(RunStats::default());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn(pipeline::run(config, stats.clone(), async {
@@ -154,9 +151,9 @@ fn dead_letters(brokers: &str, expected: usize) -> Vec<(i32, i64, String, String
     out
 }
 
-fn write_config(dir: &Path, text: &str) -> String {
+fn write_config(dir: &Path, config: &ConfigBuilder) -> String {
     let path = dir.join("meterflow.toml");
-    std::fs::write(&path, text).unwrap();
+    std::fs::write(&path, config.to_toml()).unwrap();
     path.display().to_string()
 }
 
@@ -164,14 +161,11 @@ fn write_config(dir: &Path, text: &str) -> String {
 /// answer names what the emulator and the dead-letter topic really hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trace_tells_delivered_refused_dead_lettered_and_unknown_events_apart() {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("usage", 1, 1).unwrap();
-    cluster.create_topic("usage-dlq", 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = common::mock_cluster(&[("usage", 1), ("usage-dlq", 1)]);
     let billwerk = emulator().await;
     let dir = tempfile::tempdir().unwrap();
     let ledger = format!("sqlite://{}", dir.path().join("ledger.db").display());
-    let config = config_text(&brokers, "trace", &billwerk.base_url(), &ledger, false);
+    let config = test_config(&brokers, "trace", &billwerk.base_url(), &ledger, false);
     let config_path = write_config(dir.path(), &config);
 
     common::produce(
@@ -268,9 +262,9 @@ async fn trace_tells_delivered_refused_dead_lettered_and_unknown_events_apart() 
     let (code, _, err) = meterflow(&["trace", "--config", &config_path, "--usage-id", "../x"]);
     assert_eq!(code, 2);
     assert!(err.contains("24 hexadecimal"), "{err}");
-    let missing = config.replace(&ledger, "sqlite:///nonexistent/ledger.db");
+    let missing = config.clone().ledger_url("sqlite:///nonexistent/ledger.db");
     let missing_path = dir.path().join("missing.toml");
-    std::fs::write(&missing_path, missing).unwrap();
+    std::fs::write(&missing_path, missing.to_toml()).unwrap();
     let (code, _, err) = meterflow(&[
         "trace",
         "--config",
@@ -285,14 +279,11 @@ async fn trace_tells_delivered_refused_dead_lettered_and_unknown_events_apart() 
 /// needs `--yes`, deletes the whole record, and a redelivery of its events bills nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_ids_list_the_events_of_each_aggregate_and_voiding_one_sticks() {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("usage", 1, 1).unwrap();
-    cluster.create_topic("usage-dlq", 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = common::mock_cluster(&[("usage", 1), ("usage-dlq", 1)]);
     let billwerk = emulator().await;
     let dir = tempfile::tempdir().unwrap();
     let ledger = format!("sqlite://{}", dir.path().join("ledger.db").display());
-    let config = config_text(&brokers, "aggregate", &billwerk.base_url(), &ledger, true);
+    let config = test_config(&brokers, "aggregate", &billwerk.base_url(), &ledger, true);
     let config_path = write_config(dir.path(), &config);
     let n = 60;
     let ids: Vec<String> = (0..n).map(|i| format!("evt_agg_{i:03}")).collect();
@@ -405,14 +396,11 @@ async fn usage_ids_list_the_events_of_each_aggregate_and_voiding_one_sticks() {
 /// to do instead), `--rebill` (billed again when redelivered), bad ids.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn void_deletes_unbilled_usage_once_and_refuses_billed_usage() {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("usage", 1, 1).unwrap();
-    cluster.create_topic("usage-dlq", 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = common::mock_cluster(&[("usage", 1), ("usage-dlq", 1)]);
     let billwerk = emulator().await;
     let dir = tempfile::tempdir().unwrap();
     let ledger = format!("sqlite://{}", dir.path().join("ledger.db").display());
-    let config = config_text(&brokers, "void", &billwerk.base_url(), &ledger, false);
+    let config = test_config(&brokers, "void", &billwerk.base_url(), &ledger, false);
     let config_path = write_config(dir.path(), &config);
     let a = event("evt_a", "api_calls", "3", json!("acme-prod"));
     let b = event("evt_b", "api_calls", "4", json!(CONTRACT));
@@ -563,7 +551,7 @@ async fn old_ledger_is_migrated_and_shows_in_flight_claims(url: &str, dir: &Path
     .unwrap();
     pool.close().await;
 
-    let config = config_text("127.0.0.1:9", "g", "http://127.0.0.1:9", url, false);
+    let config = test_config("127.0.0.1:9", "g", "http://127.0.0.1:9", url, false);
     let config_path = write_config(dir, &config);
     let (code, text, _) = meterflow(&["trace", "--config", &config_path, "evt_old"]);
     assert_eq!(code, 0, "{text}");
@@ -660,23 +648,17 @@ async fn a_postgres_ledger_of_an_earlier_release_is_migrated_in_place() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_names_what_is_missing_unknown_or_double_and_compares_exact_totals() {
     use meterflow::emulator::ratelimit::RateLimitSettings;
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("usage", 1, 1).unwrap();
-    cluster.create_topic("usage-dlq", 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let billwerk = billwerk::start(
+    let (_cluster, brokers) = common::mock_cluster(&[("usage", 1), ("usage-dlq", 1)]);
+    let billwerk = common::billwerk_emulator(
         BillwerkOptions::default()
             .with_contract("acme-prod", CONTRACT)
             .with_list_page_cap(2),
-        listener,
     )
-    .await
-    .unwrap();
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let ledger = format!("sqlite://{}", dir.path().join("ledger.db").display());
-    let config = config_text(&brokers, "audit", &billwerk.base_url(), &ledger, false)
-        .replace("limit = 20000", "");
+    let config =
+        test_config(&brokers, "audit", &billwerk.base_url(), &ledger, false).rate_limit(None);
     let config_path = write_config(dir.path(), &config);
     let quantities = ["0.1", "0.2", "1.000001", "7", "12345678901234567.1234567"];
     let mut payloads = Vec::new();
@@ -828,7 +810,7 @@ async fn audit_names_what_is_missing_unknown_or_double_and_compares_exact_totals
         &ledger,
     );
     let rails_path = dir.path().join("rails.toml");
-    std::fs::write(&rails_path, rails).unwrap();
+    std::fs::write(&rails_path, rails.to_toml()).unwrap();
     let (code, _, err) = meterflow(&[
         "audit",
         "--config",
@@ -873,13 +855,10 @@ async fn trace_void_and_audit_work_on_a_postgres_ledger() {
     let Some(db) = ScratchDatabase::for_test().await else {
         return;
     };
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("usage", 1, 1).unwrap();
-    cluster.create_topic("usage-dlq", 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = common::mock_cluster(&[("usage", 1), ("usage-dlq", 1)]);
     let billwerk = emulator().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = config_text(&brokers, "pg", &billwerk.base_url(), &db.url, false);
+    let config = test_config(&brokers, "pg", &billwerk.base_url(), &db.url, false);
     let config_path = write_config(dir.path(), &config);
     common::produce(
         &brokers,

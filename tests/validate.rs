@@ -1,7 +1,7 @@
 //! `meterflow validate`: exit codes and output of the real binary, and `--connect` against
 //! librdkafka's in-process mock cluster and a local HTTP token endpoint.
 
-mod common;
+use meterflow_testkit as common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -149,6 +149,8 @@ mod base64_basic {
     }
 }
 
+/// Written by hand, not with `ConfigBuilder` (which takes every value literally): the secret
+/// must come through `${BILLWERK_CLIENT_SECRET}`, read with the environment `check` is given.
 fn config_text(brokers: &str, base_url: &str) -> String {
     format!(
         r#"

@@ -7,6 +7,7 @@ use std::time::Duration;
 use rust_decimal::Decimal;
 use serde::Deserialize;
 
+pub mod builder;
 mod interpolate;
 mod parse;
 mod secret;

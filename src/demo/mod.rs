@@ -18,7 +18,7 @@ use rdkafka::ClientConfig;
 use rust_decimal::Decimal;
 
 use crate::admin::AdminServer;
-use crate::config::Config;
+use crate::config::builder::{Bucket, ConfigBuilder, Override};
 use crate::emulator::billwerk::{self, BillwerkOptions};
 use crate::emulator::faults::FaultSettings;
 use crate::emulator::ratelimit::RateLimitSettings;
@@ -219,7 +219,7 @@ pub async fn run_demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
         "sqlite" => format!("sqlite://{}", dir.path().join("ledger.db").display()),
         other => other.to_string(),
     };
-    let mut config_text = demo_config(
+    let mut config = demo_config(
         &brokers,
         &emulator.base_url(),
         &ledger,
@@ -227,15 +227,12 @@ pub async fn run_demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
         args.window,
     );
     if args.aggregate {
-        config_text = aggregated(&config_text);
+        config = aggregated(config);
     }
     if args.assume_limit > 0 {
-        config_text = config_text.replace(
-            "headroom = 0.005",
-            &format!("headroom = 0.005\nlimit = {}", args.assume_limit),
-        );
+        config = config.rate_limit(Some(args.assume_limit));
     }
-    let config = Config::from_toml_str(&config_text)?;
+    let config = config.build()?;
     let stats = Arc::new(RunStats::default());
     let admin = match args.admin_listen.as_str() {
         "" => None,
@@ -365,14 +362,26 @@ fn billed_as(payload: &[u8]) -> ((String, String), Decimal) {
 
 /// The demo config with pre-aggregation: a wider batch window, and descriptions that do not
 /// render the event's own quantity (which would make every event's record different).
-fn aggregated(config: &str) -> String {
+fn aggregated(config: ConfigBuilder) -> ConfigBuilder {
+    let (api_calls, storage) = rules();
     config
-        .replace(
-            "[rate_limit]",
-            "[sink.aggregate]\nenabled = true\nbucket = \"hour\"\n\n[batch]\nmax_events = 5000\nmax_wait = \"1s\"\n\n[rate_limit]",
-        )
-        .replace("{quantity} API calls in", "API calls in")
-        .replace("{quantity} GB stored", "GB stored")
+        .aggregate(Bucket::Hour)
+        .max_events(5000)
+        .max_wait(Duration::from_secs(1))
+        .clear_rules()
+        .rule(api_calls.description("API calls in {attributes.region}"))
+        .rule(storage.description("GB stored ({attributes.plan})"))
+}
+
+/// The demo's price rules, without descriptions: enterprise API calls, and storage.
+fn rules() -> (Override, Override) {
+    (
+        Override::metric("api_calls")
+            .attribute("plan", "enterprise")
+            .price_per_unit(Decimal::new(8, 4))
+            .name("API calls (enterprise)"),
+        Override::metric("storage_gb").price_per_unit(Decimal::new(21, 3)),
+    )
 }
 
 fn demo_config(
@@ -381,65 +390,35 @@ fn demo_config(
     ledger: &str,
     concurrency: usize,
     window: Duration,
-) -> String {
-    let mut components = String::new();
+) -> ConfigBuilder {
+    let (api_calls, storage) = rules();
+    let mut config = ConfigBuilder::new()
+        .brokers(brokers)
+        .group_id("meterflow-demo")
+        .topic("usage")
+        .dead_letter_topic("usage-dead-letters")
+        .session_timeout(Duration::from_secs(6))
+        .drain_timeout(Duration::from_secs(3))
+        .commit_interval(Duration::from_millis(200))
+        .kafka_property("fetch.wait.max.ms", "10")
+        .billwerk(
+            base_url,
+            billwerk::DEFAULT_CLIENT_ID,
+            billwerk::DEFAULT_CLIENT_SECRET,
+        )
+        .concurrency(concurrency)
+        .request_timeout(Duration::from_secs(1))
+        .rate_window(window)
+        .headroom(0.005)
+        .backoff(Duration::from_millis(50), Duration::from_secs(1))
+        .rule(api_calls.description("{quantity} API calls in {attributes.region}"))
+        .rule(storage.description("{quantity} GB stored ({attributes.plan})"))
+        .ledger_url(ledger)
+        .admin_listen("");
     for (metric, id) in COMPONENTS {
-        components.push_str(&format!("{metric} = \"{id}\"\n"));
+        config = config.component(metric, id);
     }
-    format!(
-        r#"
-[kafka]
-brokers = "{brokers}"
-group_id = "meterflow-demo"
-topics = ["usage"]
-dead_letter_topic = "usage-dead-letters"
-session_timeout = "6s"
-drain_timeout = "3s"
-commit_interval = "200ms"
-
-[kafka.properties]
-"fetch.wait.max.ms" = "10"
-
-[sink]
-kind = "billwerk"
-base_url = "{base_url}"
-client_id = "{client_id}"
-client_secret = "{client_secret}"
-concurrency = {concurrency}
-request_timeout = "1s"
-
-[rate_limit]
-window = "{window}"
-headroom = 0.005
-
-[retry]
-initial_backoff = "50ms"
-max_backoff = "1s"
-
-[components]
-{components}
-[[overrides]]
-metric = "api_calls"
-attributes = {{ plan = "enterprise" }}
-price_per_unit = "0.0008"
-name = "API calls (enterprise)"
-description = "{{quantity}} API calls in {{attributes.region}}"
-
-[[overrides]]
-metric = "storage_gb"
-price_per_unit = "0.021"
-description = "{{quantity}} GB stored ({{attributes.plan}})"
-
-[ledger]
-url = "{ledger}"
-
-[admin]
-listen = ""
-"#,
-        client_id = billwerk::DEFAULT_CLIENT_ID,
-        client_secret = billwerk::DEFAULT_CLIENT_SECRET,
-        window = humantime::format_duration(window),
-    )
+    config
 }
 
 /// Dead letters by reason, each source offset once; and how many second letters for an offset

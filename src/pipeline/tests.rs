@@ -12,6 +12,7 @@ use super::{Parts, Stages};
 use crate::ack::delivery::{LedgeredDelivery, RunStats};
 use crate::ack::ledger::{Ledger, LedgerClock, LedgerStore};
 use crate::batch::Grouping;
+use crate::config::builder::{Bucket, ConfigBuilder};
 use crate::config::Config;
 use crate::deliver::permits::Permits;
 use crate::deliver::ratelimit::RateLimiter;
@@ -22,30 +23,15 @@ use crate::testing::{Letters, MemorySource, ScriptedSink};
 
 const CONTRACT: &str = "5cd186af443e551fe8e4f5dd";
 
-fn config(extra: &str) -> Config {
-    let text = format!(
-        r#"
-[kafka]
-brokers = "memory"
-group_id = "g"
-topics = ["usage"]
-dead_letter_topic = "usage-dlq"
-
-[sink]
-kind = "billwerk"
-base_url = "http://127.0.0.1:9"
-client_id = "id"
-client_secret = "secret"
-
-[input]
-max_age = "0"
-
-[components]
-api_calls = "5ce53069443e551b9caccc64"
-{extra}
-"#
-    );
-    Config::from_toml_str(&text).unwrap()
+fn config() -> ConfigBuilder {
+    ConfigBuilder::new()
+        .brokers("memory")
+        .group_id("g")
+        .topic("usage")
+        .dead_letter_topic("usage-dlq")
+        .billwerk("http://127.0.0.1:9", "id", "secret")
+        .max_age(Duration::ZERO)
+        .component("api_calls", "5ce53069443e551b9caccc64")
 }
 
 fn event(id: &str, quantity: u32) -> Vec<u8> {
@@ -145,7 +131,7 @@ async fn run_through(run: &Run, parts: Parts<MemorySource>, messages: Vec<RawMes
 #[tokio::test]
 async fn each_event_is_sent_once_bad_ones_are_dead_lettered_and_a_restart_sends_nothing() {
     let (store, _dir) = sqlite().await;
-    let config = config("");
+    let config = config().build().unwrap();
     let messages = vec![
         message(0, event("evt_1", 1)),
         message(1, b"{not json".to_vec()),
@@ -187,15 +173,12 @@ async fn each_event_is_sent_once_bad_ones_are_dead_lettered_and_a_restart_sends_
 #[tokio::test]
 async fn an_aggregate_is_flushed_when_its_wait_runs_out() {
     let (store, _dir) = sqlite().await;
-    let config = config(
-        r#"
-[batch]
-max_events = 1000
-max_wait = "10m"
-"#,
-    );
-    let mut config = config;
-    config.sink.billwerk_mut().unwrap().aggregate.enabled = true;
+    let config = config()
+        .max_events(1000)
+        .max_wait(Duration::from_secs(600))
+        .aggregate(Bucket::Hour)
+        .build()
+        .unwrap();
     let (run, parts) = build(
         &config,
         ScriptedSink::default(),
@@ -229,7 +212,7 @@ max_wait = "10m"
 #[tokio::test]
 async fn a_429_holds_the_source_while_the_gate_is_closed() {
     let (store, _dir) = sqlite().await;
-    let config = config("");
+    let config = config().build().unwrap();
     let sink = ScriptedSink::answering(vec![Attempt::Retry {
         cause: RetryCause::Throttled,
         outcome_unknown: false,
