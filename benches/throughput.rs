@@ -17,24 +17,17 @@
 //! meterflow's log of each scenario is kept in `target/bench-throughput/`.
 
 use meterflow_testkit as common;
+mod support;
 
-use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use meterflow::ack::ledger::scratch::{self, ScratchDatabase};
-use serde_json::json;
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
+use support::{arg, held, meterflow, usage, SinkKind};
 
 fn http_get(addr: &str, path: &str) -> Option<String> {
-    use std::io::Write;
+    use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
@@ -52,65 +45,6 @@ fn records(emulator: &str) -> u64 {
         .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
         .and_then(|v| v["records"].as_u64())
         .unwrap_or(0)
-}
-
-/// (user+system CPU seconds, peak RSS in KiB) of a process.
-fn usage(pid: u32) -> (f64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = 100.0; // CLK_TCK on Linux x86_64
-    let cpu = fields
-        .get(11)
-        .zip(fields.get(12))
-        .map(|(u, s)| (u.parse::<f64>().unwrap_or(0.0) + s.parse::<f64>().unwrap_or(0.0)) / ticks)
-        .unwrap_or(0.0);
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    (cpu, hwm)
-}
-
-fn meterflow() -> &'static str {
-    env!("CARGO_BIN_EXE_meterflow")
-}
-
-/// Records the topic's partitions hold (high minus low watermark).
-fn held(brokers: &str, topic: &str, partitions: i32) -> usize {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .expect("consumer");
-    (0..partitions)
-        .map(|p| {
-            let (low, high) = consumer
-                .fetch_watermarks(topic, p, Duration::from_secs(10))
-                .expect("watermarks");
-            (high - low) as usize
-        })
-        .sum()
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum SinkKind {
-    Billwerk,
-    Billingrails,
-}
-
-impl SinkKind {
-    fn name(self) -> &'static str {
-        match self {
-            SinkKind::Billwerk => "billwerk",
-            SinkKind::Billingrails => "billingrails",
-        }
-    }
 }
 
 fn start_emulator(sink: SinkKind, port: u16) -> Child {
@@ -171,19 +105,7 @@ async fn scenario(
         }
         None => common::create_topics(brokers, &[(&topic, 4), (&dlq, 1)]).await,
     }
-    let payloads: Vec<Vec<u8>> = (0..events)
-        .map(|i| {
-            serde_json::to_vec(&json!({
-                "id": format!("b{run}_{i}"),
-                "contract_id": "5cd186af443e551fe8e4f5dd",
-                "metric": "api_calls",
-                "quantity": (i % 500) + 1,
-                "timestamp": "2026-11-20T10:15:00Z",
-                "attributes": {"plan": "enterprise", "region": "eu-west-1"}
-            }))
-            .unwrap()
-        })
-        .collect();
+    let payloads: Vec<Vec<u8>> = (0..events).map(|i| support::event(run, i)).collect();
     common::produce(brokers, &topic, 4, &payloads).await;
     // librdkafka's mock cluster keeps about 5 MiB per partition and drops older records: count
     // what the topic still holds, not what was produced.
@@ -198,31 +120,11 @@ async fn scenario(
     let logs = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-throughput");
     std::fs::create_dir_all(&logs).unwrap();
     let config = logs.join(format!("{}-{name}.toml", sink.name()));
-    let text = match sink {
-        SinkKind::Billwerk => common::billwerk_config(
-            brokers,
-            &group,
-            &topic,
-            &dlq,
-            &format!("http://{emu_addr}"),
-            ledger,
-        )
-        .concurrency(64),
-        SinkKind::Billingrails => common::billingrails_config(
-            brokers,
-            &group,
-            &topic,
-            &dlq,
-            &format!("http://{emu_addr}/v1"),
-            ledger,
-        )
-        .concurrency(16),
-    }
-    .max_events(500)
-    // The emulator without a limit sends no rate-limit headers: tell meterflow the budget.
-    .rate_limit(Some(10_000_000))
-    .log_level("warn")
-    .to_toml();
+    let base_url = match sink {
+        SinkKind::Billwerk => format!("http://{emu_addr}"),
+        SinkKind::Billingrails => format!("http://{emu_addr}/v1"),
+    };
+    let text = support::meterflow_config(sink, brokers, &group, &topic, &dlq, &base_url, ledger);
     std::fs::write(&config, text).unwrap();
     let log_path = logs.join(format!("{}-{name}.log", sink.name()));
     let log = std::fs::File::create(&log_path).unwrap();
@@ -246,16 +148,7 @@ async fn scenario(
         if first.is_none() && n > 0 {
             first = Some((now, n, usage(pid).0));
             if perf {
-                recorder = Some(
-                    Command::new("perf")
-                        .args(["record", "-q", "-e", "cpu-clock", "-F", "499"])
-                        .args(["--call-graph", "dwarf,16384", "-p", &pid.to_string(), "-o"])
-                        .arg(&perf_data)
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .spawn()
-                        .expect("perf record starts (apt-get install linux-perf)"),
-                );
+                recorder = Some(support::start_perf(pid, &perf_data));
             }
         }
         if n >= events as u64 || now > deadline {
@@ -271,11 +164,8 @@ async fn scenario(
         std::thread::sleep(Duration::from_millis(50));
     };
     let (cpu_end, rss) = usage(pid);
-    if let Some(recorder) = recorder.as_mut() {
-        let _ = Command::new("kill")
-            .args(["-INT", &recorder.id().to_string()])
-            .status();
-        let _ = recorder.wait();
+    if let Some(recorder) = recorder {
+        support::stop_perf(recorder);
     }
     let _ = Command::new("kill")
         .arg("-15")
@@ -285,7 +175,7 @@ async fn scenario(
     let _ = emulator.kill();
     let _ = emulator.wait();
     if perf {
-        print_stage_shares(&perf_data);
+        support::print_stage_shares(&perf_data);
     }
     if last.1 < events as u64 {
         eprintln!(
@@ -306,24 +196,6 @@ async fn scenario(
     }
 }
 
-/// `perf script` through benches/stage_cpu.py: the share of meterflow's CPU per stage.
-fn print_stage_shares(perf_data: &Path) {
-    let mut script = Command::new("perf")
-        .args(["script", "-F", "comm,tid,time,ip,sym", "-i"])
-        .arg(perf_data)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("perf script runs");
-    let classify = Command::new("python3")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/stage_cpu.py"))
-        .stdin(script.stdout.take().unwrap())
-        .output()
-        .expect("python3 runs");
-    let _ = script.wait();
-    println!("{}", String::from_utf8_lossy(&classify.stdout));
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let events: usize = arg("--events")
@@ -338,9 +210,9 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    let perf = std::env::args().any(|a| a == "--perf");
+    let perf = support::flag("--perf");
     let dir = tempfile::tempdir().unwrap();
-    let use_tansu = std::env::args().any(|a| a == "--tansu");
+    let use_tansu = support::flag("--tansu");
     let mock = if use_tansu {
         None
     } else {
@@ -389,12 +261,7 @@ async fn main() {
         ),
         ("ledger=postgres", postgres),
     ];
-    println!(
-        "load before: {}",
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .trim()
-    );
+    println!("load before: {}", support::load_average());
     println!(
         "{:<18} {:>9} {:>12} {:>14} {:>14}",
         "scenario", "events", "events/s", "CPU µs/event", "peak RSS MiB"
