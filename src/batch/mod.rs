@@ -39,28 +39,16 @@ impl Grouping {
                 size: b.billingrails.batch_size.clamp(1, 100),
             },
             ProviderConfig::Billwerk(b) if b.aggregate.enabled => Grouping::Aggregate {
-                bucket: Bucket::parse(&b.aggregate.bucket).unwrap_or(Bucket::Hour),
+                bucket: b.aggregate.bucket,
             },
             ProviderConfig::Billwerk(_) => Grouping::PerEvent,
         }
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Bucket {
-    Hour,
-    Day,
-}
+pub use crate::config::Bucket;
 
 impl Bucket {
-    pub fn parse(s: &str) -> Option<Bucket> {
-        match s {
-            "hour" => Some(Bucket::Hour),
-            "day" => Some(Bucket::Day),
-            _ => None,
-        }
-    }
-
     /// The start of the bucket `t` falls in.
     pub fn truncate(self, t: DateTime<Utc>) -> DateTime<Utc> {
         let step = match self {

@@ -29,21 +29,7 @@ pub struct ConfigBuilder {
     root: Table,
 }
 
-/// `sink.aggregate.bucket`: the period billwerk pre-aggregation sums over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Bucket {
-    Hour,
-    Day,
-}
-
-impl Bucket {
-    fn name(self) -> &'static str {
-        match self {
-            Bucket::Hour => "hour",
-            Bucket::Day => "day",
-        }
-    }
-}
+pub use super::Bucket;
 
 /// One `[[overrides]]` rule (first match wins).
 #[derive(Clone, Default, PartialEq)]

@@ -431,15 +431,34 @@ impl Default for BillingrailsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AggregateConfig {
     pub enabled: bool,
-    /// `hour` or `day`: DueDate is truncated to this bucket.
-    pub bucket: String,
+    /// DueDate is truncated to this bucket.
+    pub bucket: Bucket,
 }
 
 impl Default for AggregateConfig {
     fn default() -> Self {
         AggregateConfig {
             enabled: false,
-            bucket: "hour".into(),
+            bucket: Bucket::Hour,
+        }
+    }
+}
+
+/// `sink.aggregate.bucket`: the period billwerk pre-aggregation sums over (`"hour"` or `"day"`;
+/// anything else is refused naming the key, like every other enum of the file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Bucket {
+    Hour,
+    Day,
+}
+
+impl Bucket {
+    /// As the config file writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Bucket::Hour => "hour",
+            Bucket::Day => "day",
         }
     }
 }

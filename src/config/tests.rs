@@ -551,11 +551,17 @@ fn sink_rules() {
         "sink.request_timeout",
         &["is 0"],
     );
-    assert_problem(
-        |c| bw(c).aggregate.bucket = "week".into(),
-        "sink.aggregate.bucket",
-        &["\"week\"", "\"hour\" or \"day\""],
-    );
+    // The bucket is an enum: a wrong one is refused as the file is read.
+    let text = edited(|t| {
+        let aggregate = table(table(t, "sink"), "aggregate");
+        aggregate.insert("enabled".into(), true.into());
+        aggregate.insert("bucket".into(), "week".into());
+    });
+    let p = problems(&text);
+    assert_eq!(keys(&p), vec!["sink.aggregate.bucket"], "{p:#?}");
+    for c in ["\"week\"", "\"hour\" or \"day\""] {
+        assert!(p[0].message.contains(c), "{:?} should contain {c:?}", p[0]);
+    }
 }
 
 fn billingrails() -> Config {

@@ -436,18 +436,8 @@ fn sink(config: &Config, checks: &dyn StageChecks, p: &mut Problems) {
         );
     }
     // `[sink.aggregate]` with a Billingrails sink is refused while the section is read
-    // (`SinkConfig`'s conversion): the Billingrails config has no such key.
-    if let Some(b) = s.billwerk() {
-        if !matches!(b.aggregate.bucket.as_str(), "hour" | "day") {
-            p.add(
-                "sink.aggregate.bucket",
-                format!(
-                    "{:?} is not accepted: expected \"hour\" or \"day\"",
-                    b.aggregate.bucket
-                ),
-            );
-        }
-    }
+    // (`SinkConfig`'s conversion): the Billingrails config has no such key. Its `bucket` is an
+    // enum, refused as it is read too.
 }
 
 /// The largest `rate_limit.max_pause` accepted.
