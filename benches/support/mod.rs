@@ -93,20 +93,7 @@ pub fn event(run: u32, i: usize) -> Vec<u8> {
     .unwrap()
 }
 
-#[derive(Clone, Copy, PartialEq, Debug)]
-pub enum SinkKind {
-    Billwerk,
-    Billingrails,
-}
-
-impl SinkKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            SinkKind::Billwerk => "billwerk",
-            SinkKind::Billingrails => "billingrails",
-        }
-    }
-}
+pub use meterflow::config::SinkKind;
 
 /// meterflow's config for a sink at `base_url` that sends no rate-limit headers (the emulator
 /// without a limit, nginx): billwerk one usage record per event at concurrency 64; Billingrails
