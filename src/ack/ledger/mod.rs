@@ -285,7 +285,7 @@ impl Ledger {
 
     pub fn start(store: LedgerStore, lease: Duration) -> Ledger {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(store::writer(store, rx));
+        spawn_writer(store, rx);
         Ledger {
             ops: tx,
             lease,
@@ -506,6 +506,52 @@ impl Ledger {
                 return;
             }
             released.await;
+        }
+    }
+}
+
+/// Starts the group-commit writer. A SQLite ledger on the wall clock gets a thread (and a
+/// one-thread runtime) of its own: each of a transaction's statements is a round trip to
+/// SQLite's thread, and a writer task on the pipeline's runtime waited behind every ready
+/// delivery task for each answer (a transaction took about as long as 60 task polls per
+/// statement), which every claim then waited for. So does PostgreSQL's, with a pool of its own
+/// (a connection belongs to the runtime that opened it). A Tokio clock (tests under
+/// `tokio::time::pause()`) is the caller's runtime's: that writer stays a task of it.
+fn spawn_writer(store: LedgerStore, ops: mpsc::UnboundedReceiver<Op>) {
+    if !matches!(store.clock, LedgerClock::Wall) {
+        tokio::spawn(store::writer(store, ops));
+        return;
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::warn!(error = %e, "no runtime for the ledger writer's thread; it runs as a task");
+            tokio::spawn(store::writer(store, ops));
+            return;
+        }
+    };
+    // The store and the channel come back if the thread cannot start.
+    let handoff = Arc::new(Mutex::new(Some((store, ops))));
+    let theirs = handoff.clone();
+    let started = std::thread::Builder::new()
+        .name("ledger-writer".into())
+        .spawn(move || {
+            let taken = theirs.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some((store, ops)) = taken {
+                runtime.block_on(async move {
+                    let store = store.for_writer_thread();
+                    store::writer(store, ops).await;
+                });
+            }
+        });
+    if let Err(e) = started {
+        tracing::warn!(error = %e, "no thread for the ledger writer; it runs as a task");
+        let taken = handoff.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some((store, ops)) = taken {
+            tokio::spawn(store::writer(store, ops));
         }
     }
 }
