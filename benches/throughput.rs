@@ -7,7 +7,7 @@
 //! and its peak RSS.
 //!
 //! `cargo bench --bench throughput [-- --events N] [-- --only none|sqlite|postgres] [-- --tansu]
-//!  [-- --sink billwerk|billingrails] [-- --perf]`
+//!  [-- --sink billwerk|billingrails] [-- --perf] [-- --replicas 1,2,4]`
 //!
 //! The broker is librdkafka's mock cluster (in the bench process, on real TCP ports) unless
 //! `--tansu` asks for a Tansu process (its produce path is slow to fill on this machine).
@@ -15,6 +15,11 @@
 //! one billwerk usage record per event. `--perf` records meterflow with `perf record` (cpu-clock,
 //! DWARF call stacks) and prints the share of its CPU per pipeline stage (benches/stage_cpu.py).
 //! meterflow's log of each scenario is kept in `target/bench-throughput/`.
+//!
+//! `--replicas 1,2,4` runs the PostgreSQL scenario once per count, with that many `meterflow
+//! run` processes in one consumer group sharing one ledger database, and adds what the
+//! database did meanwhile: transactions and rows written per second (`pg_stat_database`) and
+//! the CPU of every PostgreSQL process on the machine, per event.
 
 use meterflow_testkit as common;
 mod support;
@@ -73,8 +78,58 @@ struct Row {
     scenario: String,
     events: u64,
     rate: f64,
+    /// Every replica's CPU together, per event.
     cpu_us: f64,
+    /// The largest replica's.
     rss_mib: f64,
+    database: Option<DatabaseLoad>,
+}
+
+/// What the ledger's PostgreSQL did between the first record and the last.
+struct DatabaseLoad {
+    transactions_per_s: f64,
+    rows_written_per_s: f64,
+    cpu_us_per_event: f64,
+}
+
+/// Committed transactions and rows written so far in database `name` (`pg_stat_database`).
+async fn database_counts(admin_url: &str, name: &str) -> (f64, f64) {
+    use sqlx::{Connection, Row};
+    let Ok(mut conn) = sqlx::PgConnection::connect(admin_url).await else {
+        return (0.0, 0.0);
+    };
+    let row = sqlx::query(
+        "SELECT CAST(xact_commit AS FLOAT8), CAST(tup_inserted + tup_updated + tup_deleted AS FLOAT8)
+         FROM pg_stat_database WHERE datname = $1",
+    )
+    .bind(name)
+    .fetch_optional(&mut conn)
+    .await
+    .ok()
+    .flatten();
+    let _ = conn.close().await;
+    row.map_or((0.0, 0.0), |r| (r.get(0), r.get(1)))
+}
+
+/// CPU seconds of every process named `postgres` on the machine.
+fn postgres_cpu() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "postgres")
+        })
+        .map(|pid| usage(pid).0)
+        .sum()
+}
+
+/// The database name in a `postgres://…/NAME[?…]` URL.
+fn database_name(url: &str) -> Option<&str> {
+    let path = url.rsplit_once('/')?.1;
+    Some(path.split('?').next().unwrap_or(path))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -83,6 +138,7 @@ async fn scenario(
     sink: SinkKind,
     perf: bool,
     ledger: &str,
+    replicas: usize,
     events: usize,
     brokers: &str,
     mock: Option<
@@ -126,52 +182,81 @@ async fn scenario(
     };
     let text = support::meterflow_config(sink, brokers, &group, &topic, &dlq, &base_url, ledger);
     std::fs::write(&config, text).unwrap();
-    let log_path = logs.join(format!("{}-{name}.log", sink.name()));
-    let log = std::fs::File::create(&log_path).unwrap();
+    let mut replicas_running: Vec<Child> = (0..replicas)
+        .map(|r| {
+            let log_path = logs.join(format!("{}-{name}-{r}.log", sink.name()));
+            let log = std::fs::File::create(&log_path).unwrap();
+            Command::new(meterflow())
+                .args(["run", "--config"])
+                .arg(&config)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("meterflow starts")
+        })
+        .collect();
+    let log_path = logs.join(format!("{}-{name}-0.log", sink.name()));
     let perf_data = logs.join(format!("{}-{name}.perf.data", sink.name()));
-    let mut mf = Command::new(meterflow())
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("meterflow starts");
-    let pid = mf.id();
+    let pids: Vec<u32> = replicas_running.iter().map(Child::id).collect();
+    let pid = pids[0];
+    let cpu = |pids: &[u32]| pids.iter().map(|p| usage(*p).0).sum::<f64>();
+    let postgres = ledger.starts_with("postgres");
+    let admin_url = scratch::server_url();
+    let db_name = database_name(ledger).unwrap_or_default().to_string();
     // perf follows only the threads that exist when it attaches: attach once meterflow is
     // delivering, when librdkafka's threads and the runtime's workers are all up.
     let mut recorder: Option<Child> = None;
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut first: Option<(Instant, u64, f64)> = None;
+    let mut db_first = None;
     let last = loop {
         let n = records(&emu_addr);
         let now = Instant::now();
         if first.is_none() && n > 0 {
-            first = Some((now, n, usage(pid).0));
+            first = Some((now, n, cpu(&pids)));
+            if postgres {
+                db_first = Some((database_counts(&admin_url, &db_name).await, postgres_cpu()));
+            }
             if perf {
                 recorder = Some(support::start_perf(pid, &perf_data));
             }
         }
         if n >= events as u64 || now > deadline {
-            break (now, n, usage(pid).0);
+            break (now, n, cpu(&pids));
         }
-        if let Ok(Some(status)) = mf.try_wait() {
+        if let Some(status) = replicas_running
+            .iter_mut()
+            .find_map(|mf| mf.try_wait().ok().flatten())
+        {
             eprintln!(
-                "meterflow exited early ({status}); its log: {}",
-                log_path.display()
+                "a meterflow exited early ({status}); its log is in {}",
+                logs.display()
             );
             break (now, n, 0.0);
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let (cpu_end, rss) = usage(pid);
+    let cpu_end = cpu(&pids);
+    let rss = pids.iter().map(|p| usage(*p).1).max().unwrap_or(0);
+    let postgres_cpu_end = postgres.then(postgres_cpu);
     if let Some(recorder) = recorder {
         support::stop_perf(recorder);
     }
-    let _ = Command::new("kill")
-        .arg("-15")
-        .arg(pid.to_string())
-        .status();
-    let _ = mf.wait();
+    for pid in &pids {
+        let _ = Command::new("kill")
+            .arg("-15")
+            .arg(pid.to_string())
+            .status();
+    }
+    for mf in &mut replicas_running {
+        let _ = mf.wait();
+    }
+    // A backend reports its counts when its connection closes at the latest: read them after
+    // the replicas have gone.
+    let db_last = match postgres {
+        true => Some(database_counts(&admin_url, &db_name).await),
+        false => None,
+    };
     let _ = emulator.kill();
     let _ = emulator.wait();
     if perf {
@@ -187,12 +272,25 @@ async fn scenario(
     let (t0, n0, cpu0) = first.unwrap_or(last);
     let secs = (last.0 - t0).as_secs_f64().max(0.001);
     let counted = last.1.saturating_sub(n0).max(1);
+    let database = match (db_first, db_last, postgres_cpu_end) {
+        (Some(((tx0, rows0), pg0)), Some((tx1, rows1)), Some(pg1)) => Some(DatabaseLoad {
+            transactions_per_s: (tx1 - tx0) / secs,
+            rows_written_per_s: (rows1 - rows0) / secs,
+            cpu_us_per_event: (pg1 - pg0) * 1e6 / counted as f64,
+        }),
+        _ => None,
+    };
     Row {
-        scenario: name.to_string(),
+        scenario: if replicas > 1 {
+            format!("{name} ×{replicas}")
+        } else {
+            name.to_string()
+        },
         events: last.1,
         rate: counted as f64 / secs,
         cpu_us: (cpu_end.max(last.2) - cpu0) * 1e6 / counted as f64,
         rss_mib: rss as f64 / 1024.0,
+        database,
     }
 }
 
@@ -211,6 +309,25 @@ async fn main() {
         }
     };
     let perf = support::flag("--perf");
+    let replica_counts: Vec<usize> = match arg("--replicas") {
+        None => vec![1],
+        Some(list) => match list
+            .split(',')
+            .map(|n| {
+                n.trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=16).contains(n))
+            })
+            .collect::<Option<Vec<_>>>()
+        {
+            Some(counts) if !counts.is_empty() => counts,
+            _ => {
+                eprintln!("--replicas {list}: expected counts from 1 to 16, e.g. 1,2,4");
+                std::process::exit(2);
+            }
+        },
+    };
     let dir = tempfile::tempdir().unwrap();
     let use_tansu = support::flag("--tansu");
     let mock = if use_tansu {
@@ -243,37 +360,82 @@ async fn main() {
             "librdkafka mock cluster, 4 partitions"
         }
     );
-    // A database of its own, dropped at the end: the rows a run leaves must not slow the next
-    // run or change a test's result.
-    let postgres_db = if only.as_deref().is_none_or(|o| o == "postgres") {
-        ScratchDatabase::create(&scratch::server_url()).await.ok()
-    } else {
-        None
-    };
-    let postgres = postgres_db
-        .as_ref()
-        .map_or_else(scratch::server_url, |db| db.url.clone());
     let scenarios = [
         ("ledger=none", "none".to_string()),
         (
             "ledger=sqlite",
             format!("sqlite://{}", dir.path().join("ledger.db").display()),
         ),
-        ("ledger=postgres", postgres),
+        // A database of its own for each run (below), dropped at its end: the rows a run
+        // leaves must not slow the next run or change a test's result.
+        ("ledger=postgres", String::new()),
     ];
     println!("load before: {}", support::load_average());
     println!(
-        "{:<18} {:>9} {:>12} {:>14} {:>14}",
-        "scenario", "events", "events/s", "CPU µs/event", "peak RSS MiB"
+        "{:<22} {:>9} {:>12} {:>14} {:>14} {:>10} {:>12} {:>12}",
+        "scenario",
+        "events",
+        "events/s",
+        "CPU µs/event",
+        "peak RSS MiB",
+        "db tx/s",
+        "db rows/s",
+        "db µs/event"
     );
     for (name, ledger) in scenarios {
         if only.as_deref().is_some_and(|o| !name.ends_with(o)) {
             continue;
         }
-        let row = scenario(name, sink, perf, &ledger, events, &brokers, mock.as_ref()).await;
-        println!(
-            "{:<18} {:>9} {:>12.0} {:>14.1} {:>14.1}",
-            row.scenario, row.events, row.rate, row.cpu_us, row.rss_mib
-        );
+        // Several replicas share a PostgreSQL ledger (or none); a SQLite ledger is one process's.
+        let counts: &[usize] = if name.ends_with("sqlite") {
+            &[1]
+        } else {
+            &replica_counts
+        };
+        for &replicas in counts {
+            let scratch_db = match name.ends_with("postgres") {
+                true => match ScratchDatabase::create(&scratch::server_url()).await {
+                    Ok(db) => Some(db),
+                    Err(e) => {
+                        eprintln!(
+                            "{name}: no scratch database on {}: {e}",
+                            scratch::server_url()
+                        );
+                        continue;
+                    }
+                },
+                false => None,
+            };
+            let ledger = scratch_db
+                .as_ref()
+                .map_or(ledger.clone(), |db| db.url.clone());
+            let row = scenario(
+                name,
+                sink,
+                perf,
+                &ledger,
+                replicas,
+                events,
+                &brokers,
+                mock.as_ref(),
+            )
+            .await;
+            let db = |f: fn(&DatabaseLoad) -> f64| {
+                row.database
+                    .as_ref()
+                    .map_or_else(|| "—".to_string(), |d| format!("{:.0}", f(d)))
+            };
+            println!(
+                "{:<22} {:>9} {:>12.0} {:>14.1} {:>14.1} {:>10} {:>12} {:>12}",
+                row.scenario,
+                row.events,
+                row.rate,
+                row.cpu_us,
+                row.rss_mib,
+                db(|d| d.transactions_per_s),
+                db(|d| d.rows_written_per_s),
+                db(|d| d.cpu_us_per_event)
+            );
+        }
     }
 }

@@ -99,6 +99,10 @@ pub use meterflow::config::SinkKind;
 /// without a limit, nginx): billwerk one usage record per event at concurrency 64; Billingrails
 /// batches of 100 at concurrency 16. `base_url` is the provider's base (billwerk: the host;
 /// Billingrails: with its `/v1`). Logs at warn.
+///
+/// Every benchmark event bills one contract, so the per-contract share is the whole
+/// concurrency: meterflow's default (a quarter of it) would keep 16 billwerk requests in
+/// flight where the peer is given 64.
 pub fn meterflow_config(
     sink: SinkKind,
     brokers: &str,
@@ -109,12 +113,13 @@ pub fn meterflow_config(
     ledger: &str,
 ) -> String {
     match sink {
-        SinkKind::Billwerk => {
-            common::billwerk_config(brokers, group, topic, dlq, base_url, ledger).concurrency(64)
-        }
+        SinkKind::Billwerk => common::billwerk_config(brokers, group, topic, dlq, base_url, ledger)
+            .concurrency(64)
+            .concurrency_per_contract(64),
         SinkKind::Billingrails => {
             common::billingrails_config(brokers, group, topic, dlq, base_url, ledger)
                 .concurrency(16)
+                .concurrency_per_contract(16)
         }
     }
     .max_events(500)
