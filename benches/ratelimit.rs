@@ -179,6 +179,13 @@ struct Outcome {
 }
 
 fn main() -> anyhow::Result<()> {
+    // `RUST_LOG=meterflow=debug` shows the pipelines' own log (timestamps to match windows).
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let mut settings = Settings {
         windows: 10,
         limit: 2000,

@@ -185,19 +185,27 @@ impl LedgeredDelivery {
             let concurrency = concurrency.clone();
             tasks.spawn(async move {
                 let _permit = concurrency.acquire(&delivery).await;
-                // What a dead letter needs if the delivery dies: a bug must not pin the partition.
-                let key = delivery.key.clone();
-                let carried: Vec<(RawMessage, String)> = delivery
-                    .items
-                    .iter()
-                    .map(|i| (i.raw.clone(), i.usage.event_id.clone()))
-                    .collect();
-                let delivered = std::panic::AssertUnwindSafe(this.deliver(delivery)).catch_unwind();
-                if let Err(panic) = delivered.await {
-                    this.delivery_died(&key, &carried, panic_text(&*panic))
-                        .await;
-                }
+                // Boxed, so that a task waiting for its permit holds its delivery and no more:
+                // the send's own state is about 1.8 KiB, and up to `batch.max_in_flight`
+                // deliveries wait (36 MiB of 20 000 P1 tasks before).
+                Box::pin(this.deliver_guarded(delivery)).await;
             });
+        }
+    }
+
+    /// Delivers; a panic (a bug) dead-letters the delivery's events instead of pinning their
+    /// partition.
+    async fn deliver_guarded(&self, delivery: Delivery) {
+        let key = delivery.key.clone();
+        let carried: Vec<(RawMessage, String)> = delivery
+            .items
+            .iter()
+            .map(|i| (i.raw.clone(), i.usage.event_id.clone()))
+            .collect();
+        let delivered = std::panic::AssertUnwindSafe(self.deliver(delivery)).catch_unwind();
+        if let Err(panic) = delivered.await {
+            self.delivery_died(&key, &carried, panic_text(&*panic))
+                .await;
         }
     }
 

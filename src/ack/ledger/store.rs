@@ -273,6 +273,10 @@ fn pool_options(sqlite: bool, connections: u32) -> AnyPoolOptions {
                     conn.execute("PRAGMA journal_mode=WAL").await?;
                     conn.execute("PRAGMA synchronous=FULL").await?;
                     conn.execute("PRAGMA busy_timeout=10000").await?;
+                    // Statement journals in memory: a multi-row upsert inside the group's
+                    // transaction journals each page it changes, and in a temporary file that
+                    // was a pwrite per page (7 % of meterflow's CPU on P1).
+                    conn.execute("PRAGMA temp_store=MEMORY").await?;
                 } else {
                     // A prepared statement's generic plan is made once, against the table as it
                     // was then: planned on an empty ledger, a group's multi-row join scanned the
