@@ -227,40 +227,7 @@ impl KafkaSource {
             revocations: tokio::sync::watch::channel(0).0,
             reported: Mutex::new(HashMap::new()),
         });
-        let mut config = ClientConfig::new();
-        config
-            .set("bootstrap.servers", &options.brokers)
-            .set("group.id", &options.group_id)
-            .set("partition.assignment.strategy", "cooperative-sticky")
-            // Offsets are stored only when the contiguous watermark moves.
-            .set("enable.auto.offset.store", "false")
-            .set("enable.auto.commit", "true")
-            .set(
-                "auto.commit.interval.ms",
-                options.commit_interval.as_millis().to_string(),
-            )
-            .set("auto.offset.reset", "earliest")
-            .set(
-                "session.timeout.ms",
-                options.session_timeout.as_millis().to_string(),
-            )
-            // Bound the prefetch buffer: memory is the in-flight budget, not librdkafka's 64 MiB.
-            .set("queued.max.messages.kbytes", "16384")
-            .set("fetch.wait.max.ms", "100")
-            // librdkafka keeps fetching until each partition holds 100 000 messages: with a
-            // backlog its queue and the messages' own overhead were ~40 MiB, for a pipeline that
-            // takes at most `batch.max_in_flight` at a time (100 000-event backlog, peak RSS
-            // 111 → 85 MiB at 10 000; `[kafka.properties]` overrides both).
-            .set("queued.min.messages", "10000")
-            .set_log_level(RDKafkaLogLevel::Warning);
-        for (k, v) in &options.properties {
-            config.set(k, v);
-        }
-        // A `debug` property asks for librdkafka's debug lines (e.g. `cgrp`: group joins and
-        // assignments); the warning level set above would drop them.
-        if options.properties.iter().any(|(k, _)| k == "debug") {
-            config.set_log_level(RDKafkaLogLevel::Debug);
-        }
+        let config = consumer_config(&options);
         let consumer: SourceConsumer = config.create_with_context(SourceContext {
             shared: shared.clone(),
         })?;
@@ -431,6 +398,45 @@ impl SourceHandle {
     pub fn request_shutdown(&self) {
         self.shared.shutdown.store(true, Ordering::Release);
     }
+}
+
+/// The consumer's librdkafka settings: meterflow's own, then `[kafka.properties]` over them.
+fn consumer_config(options: &SourceOptions) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &options.brokers)
+        .set("group.id", &options.group_id)
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        // Offsets are stored only when the contiguous watermark moves.
+        .set("enable.auto.offset.store", "false")
+        .set("enable.auto.commit", "true")
+        .set(
+            "auto.commit.interval.ms",
+            options.commit_interval.as_millis().to_string(),
+        )
+        .set("auto.offset.reset", "earliest")
+        .set(
+            "session.timeout.ms",
+            options.session_timeout.as_millis().to_string(),
+        )
+        // Bound the prefetch buffer: memory is the in-flight budget, not librdkafka's 64 MiB.
+        .set("queued.max.messages.kbytes", "16384")
+        .set("fetch.wait.max.ms", "100")
+        // librdkafka keeps fetching until each partition holds 100 000 messages: with a
+        // backlog its queue and the messages' own overhead were ~40 MiB, for a pipeline that
+        // takes at most `batch.max_in_flight` at a time (100 000-event backlog, peak RSS
+        // 111 → 85 MiB at 10 000; `[kafka.properties]` overrides both).
+        .set("queued.min.messages", "10000")
+        .set_log_level(RDKafkaLogLevel::Warning);
+    for (k, v) in &options.properties {
+        config.set(k, v);
+    }
+    // A `debug` property asks for librdkafka's debug lines (e.g. `cgrp`: group joins and
+    // assignments); the warning level set above would drop them.
+    if options.properties.iter().any(|(k, _)| k == "debug") {
+        config.set_log_level(RDKafkaLogLevel::Debug);
+    }
+    config
 }
 
 fn consume_loop(
@@ -685,5 +691,42 @@ impl crate::admin::status::PartitionFigures for SourceHandle {
             .collect();
         out.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(properties: &[(&str, &str)]) -> SourceOptions {
+        SourceOptions {
+            brokers: "127.0.0.1:9092".into(),
+            group_id: "g".into(),
+            topics: vec!["usage".into()],
+            session_timeout: Duration::from_secs(6),
+            drain_timeout: Duration::from_secs(3),
+            commit_interval: Duration::from_millis(200),
+            max_in_flight: 20_000,
+            properties: properties
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_prefetch_is_bounded_by_default_and_properties_win() {
+        let config = consumer_config(&options(&[]));
+        assert_eq!(config.get("queued.min.messages"), Some("10000"));
+        assert_eq!(config.get("queued.max.messages.kbytes"), Some("16384"));
+        assert_eq!(config.get("session.timeout.ms"), Some("6000"));
+
+        let config = consumer_config(&options(&[
+            ("queued.min.messages", "50000"),
+            ("fetch.wait.max.ms", "10"),
+        ]));
+        assert_eq!(config.get("queued.min.messages"), Some("50000"));
+        assert_eq!(config.get("fetch.wait.max.ms"), Some("10"));
+        assert_eq!(config.get("queued.max.messages.kbytes"), Some("16384"));
     }
 }
