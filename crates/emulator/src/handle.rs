@@ -12,7 +12,7 @@ use super::error::EmulatorError;
 use super::faults::FaultSettings;
 use super::ratelimit::{RateLimitSettings, WindowTally};
 use super::server::RunningServer;
-use super::stats::{EmulatorStats, RecordStats};
+use super::stats::{EmulatorStats, PerKey, RecordStats};
 
 /// What differs between the emulated providers, as far as inspection and reset are concerned.
 pub trait EmulatedProvider: Send + Sync + 'static {
@@ -21,7 +21,7 @@ pub trait EmulatedProvider: Send + Sync + 'static {
 
     /// Every stored record, in creation order.
     fn records(&self) -> Vec<Self::Record>;
-    fn record_stats(&self) -> RecordStats;
+    fn record_stats(&self, per_key: PerKey) -> RecordStats;
     /// Forgets every stored record and cached answer (credentials and seeded data stay).
     fn clear(&self);
 }
@@ -73,8 +73,9 @@ impl<P: EmulatedProvider> EmulatorHandle<P> {
         self.provider.records()
     }
 
+    /// Counts, and the records of every delivery key.
     pub fn stats(&self) -> EmulatorStats {
-        stats(&self.control, self.provider.as_ref())
+        stats(&self.control, self.provider.as_ref(), PerKey::Listed)
     }
 
     pub fn limit(&self) -> LimitStatus {
@@ -119,11 +120,15 @@ impl<P: EmulatedProvider> EmulatorHandle<P> {
     }
 }
 
-pub(crate) fn stats<P: EmulatedProvider>(control: &Control, provider: &P) -> EmulatorStats {
+pub(crate) fn stats<P: EmulatedProvider>(
+    control: &Control,
+    provider: &P,
+    per_key: PerKey,
+) -> EmulatorStats {
     EmulatorStats::new(
         &control.answers,
         control.fault_counts.snapshot(),
-        provider.record_stats(),
+        provider.record_stats(per_key),
     )
 }
 

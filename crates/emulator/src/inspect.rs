@@ -16,6 +16,7 @@ use super::control::Control;
 use super::faults::FaultSettings;
 use super::handle::{self, EmulatedProvider};
 use super::ratelimit::RateLimitSettings;
+use super::stats::PerKey;
 
 struct Inspect<P> {
     control: Arc<Control>,
@@ -55,11 +56,16 @@ async fn stats<P: EmulatedProvider>(
     State(inspect): State<Inspect<P>>,
     Query(query): Query<StatsQuery>,
 ) -> Response {
-    let mut stats = handle::stats(&inspect.control, inspect.provider.as_ref());
-    if query.per_key == Some(false) {
-        stats.records_per_delivery_key.clear();
-    }
-    Json(stats).into_response()
+    let per_key = match query.per_key {
+        Some(false) => PerKey::Counted,
+        _ => PerKey::Listed,
+    };
+    Json(handle::stats(
+        &inspect.control,
+        inspect.provider.as_ref(),
+        per_key,
+    ))
+    .into_response()
 }
 
 async fn limit<P: EmulatedProvider>(State(inspect): State<Inspect<P>>) -> Response {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::events::IncomingEvent;
-use crate::stats::RecordStats;
+use crate::stats::{PerKey, RecordStats};
 
 /// One stored event, as `GET /_emulator/records` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -101,14 +101,20 @@ impl EventLog {
             .collect()
     }
 
-    pub fn stats(&self) -> RecordStats {
+    pub fn stats(&self, per_key: PerKey) -> RecordStats {
         RecordStats {
             records: self.events.len() as u64,
-            records_per_delivery_key: self
-                .stored_keys
-                .iter()
-                .map(|key| (key.to_string(), 1))
-                .collect(),
+            delivery_keys: self.stored_keys.len() as u64,
+            // An idempotency key is stored once: a second event with it is ignored.
+            duplicate_keys: 0,
+            records_per_delivery_key: match per_key {
+                PerKey::Listed => self
+                    .stored_keys
+                    .iter()
+                    .map(|key| (key.to_string(), 1))
+                    .collect(),
+                PerKey::Counted => Default::default(),
+            },
             duplicate_events_ignored: self.duplicates_ignored,
         }
     }
@@ -146,10 +152,14 @@ mod tests {
             Appended::Stored,
             "no key, no dedupe"
         );
-        let stats = log.stats();
+        let stats = log.stats(PerKey::Listed);
         assert_eq!(stats.records, 3);
         assert_eq!(stats.duplicate_events_ignored, 1);
         assert_eq!(stats.records_per_delivery_key["k"], 1);
+        assert_eq!((stats.delivery_keys, stats.duplicate_keys), (1, 0));
+        let counted = log.stats(PerKey::Counted);
+        assert!(counted.records_per_delivery_key.is_empty());
+        assert_eq!((counted.records, counted.delivery_keys), (3, 1));
         assert_eq!(
             log.events()[0].timestamp,
             now,

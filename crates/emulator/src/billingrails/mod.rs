@@ -24,7 +24,7 @@ use super::error::EmulatorError;
 use super::faults::FaultSettings;
 use super::handle::{self, EmulatedProvider, EmulatorHandle};
 use super::ratelimit::RateLimitSettings;
-use super::stats::RecordStats;
+use super::stats::{PerKey, RecordStats};
 use crate::Secret;
 
 /// A running Billingrails emulator.
@@ -136,8 +136,8 @@ impl EmulatedProvider for Billingrails {
         self.log().events()
     }
 
-    fn record_stats(&self) -> RecordStats {
-        self.log().stats()
+    fn record_stats(&self, per_key: PerKey) -> RecordStats {
+        self.log().stats(per_key)
     }
 
     fn clear(&self) {

@@ -8,7 +8,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use super::usage_body::{ProductOverride, UsageRequest};
-use crate::stats::RecordStats;
+use crate::stats::{PerKey, RecordStats};
 
 /// One stored usage record, as `GET /_emulator/records` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +101,8 @@ pub struct UsageLedger {
     indexes_by_contract: HashMap<Arc<str>, Vec<u32>>,
     component_ids: HashSet<Arc<str>>,
     records_per_memo: HashMap<Arc<str>, u64>,
+    /// Memos on more than one live record.
+    duplicate_memos: u64,
     /// Never reset, so ids stay unique and ordered across `clear`.
     next_sequence: u64,
     id_prefix: u32,
@@ -142,7 +144,11 @@ impl UsageLedger {
         };
         let memo: Option<Arc<str>> = request.memo.map(Arc::from);
         if let Some(memo) = &memo {
-            *self.records_per_memo.entry(memo.clone()).or_default() += 1;
+            let count = self.records_per_memo.entry(memo.clone()).or_default();
+            *count += 1;
+            if *count == 2 {
+                self.duplicate_memos += 1;
+            }
         }
         let stored = StoredUsage {
             sequence,
@@ -234,6 +240,9 @@ impl UsageLedger {
         if let Some(memo) = stored.memo {
             if let Some(count) = self.records_per_memo.get_mut(&memo) {
                 *count -= 1;
+                if *count == 1 {
+                    self.duplicate_memos -= 1;
+                }
                 if *count == 0 {
                     self.records_per_memo.remove(&memo);
                 }
@@ -277,14 +286,19 @@ impl UsageLedger {
             .collect()
     }
 
-    pub fn stats(&self) -> RecordStats {
+    pub fn stats(&self, per_key: PerKey) -> RecordStats {
         RecordStats {
             records: self.live_records,
-            records_per_delivery_key: self
-                .records_per_memo
-                .iter()
-                .map(|(memo, count)| (memo.to_string(), *count))
-                .collect(),
+            delivery_keys: self.records_per_memo.len() as u64,
+            duplicate_keys: self.duplicate_memos,
+            records_per_delivery_key: match per_key {
+                PerKey::Listed => self
+                    .records_per_memo
+                    .iter()
+                    .map(|(memo, count)| (memo.to_string(), *count))
+                    .collect(),
+                PerKey::Counted => Default::default(),
+            },
             duplicate_events_ignored: 0,
         }
     }
@@ -296,6 +310,7 @@ impl UsageLedger {
         self.indexes_by_contract.clear();
         self.component_ids.clear();
         self.records_per_memo.clear();
+        self.duplicate_memos = 0;
     }
 }
 
@@ -376,13 +391,37 @@ mod tests {
         let mut ledger = UsageLedger::new(1);
         let first = ledger.insert("a", usage("key"), at(1));
         ledger.insert("a", usage("key"), at(2));
-        assert_eq!(ledger.stats().records_per_delivery_key["key"], 2);
+        let stats = ledger.stats(PerKey::Listed);
+        assert_eq!(stats.records_per_delivery_key["key"], 2);
+        assert_eq!((stats.delivery_keys, stats.duplicate_keys), (1, 1));
+        let counted = ledger.stats(PerKey::Counted);
+        assert!(counted.records_per_delivery_key.is_empty());
+        assert_eq!(
+            (
+                counted.records,
+                counted.delivery_keys,
+                counted.duplicate_keys
+            ),
+            (2, 1, 1)
+        );
         assert!(!ledger.delete("b", &first.id), "another contract's record");
         assert!(ledger.delete("a", &first.id));
         assert!(!ledger.delete("a", &first.id), "already gone");
-        let stats = ledger.stats();
+        let stats = ledger.stats(PerKey::Listed);
         assert_eq!(stats.records, 1);
         assert_eq!(stats.records_per_delivery_key["key"], 1);
+        assert_eq!((stats.delivery_keys, stats.duplicate_keys), (1, 0));
+        let other = ledger.insert("a", usage("other"), at(3));
+        assert!(ledger.delete("a", &other.id));
+        let counted = ledger.stats(PerKey::Counted);
+        assert_eq!(
+            (
+                counted.records,
+                counted.delivery_keys,
+                counted.duplicate_keys
+            ),
+            (1, 1, 0)
+        );
         assert_eq!(ledger.records().len(), 1);
     }
 

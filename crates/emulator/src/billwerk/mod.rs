@@ -29,7 +29,7 @@ use super::error::EmulatorError;
 use super::faults::FaultSettings;
 use super::handle::{self, EmulatedProvider, EmulatorHandle};
 use super::ratelimit::RateLimitSettings;
-use super::stats::RecordStats;
+use super::stats::{PerKey, RecordStats};
 use crate::Secret;
 
 /// A running billwerk emulator.
@@ -201,8 +201,8 @@ impl EmulatedProvider for Billwerk {
         self.ledger().records()
     }
 
-    fn record_stats(&self) -> RecordStats {
-        self.ledger().stats()
+    fn record_stats(&self, per_key: PerKey) -> RecordStats {
+        self.ledger().stats(per_key)
     }
 
     fn clear(&self) {
