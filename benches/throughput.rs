@@ -167,9 +167,12 @@ async fn scenario(
     // what the topic still holds, not what was produced.
     let events = held(brokers, &topic, 4);
     if events < payloads.len() {
+        let why = match mock {
+            Some(_) => "the mock cluster keeps ~5 MiB per partition; use --tansu or fewer --events",
+            None => "Tansu's watermarks; the run waits for that many",
+        };
         eprintln!(
-            "the broker holds {events} of the {} events produced (the mock cluster keeps ~5 MiB \
-             per partition; use --tansu or fewer --events)",
+            "the broker holds {events} of the {} events produced ({why})",
             payloads.len()
         );
     }
