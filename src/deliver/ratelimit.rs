@@ -86,6 +86,9 @@ pub struct PaceModel {
     /// When the request was sent whose answer first showed the current window: answers to
     /// requests sent before it speak of an earlier window (they arrive late, out of order).
     window_began_sent: Option<Instant>,
+    /// The window's end was put off once by [`reset_bound`]'s grace; a second time, the header
+    /// is taken at its word (an estimate can be a little early, not early for ever).
+    window_end_put_off: bool,
     /// Whether the server sends rate-limit headers at all.
     headers_seen: bool,
     /// Rate used when no headers and no configured limit: starts low, halves on 429, creeps up.
@@ -108,6 +111,7 @@ impl PaceModel {
             remaining: None,
             window_end: None,
             window_began_sent: None,
+            window_end_put_off: false,
             headers_seen: false,
             probe_rate: f64::from(config.initial_rate.max(1)),
             successes_since_throttle: 0,
@@ -175,6 +179,7 @@ impl PaceModel {
                     self.window_end = Some(later(sent_at.unwrap_or(now), self.window));
                     self.window_end_capped = false;
                     self.window_began_sent = sent_at;
+                    self.window_end_put_off = false;
                 }
                 if window_rolled || window_passed || self.remaining.is_none() || first_sight {
                     self.remaining = Some(remaining);
@@ -204,7 +209,10 @@ impl PaceModel {
             // value taken for seconds would otherwise close the gate for decades).
             self.window_end_capped = reset_after > self.max_pause;
             let reset_after = reset_after.min(self.max_pause);
-            self.window_end = Some(reset_bound(self.window_end, reset_after, now));
+            let grace = (!self.window_end_put_off).then(|| self.grace());
+            let (end, put_off) = reset_bound(self.window_end, reset_after, sent_at, now, grace);
+            self.window_end = Some(end);
+            self.window_end_put_off |= put_off;
         }
         if throttled {
             self.remaining = Some(0);
@@ -231,12 +239,7 @@ impl PaceModel {
         if sent < began {
             return true;
         }
-        let grace = self
-            .window
-            .checked_div(50)
-            .unwrap_or_default()
-            .max(Duration::from_millis(20));
-        if sent >= later(began, grace) {
+        if sent >= later(began, self.grace()) {
             return false;
         }
         let (Some(limit), Some(current)) = (self.limit, self.remaining) else {
@@ -247,6 +250,15 @@ impl PaceModel {
         signals.limit.is_some_and(|l| l != limit)
             || signals.remaining.is_some_and(far_below)
             || (throttled && far_below(0))
+    }
+
+    /// How far apart the model's estimate of a window's end and the server's may be: a fiftieth
+    /// of the window, at least 20 ms.
+    fn grace(&self) -> Duration {
+        self.window
+            .checked_div(50)
+            .unwrap_or_default()
+            .max(Duration::from_millis(20))
     }
 
     /// The pace to send at now.
@@ -327,19 +339,47 @@ impl PaceModel {
     }
 }
 
-/// Where the window ends, given the model's estimate and a reset header (`reset` from now).
-/// Servers send whole seconds, rounded either way: the end then lies within a second of
-/// `now + reset`, and an estimate inside that span (from the last observed reset: finer than a
-/// second) is kept. Outside it, or with a fractional header, the header rules.
-fn reset_bound(estimate: Option<Instant>, reset: Duration, now: Instant) -> Instant {
+/// Where the window ends, given the model's estimate and a reset header (`reset` from when the
+/// server answered: after `sent`, if known, and before `now`). Servers send whole seconds,
+/// rounded either way: the end then lies within a second of `sent + reset` .. `now + reset`,
+/// and an estimate inside that span (from the last observed reset: finer than a second) is
+/// kept. Outside it, or with a fractional header, the header rules.
+///
+/// The span starts from the sending, not from the reading: an answer read 0.1 ms after the
+/// estimated end, to a request sent just before it, says "1" (the old window's last instant,
+/// rounded up). Measured from the reading, the estimate fell 0.1 ms outside the span, the
+/// window's end moved a whole second on, and the pace dropped to 2 requests/s for half a
+/// window (the rate-limit benchmark's *reset-header* scenario, one window in five runs).
+///
+/// An estimate that passed less than `grace` before the request left is early by a few
+/// milliseconds: the server still counted the request in the old window, and its "1" is that
+/// window's last instant rounded up, not a whole second more. The end is then put `grace` from
+/// now (once a window: `grace` is `None` after that), to be looked at again, and the second
+/// value is true; taken as "1 s", the budget's last few requests closed the gate for the whole
+/// next window.
+fn reset_bound(
+    estimate: Option<Instant>,
+    reset: Duration,
+    sent: Option<Instant>,
+    now: Instant,
+    grace: Option<Duration>,
+) -> (Instant, bool) {
     let said = later(now, reset);
     if reset.subsec_nanos() != 0 {
-        return said;
+        return (said, false);
     }
     let second = Duration::from_secs(1);
-    match estimate {
-        Some(e) if later(e, second) > said && e < later(said, second) => e,
-        _ => said,
+    let answered_from = sent.filter(|s| *s <= now).unwrap_or(now);
+    match (estimate, grace) {
+        (Some(e), _)
+            if later(e, second) > later(answered_from, reset) && e < later(said, second) =>
+        {
+            (e, false)
+        }
+        (Some(e), Some(grace)) if reset <= second && later(e, grace) > answered_from => {
+            (later(now, grace), true)
+        }
+        _ => (said, false),
     }
 }
 
@@ -978,6 +1018,67 @@ mod tests {
         // A fractional header is exact.
         m.observe(&with_reset(2000, 890, ms(250)), false, t2);
         assert_eq!(m.window_end(), Some(t2 + ms(250)));
+    }
+
+    #[test]
+    fn a_rounded_up_reset_read_just_after_the_estimated_end_keeps_the_estimate() {
+        // From the benchmark's trace: the estimate said the window ends at `end`; the answer to
+        // a request sent 0.2 ms before it was read 0.03 ms after it, with "Remaining: 13" and
+        // "Reset: 1" (the old window's last instant, rounded up).
+        let t0 = Instant::now();
+        let ms = |n| Duration::from_millis(n);
+        let us = Duration::from_micros;
+        let mut m = PaceModel::new(&config(1, 0.005, None));
+        m.observe_answer(
+            &with_reset(2000, 1999, Duration::from_secs(1)),
+            false,
+            Some(t0),
+            t0 + ms(1),
+        );
+        let end = t0 + ms(1000);
+        assert_eq!(m.window_end(), Some(end));
+        let sent = end - us(200);
+        let read = end + us(30);
+        let old = with_reset(2000, 13, Duration::from_secs(1));
+        assert!(m.observe_answer(&old, false, Some(sent), read));
+        assert_eq!(m.window_end(), Some(end), "the estimate stands");
+        let r = rate(m.pace(read));
+        assert!(r > 1900.0, "the next window is paced in full: {r}");
+        // Under load the estimate can be a few milliseconds early: a request sent 1.5 ms after
+        // it is still counted in the old window. The end is looked at again in a moment (20 ms
+        // here), not a whole second later.
+        let sent = end + us(1500);
+        let read = end + us(3700);
+        assert!(m.observe_answer(&old, false, Some(sent), read));
+        assert_eq!(m.window_end(), Some(read + ms(20)));
+        // Once a window: still the old window after that, and "1" is taken at its word.
+        let sent = end + ms(25);
+        assert!(m.observe_answer(&old, false, Some(sent), sent));
+        assert_eq!(m.window_end(), Some(sent + ms(1000)));
+        // The next window may be put off again.
+        let next = sent + ms(1000);
+        assert!(m.observe_answer(
+            &with_reset(2000, 1999, Duration::from_secs(1)),
+            false,
+            Some(next),
+            next
+        ));
+        assert_eq!(m.window_end(), Some(next + ms(1000)));
+        let late = next + ms(1000) + us(500);
+        assert!(m.observe_answer(&old, false, Some(late), late + us(100)));
+        assert_eq!(m.window_end(), Some(late + us(100) + ms(20)));
+        // A header that no answering instant between the send and the read reconciles with
+        // the estimate wins: "2" a moment before the estimated end.
+        let mut m = PaceModel::new(&config(1, 0.005, None));
+        m.observe_answer(
+            &with_reset(2000, 1999, Duration::from_secs(1)),
+            false,
+            Some(t0),
+            t0 + ms(1),
+        );
+        let later = with_reset(2000, 13, Duration::from_secs(2));
+        m.observe_answer(&later, false, Some(sent), read);
+        assert_eq!(m.window_end(), Some(read + ms(2000)));
     }
 
     #[test]
