@@ -1028,17 +1028,16 @@ mod tests {
         let t0 = Instant::now();
         let ms = |n| Duration::from_millis(n);
         let us = Duration::from_micros;
-        let mut m = PaceModel::new(&config(1, 0.005, None));
-        m.observe_answer(
-            &with_reset(2000, 1999, Duration::from_secs(1)),
-            false,
-            Some(t0),
-            t0 + ms(1),
-        );
+        let fresh = with_reset(2000, 1999, Duration::from_secs(1));
+        let started = || {
+            let mut m = PaceModel::new(&config(1, 0.005, None));
+            m.observe_answer(&fresh, false, Some(t0), t0 + ms(1));
+            m
+        };
+        let mut m = started();
         let end = t0 + ms(1000);
         assert_eq!(m.window_end(), Some(end));
-        let sent = end - us(200);
-        let read = end + us(30);
+        let (sent, read) = (end - us(200), end + us(30));
         let old = with_reset(2000, 13, Duration::from_secs(1));
         assert!(m.observe_answer(&old, false, Some(sent), read));
         assert_eq!(m.window_end(), Some(end), "the estimate stands");
@@ -1047,35 +1046,23 @@ mod tests {
         // Under load the estimate can be a few milliseconds early: a request sent 1.5 ms after
         // it is still counted in the old window. The end is looked at again in a moment (20 ms
         // here), not a whole second later.
-        let sent = end + us(1500);
-        let read = end + us(3700);
-        assert!(m.observe_answer(&old, false, Some(sent), read));
-        assert_eq!(m.window_end(), Some(read + ms(20)));
+        let (late_sent, late_read) = (end + us(1500), end + us(3700));
+        assert!(m.observe_answer(&old, false, Some(late_sent), late_read));
+        assert_eq!(m.window_end(), Some(late_read + ms(20)));
         // Once a window: still the old window after that, and "1" is taken at its word.
-        let sent = end + ms(25);
-        assert!(m.observe_answer(&old, false, Some(sent), sent));
-        assert_eq!(m.window_end(), Some(sent + ms(1000)));
+        let again = end + ms(25);
+        assert!(m.observe_answer(&old, false, Some(again), again));
+        assert_eq!(m.window_end(), Some(again + ms(1000)));
         // The next window may be put off again.
-        let next = sent + ms(1000);
-        assert!(m.observe_answer(
-            &with_reset(2000, 1999, Duration::from_secs(1)),
-            false,
-            Some(next),
-            next
-        ));
+        let next = again + ms(1000);
+        assert!(m.observe_answer(&fresh, false, Some(next), next));
         assert_eq!(m.window_end(), Some(next + ms(1000)));
         let late = next + ms(1000) + us(500);
         assert!(m.observe_answer(&old, false, Some(late), late + us(100)));
         assert_eq!(m.window_end(), Some(late + us(100) + ms(20)));
         // A header that no answering instant between the send and the read reconciles with
         // the estimate wins: "2" a moment before the estimated end.
-        let mut m = PaceModel::new(&config(1, 0.005, None));
-        m.observe_answer(
-            &with_reset(2000, 1999, Duration::from_secs(1)),
-            false,
-            Some(t0),
-            t0 + ms(1),
-        );
+        let mut m = started();
         let later = with_reset(2000, 13, Duration::from_secs(2));
         m.observe_answer(&later, false, Some(sent), read);
         assert_eq!(m.window_end(), Some(read + ms(2000)));
