@@ -54,7 +54,7 @@ pub use self::faults::FaultSettings;
 pub use self::handle::{EmulatedProvider, EmulatorHandle, LimitStatus};
 pub use self::ratelimit::RateLimitSettings;
 pub use self::secret::Secret;
-pub use self::stats::{EmulatorStats, PerKey, RecordStats};
+pub use self::stats::EmulatorStats;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
