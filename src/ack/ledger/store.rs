@@ -261,6 +261,9 @@ impl LedgerStore {
     }
 }
 
+/// Pages in the WAL before SQLite copies them back into the database (see `pool_options`).
+const WAL_AUTOCHECKPOINT: &str = "PRAGMA wal_autocheckpoint=10000";
+
 /// How ledger connections are opened and pooled.
 fn pool_options(sqlite: bool, connections: u32) -> AnyPoolOptions {
     AnyPoolOptions::new()
@@ -277,6 +280,13 @@ fn pool_options(sqlite: bool, connections: u32) -> AnyPoolOptions {
                     // transaction journals each page it changes, and in a temporary file that
                     // was a pwrite per page (7 % of meterflow's CPU on P1).
                     conn.execute("PRAGMA temp_store=MEMORY").await?;
+                    // A checkpoint copies each page the WAL holds back into the database
+                    // once, however often it was rewritten since. Every ledger key is a
+                    // random digest, so each commit dirties a page per index per event; at
+                    // SQLite's default (1 000 pages) the same index pages were copied back
+                    // again and again. 10 000 pages (a WAL of about 40 MiB) cut SQLite's
+                    // CPU per event by about a fifth (docs/benchmarks.md, "Fifth run").
+                    conn.execute(WAL_AUTOCHECKPOINT).await?;
                 } else {
                     // A prepared statement's generic plan is made once, against the table as it
                     // was then: planned on an empty ledger, a group's multi-row join scanned the
