@@ -261,9 +261,6 @@ impl LedgerStore {
     }
 }
 
-/// Pages in the WAL before SQLite copies them back into the database (see `pool_options`).
-const WAL_AUTOCHECKPOINT: &str = "PRAGMA wal_autocheckpoint=10000";
-
 /// How ledger connections are opened and pooled.
 fn pool_options(sqlite: bool, connections: u32) -> AnyPoolOptions {
     AnyPoolOptions::new()
@@ -286,7 +283,7 @@ fn pool_options(sqlite: bool, connections: u32) -> AnyPoolOptions {
                     // SQLite's default (1 000 pages) the same index pages were copied back
                     // again and again. 10 000 pages (a WAL of about 40 MiB) cut SQLite's
                     // CPU per event by about a fifth (docs/benchmarks.md, "Fifth run").
-                    conn.execute(WAL_AUTOCHECKPOINT).await?;
+                    conn.execute("PRAGMA wal_autocheckpoint=10000").await?;
                 } else {
                     // A prepared statement's generic plan is made once, against the table as it
                     // was then: planned on an empty ledger, a group's multi-row join scanned the
