@@ -18,7 +18,7 @@ use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
 use meterflow::ack::ledger::scratch::ScratchDatabase;
-use meterflow::ack::ledger::{EventContent, EventOrigin, Ledger, LedgerStore};
+use meterflow::ack::ledger::{EventOrigin, Ledger, LedgerStore};
 use meterflow::config::builder::{Bucket, ConfigBuilder};
 use meterflow::emulator::billwerk::{self, BillwerkEmulator, BillwerkOptions};
 use meterflow::event::{DeliveryKey, SourceRef};
@@ -574,13 +574,10 @@ async fn old_ledger_is_migrated_and_shows_in_flight_claims(url: &str, dir: &Path
         customer: format!("contract:{CONTRACT}"),
         component_id: API_CALLS.into(),
         quantity: Decimal::new(15, 1),
-    };
-    let content = EventContent {
-        event_key: key.clone(),
         digest: "d".into(),
     };
     ledger
-        .claim_checked(&key, 1, vec![content], vec![origin])
+        .claim_checked(&key, 1, vec![origin])
         .await
         .unwrap()
         .unwrap();

@@ -27,7 +27,7 @@ use crate::deliver::{Delivery, DeliveryItem, ItemOutcome, Reconciled};
 use crate::event::{DeliveryKey, RejectReason, Rejection};
 
 use super::{
-    content, contents, id_conflict, origins, until_ledger_answers, waited_for_lease, AfterClaim,
+    content, id_conflict, origins, until_ledger_answers, waited_for_lease, AfterClaim,
     LedgeredDelivery, TAKEN_OVER_POLL,
 };
 
@@ -178,7 +178,6 @@ impl LedgeredDelivery {
             .iter()
             .map(|i| DeliveryKey::for_event(&i.usage.event_id))
             .collect();
-        let contents = contents(&delivery.items);
         let origins = origins(&delivery.items);
         loop {
             let asked = Instant::now();
@@ -187,7 +186,6 @@ impl LedgeredDelivery {
                     ledger.claim_aggregate_checked(
                         &delivery.key,
                         event_keys.clone(),
-                        contents.clone(),
                         origins.clone(),
                     )
                 })

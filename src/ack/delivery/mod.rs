@@ -473,15 +473,12 @@ fn origins(items: &[DeliveryItem]) -> Vec<EventOrigin> {
             },
             component_id: i.usage.component_id.clone(),
             quantity: i.usage.quantity,
+            digest: i.usage.content_digest(),
         })
         .collect()
 }
 
-/// What each item carried, for the ledger's id-conflict check.
-fn contents(items: &[DeliveryItem]) -> Vec<EventContent> {
-    items.iter().map(content).collect()
-}
-
+/// How the ledger names an item in its id-conflict answer.
 fn content(item: &DeliveryItem) -> EventContent {
     EventContent {
         event_key: DeliveryKey::for_event(&item.usage.event_id),

@@ -7,8 +7,8 @@ use crate::deliver::{Delivery, DeliveryItem, ItemOutcome};
 use crate::event::DeliveryKey;
 
 use super::{
-    content, contents, id_conflict, origins, until_ledger_answers, AfterClaim, LedgeredDelivery,
-    SendFence, TAKEN_OVER_POLL,
+    content, id_conflict, origins, until_ledger_answers, AfterClaim, LedgeredDelivery, SendFence,
+    TAKEN_OVER_POLL,
 };
 
 impl LedgeredDelivery {
@@ -82,12 +82,11 @@ impl LedgeredDelivery {
         delivery: &Delivery,
     ) -> Result<Option<Vec<ItemOutcome>>, Vec<EventContent>> {
         let n = delivery.items.len();
-        let contents = contents(&delivery.items);
         let origins = origins(&delivery.items);
         loop {
             let asked = Instant::now();
             let claim = until_ledger_answers(&delivery.key, "not sending until it answers", || {
-                ledger.claim_checked(&delivery.key, n, contents.clone(), origins.clone())
+                ledger.claim_checked(&delivery.key, n, origins.clone())
             })
             .await?;
             match self.act_on_claim(ledger, delivery, claim, asked).await {

@@ -90,6 +90,10 @@ pub struct EventOrigin {
     /// What it bills (for `meterflow audit`'s totals per component; exact decimal).
     pub component_id: String,
     pub quantity: rust_decimal::Decimal,
+    /// A digest of its billable content ([`crate::event::BillableUsage::content_digest`]): an
+    /// event id keeps the digest it was first claimed with, and a later event reusing the id
+    /// with another digest is an id conflict.
+    pub digest: String,
 }
 
 /// What the ledger records of a written dead letter besides its source coordinates.
@@ -103,8 +107,8 @@ pub struct DeadLetterRecord {
     pub dlq_offset: i64,
 }
 
-/// What one event carried, as recorded under its event key: a digest of its billable content
-/// ([`crate::event::BillableUsage::content_digest`]).
+/// An event that reuses an id recorded with another digest, as a claim's `Err` names it: its
+/// event key ([`DeliveryKey::for_event`] of the id) and the digest it carried.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventContent {
     pub event_key: DeliveryKey,
@@ -151,7 +155,6 @@ pub(crate) enum Op {
     Claim {
         key: DeliveryKey,
         events: usize,
-        contents: Vec<EventContent>,
         origins: Vec<EventOrigin>,
         reply: oneshot::Sender<Result<Checked<Claim>, LedgerError>>,
     },
@@ -159,7 +162,6 @@ pub(crate) enum Op {
     ClaimAggregate {
         key: DeliveryKey,
         event_keys: Vec<DeliveryKey>,
-        contents: Vec<EventContent>,
         origins: Vec<EventOrigin>,
         reply: oneshot::Sender<Result<AggregateClaim, LedgerError>>,
     },
@@ -308,32 +310,27 @@ impl Ledger {
     }
 
     pub async fn claim(&self, key: &DeliveryKey, events: usize) -> Result<Claim, LedgerError> {
-        match self
-            .claim_checked(key, events, Vec::new(), Vec::new())
-            .await?
-        {
+        match self.claim_checked(key, events, Vec::new()).await? {
             Ok(claim) => Ok(claim),
-            // No contents were given, so none can conflict.
+            // No origins were given, so no content can conflict.
             Err(_) => Err(LedgerError::Stopped),
         }
     }
 
-    /// [`Ledger::claim`], after recording what each event carried (`contents`): an event id
-    /// already recorded with other contents is a different event reusing the id. Then nothing
+    /// [`Ledger::claim`], checking what each event carried (its origin's digest): an event id
+    /// already recorded with another digest is a different event reusing the id. Then nothing
     /// is claimed and the answer names those events (`Err`), for the caller to dead-letter with
     /// `id_conflict` and claim the rest under their own key. `origins` are recorded with a
-    /// successful claim (for `meterflow trace`).
+    /// successful claim (for `meterflow trace`, and the next claim's check).
     pub async fn claim_checked(
         &self,
         key: &DeliveryKey,
         events: usize,
-        contents: Vec<EventContent>,
         origins: Vec<EventOrigin>,
     ) -> Result<Checked<Claim>, LedgerError> {
         self.call(|reply| Op::Claim {
             key: key.clone(),
             events,
-            contents,
             origins,
             reply,
         })
@@ -348,24 +345,22 @@ impl Ledger {
         key: &DeliveryKey,
         event_keys: Vec<DeliveryKey>,
     ) -> Result<AggregateClaim, LedgerError> {
-        self.claim_aggregate_checked(key, event_keys, Vec::new(), Vec::new())
+        self.claim_aggregate_checked(key, event_keys, Vec::new())
             .await
     }
 
-    /// [`Ledger::claim_aggregate`], checking the events' contents first as
+    /// [`Ledger::claim_aggregate`], checking the origins' digests first as
     /// [`Ledger::claim_checked`] does (`AggregateClaim::IdConflict`), and recording `origins`
     /// when the events are now the aggregate's.
     pub async fn claim_aggregate_checked(
         &self,
         key: &DeliveryKey,
         event_keys: Vec<DeliveryKey>,
-        contents: Vec<EventContent>,
         origins: Vec<EventOrigin>,
     ) -> Result<AggregateClaim, LedgerError> {
         self.call(|reply| Op::ClaimAggregate {
             key: key.clone(),
             event_keys,
-            contents,
             origins,
             reply,
         })

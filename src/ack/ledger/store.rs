@@ -1,5 +1,7 @@
 //! SQL for the ledger, one dialect for SQLite and PostgreSQL through sqlx `Any`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -8,11 +10,11 @@ use tokio::sync::mpsc;
 
 use super::dead_letters::{self, DeadLetterClaim};
 use super::{
-    from_ms, AggregateClaim, Checked, Claim, EarlierAggregate, EventContent, LedgerClock,
-    LedgerError, Op,
+    from_ms, AggregateClaim, Checked, Claim, EarlierAggregate, LedgerClock, LedgerError, Op,
 };
 use crate::event::DeliveryKey;
 
+mod digests;
 mod group;
 use group::{record_origins, Group};
 
@@ -42,8 +44,10 @@ const SCHEMA: &[&str] = &[
         updated_at BIGINT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS meterflow_event_deliveries_delivery ON meterflow_event_deliveries (delivery_key)",
     "CREATE INDEX IF NOT EXISTS meterflow_event_deliveries_updated ON meterflow_event_deliveries (updated_at)",
-    // What each event id carried when first claimed: a second, different event reusing the id
-    // is dead-lettered (`id_conflict`) instead of being settled as "already delivered".
+    // What each event id carried when first claimed, as ledgers written by earlier builds kept it: their rows
+    // are still checked until retention prunes them (`store::digests`). New claims keep the
+    // digest in the origin row; earlier builds running beside this one (a rolling
+    // upgrade) still write here.
     "CREATE TABLE IF NOT EXISTS meterflow_event_contents (
         event_key TEXT PRIMARY KEY,
         digest TEXT NOT NULL,
@@ -52,6 +56,8 @@ const SCHEMA: &[&str] = &[
     // Each event's id, source coordinates, contract reference and claimant, written with its
     // claim: the ledger's other tables know events only by digests of their ids, which
     // `meterflow trace --usage-id` cannot turn back into ids, nor `meterflow void` into a contract.
+    // Its `digest` (an added column) is what the id keeps: a second, different event reusing
+    // the id is dead-lettered (`id_conflict`) instead of being settled as "already delivered".
     "CREATE TABLE IF NOT EXISTS meterflow_event_origins (
         event_id TEXT PRIMARY KEY,
         delivery_key TEXT NOT NULL,
@@ -88,6 +94,8 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("meterflow_dead_letters", "detail", "TEXT"),
     ("meterflow_dead_letters", "dlq_partition", "BIGINT"),
     ("meterflow_dead_letters", "dlq_offset", "BIGINT"),
+    // The content digest an event id keeps (earlier builds kept it in `meterflow_event_contents`).
+    ("meterflow_event_origins", "digest", "TEXT"),
 ];
 
 /// Statements that need the added columns.
@@ -104,6 +112,9 @@ pub struct LedgerStore {
     /// What a SQLite ledger stamps leases with (PostgreSQL uses the database's clock).
     pub(super) clock: LedgerClock,
     pub(super) sqlite: bool,
+    /// Whether `meterflow_event_contents` (where earlier builds kept digests) held rows at
+    /// start-up or at the last prune: while it does, every claim's ids are looked up there too.
+    pub(super) legacy_contents: Arc<AtomicBool>,
 }
 
 impl LedgerStore {
@@ -120,11 +131,14 @@ impl LedgerStore {
             .connect(&url)
             .await?;
         set_up_schema(&pool, sqlite).await?;
-        Ok(LedgerStore {
+        let store = LedgerStore {
             pool,
             clock: LedgerClock::Wall,
             sqlite,
-        })
+            legacy_contents: Arc::new(AtomicBool::new(true)),
+        };
+        store.check_legacy_contents().await?;
+        Ok(store)
     }
 
     /// For the writer of a PostgreSQL ledger on a thread of its own: a pool of one connection,
@@ -140,7 +154,22 @@ impl LedgerStore {
             pool: pool_options(false, 1).connect_lazy_with(options),
             clock: self.clock,
             sqlite: false,
+            legacy_contents: self.legacy_contents.clone(),
         }
+    }
+
+    /// Looks again whether the table of digests of earlier builds holds any row.
+    async fn check_legacy_contents(&self) -> Result<(), sqlx::Error> {
+        let any = sqlx::query("SELECT 1 FROM meterflow_event_contents LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?
+            .is_some();
+        self.legacy_contents.store(any, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub(super) fn legacy(&self) -> bool {
+        self.legacy_contents.load(Ordering::Relaxed)
     }
 
     /// Stamps leases with `clock` (SQLite; see [`LedgerClock`]).
@@ -192,6 +221,7 @@ impl LedgerStore {
                 .await?
                 .rows_affected();
         }
+        self.check_legacy_contents().await?;
         Ok(pruned)
     }
 
@@ -479,18 +509,19 @@ async fn apply(
 ) -> Result<(), sqlx::Error> {
     let mut tx = store.pool.begin().await?;
     let now = ledger_clock(&mut tx, store.clock).await?;
+    let legacy = store.legacy();
     let mut group = Group::default();
     for op in batch.drain(..) {
         let Some(op) = group.take(op) else {
             continue;
         };
-        group.run(&mut tx, now, replies).await?;
+        group.run(&mut tx, now, legacy, replies).await?;
         let Some(op) = group.take(op) else {
             continue;
         };
-        apply_one(&mut tx, op, now, replies).await?;
+        apply_one(&mut tx, op, now, legacy, replies).await?;
     }
-    group.run(&mut tx, now, replies).await?;
+    group.run(&mut tx, now, legacy, replies).await?;
     tx.commit().await?;
     Ok(())
 }
@@ -500,6 +531,7 @@ async fn apply_one(
     tx: &mut AnyConnection,
     op: Op,
     now: i64,
+    legacy: bool,
     replies: &mut Vec<Reply>,
 ) -> Result<(), sqlx::Error> {
     match op {
@@ -509,17 +541,20 @@ async fn apply_one(
         op @ (Op::Claim { .. } | Op::Finish { .. }) => {
             let mut alone = Group::default();
             if alone.take(op).is_none() {
-                alone.run(tx, now, replies).await?;
+                alone.run(tx, now, legacy, replies).await?;
             }
         }
         Op::ClaimAggregate {
             key,
             event_keys,
-            contents,
             origins,
             reply,
         } => {
-            let conflicts = record_contents(tx, &contents.iter().collect::<Vec<_>>(), now).await?;
+            let ids: Vec<&str> = digests::firsts_of(&origins)
+                .map(|o| o.event_id.as_str())
+                .collect();
+            let recorded = digests::recorded(tx, &ids, legacy).await?;
+            let conflicts = digests::conflicts(&origins.iter().collect::<Vec<_>>(), &recorded);
             let claim = if conflicts.is_empty() {
                 claim_aggregate(tx, &key, event_keys, now).await?
             } else {
@@ -692,69 +727,6 @@ fn row_claim(
             ledger_now_ms: now,
         },
     }
-}
-
-/// Records each event's content digest and returns the contents that lose to another one: an
-/// event id keeps the digest it was first recorded with (in an earlier claim, or first in this
-/// one); every content of that id with another digest is a conflict. One multi-row insert in
-/// the common case (every id new); a look-up only when some were known.
-async fn record_contents(
-    conn: &mut AnyConnection,
-    contents: &[&EventContent],
-    now: i64,
-) -> Result<Vec<EventContent>, sqlx::Error> {
-    let mut winners: std::collections::HashMap<&str, &str> = Default::default();
-    let mut firsts: Vec<(&str, &str)> = Vec::new();
-    for c in contents {
-        if !winners.contains_key(c.event_key.as_str()) {
-            winners.insert(c.event_key.as_str(), c.digest.as_str());
-            firsts.push((c.event_key.as_str(), c.digest.as_str()));
-        }
-    }
-    let mut inserted = 0u64;
-    for chunk in firsts.chunks(CHUNK) {
-        let rows = (0..chunk.len())
-            .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let sql = format!(
-            "INSERT INTO meterflow_event_contents (event_key, digest, updated_at)
-             VALUES {rows} ON CONFLICT (event_key) DO NOTHING"
-        );
-        let mut query = sqlx::query(&sql);
-        for (key, digest) in chunk {
-            query = query.bind(*key).bind(*digest).bind(now);
-        }
-        inserted += query.execute(&mut *conn).await?.rows_affected();
-    }
-    let mut recorded: std::collections::HashMap<String, String> = Default::default();
-    if inserted < firsts.len() as u64 {
-        for chunk in firsts.chunks(CHUNK) {
-            let sql = format!(
-                "SELECT event_key, digest FROM meterflow_event_contents WHERE event_key IN ({})",
-                placeholders(1, chunk.len())
-            );
-            let mut query = sqlx::query(&sql);
-            for (key, _) in chunk {
-                query = query.bind(*key);
-            }
-            for row in query.fetch_all(&mut *conn).await? {
-                recorded.insert(row.get(0), row.get(1));
-            }
-        }
-    }
-    Ok(contents
-        .iter()
-        .copied()
-        .filter(|c| {
-            let winner = recorded
-                .get(c.event_key.as_str())
-                .map(String::as_str)
-                .or_else(|| winners.get(c.event_key.as_str()).copied());
-            winner.is_some_and(|w| w != c.digest)
-        })
-        .cloned()
-        .collect())
 }
 
 /// Who claims in this process, for `meterflow trace`'s "in flight" answer: host and process id.
@@ -935,6 +907,7 @@ mod tests {
     use super::claim_aggregate;
     use crate::ack::ledger::now_ms;
     use crate::event::{DeliveryKey, SourceRef};
+    use sqlx::Row;
 
     async fn sqlite() -> (Ledger, LedgerStore, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
@@ -1084,6 +1057,144 @@ mod tests {
         ledger.dead_lettered(&s, None).await.unwrap();
         ledger.dead_lettered(&s, None).await.unwrap();
         assert!(ledger.is_dead_lettered(&s).await.unwrap());
+    }
+
+    fn origin(id: &str, digest: &str) -> EventOrigin {
+        EventOrigin {
+            event_id: id.into(),
+            source: SourceRef {
+                topic: "usage".into(),
+                partition: 1,
+                offset: 9,
+            },
+            customer: "contract:c1".into(),
+            component_id: "api_calls".into(),
+            quantity: rust_decimal::Decimal::ONE,
+            digest: digest.into(),
+        }
+    }
+
+    /// A ledger of an earlier build kept digests in `meterflow_event_contents` and origin rows
+    /// without one: both still decide an id conflict, for single and aggregate claims, until
+    /// retention prunes them.
+    async fn digests_of_earlier_builds_still_decide(url: &str) {
+        let store = LedgerStore::connect(url).await.unwrap();
+        assert!(
+            !store.legacy(),
+            "a new ledger has no digests of earlier builds"
+        );
+        for (id, digest) in [("evt_kept", "d1"), ("evt_origin", "d1"), ("evt_agg", "d1")] {
+            sqlx::query(
+                "INSERT INTO meterflow_event_contents (event_key, digest, updated_at)
+                 VALUES ($1, $2, 1000)",
+            )
+            .bind(DeliveryKey::for_event(id).0)
+            .bind(digest)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        }
+        // An origin row written before the digest column existed.
+        sqlx::query(
+            "INSERT INTO meterflow_event_origins (event_id, delivery_key, topic,
+                source_partition, source_offset, customer, component_id, quantity, claimed_by,
+                updated_at)
+             VALUES ('evt_origin', $1, 'usage', 0, 1, 'contract:c1', 'api_calls', '1', 'old', 1000)",
+        )
+        .bind(DeliveryKey::for_event("evt_origin").0)
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        drop(store);
+
+        let store = LedgerStore::connect(url).await.unwrap();
+        assert!(store.legacy());
+        let ledger = Ledger::start(store.clone(), Duration::from_secs(30));
+        for id in ["evt_kept", "evt_origin"] {
+            let key = DeliveryKey::for_event(id);
+            let lost = ledger
+                .claim_checked(&key, 1, vec![origin(id, "d2")])
+                .await
+                .unwrap()
+                .expect_err("another event reusing the id");
+            assert_eq!(lost[0].event_key, key);
+            assert_eq!(lost[0].digest, "d2");
+            let claim = ledger
+                .claim_checked(&key, 1, vec![origin(id, "d1")])
+                .await
+                .unwrap();
+            assert!(
+                matches!(claim, Ok(Claim::Claimed { .. })),
+                "{id}: {claim:?}"
+            );
+        }
+        let agg = DeliveryKey::for_events(["evt_agg", "evt_new"]);
+        let events = vec![
+            DeliveryKey::for_event("evt_agg"),
+            DeliveryKey::for_event("evt_new"),
+        ];
+        let answer = ledger
+            .claim_aggregate_checked(
+                &agg,
+                events.clone(),
+                vec![origin("evt_agg", "d2"), origin("evt_new", "d1")],
+            )
+            .await
+            .unwrap();
+        let AggregateClaim::IdConflict(lost) = answer else {
+            panic!("{answer:?}")
+        };
+        assert_eq!(lost.len(), 1);
+        assert_eq!(lost[0].event_key, DeliveryKey::for_event("evt_agg"));
+        // A refused claim records nothing: evt_new is free to carry other contents.
+        let answer = ledger
+            .claim_aggregate_checked(
+                &agg,
+                events,
+                vec![origin("evt_agg", "d1"), origin("evt_new", "d3")],
+            )
+            .await
+            .unwrap();
+        assert!(
+            matches!(answer, AggregateClaim::Own(Claim::Claimed { .. })),
+            "{answer:?}"
+        );
+
+        // The digests now live in the origin rows; pruning the old table ends the look-ups.
+        let row =
+            sqlx::query("SELECT digest FROM meterflow_event_origins WHERE event_id = 'evt_new'")
+                .fetch_one(&store.pool)
+                .await
+                .unwrap();
+        assert_eq!(row.get::<String, _>(0), "d3");
+        sqlx::query("DELETE FROM meterflow_event_contents")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        store.prune_before(0).await.unwrap();
+        assert!(!store.legacy());
+        let key = DeliveryKey::for_event("evt_kept");
+        let lost = ledger
+            .claim_checked(&key, 1, vec![origin("evt_kept", "d2")])
+            .await
+            .unwrap()
+            .expect_err("the origin row keeps the digest");
+        assert_eq!(lost[0].digest, "d2");
+    }
+
+    #[tokio::test]
+    async fn digests_of_earlier_builds_still_decide_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
+        digests_of_earlier_builds_still_decide(&url).await;
+    }
+
+    #[tokio::test]
+    async fn digests_of_earlier_builds_still_decide_on_postgres() {
+        let Some(db) = ScratchDatabase::for_test().await else {
+            return;
+        };
+        digests_of_earlier_builds_still_decide(&db.url).await;
     }
 
     #[tokio::test]

@@ -1,10 +1,10 @@
 //! One statement per kind for a whole group of claims and finishes.
 //!
 //! The writer takes every op waiting and runs them in one transaction. Run one by one, a claim
-//! is three statements (contents, the key's row, origins) and a finish one more, each a round
-//! trip to the database (SQLite's own thread, or PostgreSQL's socket): with 64 deliveries in
-//! flight that was 256 statements a transaction. A [`Group`] gathers consecutive claims and
-//! finishes that touch disjoint rows (no delivery key, event key or event id twice) and runs
+//! is two statements (its origins with their digests, the key's row) and a finish one more,
+//! each a round trip to the database (SQLite's own thread, or PostgreSQL's socket): with 64
+//! deliveries in flight that was 192 statements a transaction. A [`Group`] gathers consecutive
+//! claims and finishes that touch disjoint rows (no delivery key or event id twice) and runs
 //! each kind as one multi-row statement per piece of up to [`MAX_ROWS`] rows. Ops on disjoint
 //! rows commute, so the outcome is the one running them in order would give; an op that
 //! shares a row with the group closes it first.
@@ -15,18 +15,17 @@ use std::sync::{Mutex, OnceLock};
 use sqlx::{AnyConnection, Row};
 use tokio::sync::oneshot;
 
-use super::{claimant, record_contents, row_claim, Reply};
+use super::{claimant, digests, row_claim, Reply};
 use crate::ack::ledger::{Checked, Claim, EventContent, EventOrigin, LedgerError, Op};
 use crate::event::DeliveryKey;
 
-/// Rows per statement at most (10 parameters a row for origins: well under SQLite's 32 766
+/// Rows per statement at most (11 parameters a row for origins: well under SQLite's 32 766
 /// and PostgreSQL's 65 535).
 const MAX_ROWS: usize = 128;
 
 struct PendingClaim {
     key: DeliveryKey,
     events: usize,
-    contents: Vec<EventContent>,
     origins: Vec<EventOrigin>,
     reply: oneshot::Sender<Result<Checked<Claim>, LedgerError>>,
 }
@@ -43,7 +42,6 @@ pub(super) struct Group {
     claims: Vec<PendingClaim>,
     finishes: Vec<PendingFinish>,
     keys: HashSet<String>,
-    event_keys: HashSet<String>,
     event_ids: HashSet<String>,
 }
 
@@ -55,14 +53,10 @@ impl Group {
             Op::Claim {
                 key,
                 events,
-                contents,
                 origins,
                 reply,
             } => {
                 let fits = !self.keys.contains(key.as_str())
-                    && contents
-                        .iter()
-                        .all(|c| !self.event_keys.contains(c.event_key.as_str()))
                     && origins
                         .iter()
                         .all(|o| !self.event_ids.contains(o.event_id.as_str()));
@@ -70,20 +64,16 @@ impl Group {
                     return Some(Op::Claim {
                         key,
                         events,
-                        contents,
                         origins,
                         reply,
                     });
                 }
                 self.keys.insert(key.0.clone());
-                self.event_keys
-                    .extend(contents.iter().map(|c| c.event_key.0.clone()));
                 self.event_ids
                     .extend(origins.iter().map(|o| o.event_id.clone()));
                 self.claims.push(PendingClaim {
                     key,
                     events,
-                    contents,
                     origins,
                     reply,
                 });
@@ -118,70 +108,101 @@ impl Group {
         &mut self,
         conn: &mut AnyConnection,
         now: i64,
+        legacy: bool,
         replies: &mut Vec<Reply>,
     ) -> Result<(), sqlx::Error> {
         if !self.claims.is_empty() {
-            claim_all(conn, std::mem::take(&mut self.claims), now, replies).await?;
+            claim_all(conn, std::mem::take(&mut self.claims), now, legacy, replies).await?;
         }
         if !self.finishes.is_empty() {
             finish_all(conn, &std::mem::take(&mut self.finishes), now).await?;
         }
         self.keys.clear();
-        self.event_keys.clear();
         self.event_ids.clear();
         Ok(())
     }
 }
 
-/// The claims of a group: every content recorded in one go, then every claim without a
-/// conflicting content inserts its key's row (one statement), reads the rows that were there
-/// already (one more, only if some were), and records its origins (one statement).
+/// The claims of a group. Every claim's origins are inserted where their ids are new (one
+/// statement; with the digest, that records the content the id keeps); the ids that were
+/// there already are read back and checked. A claim with a conflicting content takes its new
+/// origins out again and is answered with the conflicts. Every other claim inserts its key's
+/// row (one statement), reads the rows that were there already (one more, only if some were),
+/// and moves known origins recorded under another key to its own.
 async fn claim_all(
     conn: &mut AnyConnection,
     claims: Vec<PendingClaim>,
     now: i64,
+    legacy: bool,
     replies: &mut Vec<Reply>,
 ) -> Result<(), sqlx::Error> {
-    let all: Vec<&EventContent> = claims.iter().flat_map(|c| &c.contents).collect();
-    let conflicts = record_contents(conn, &all, now).await?;
-    let conflicting: HashSet<(&str, &str)> = conflicts
+    let all: Vec<(&DeliveryKey, &EventOrigin)> = claims
         .iter()
-        .map(|c| (c.event_key.as_str(), c.digest.as_str()))
+        .flat_map(|c| c.origins.iter().map(move |o| (&c.key, o)))
         .collect();
+    let firsts = digests::firsts(&all);
+    let new_ids = insert_origins(conn, &firsts, now).await?;
+    let (fresh, known): (Vec<&str>, Vec<&str>) = firsts
+        .iter()
+        .map(|(_, o)| o.event_id.as_str())
+        .partition(|id| new_ids.contains(*id));
+    let mut recorded = if known.is_empty() {
+        Default::default()
+    } else {
+        digests::recorded(conn, &known, legacy).await?
+    };
+    if legacy {
+        recorded.extend(digests::legacy_digests(conn, &fresh).await?);
+    }
     let mut clear = Vec::with_capacity(claims.len());
-    for claim in claims {
-        let mine: Vec<EventContent> = if conflicting.is_empty() {
-            Vec::new()
-        } else {
-            claim
-                .contents
-                .iter()
-                .filter(|c| conflicting.contains(&(c.event_key.as_str(), c.digest.as_str())))
-                .cloned()
-                .collect()
-        };
+    let mut taken_back: Vec<&str> = Vec::new();
+    let mut answers = Vec::new();
+    for (i, claim) in claims.iter().enumerate() {
+        let origins: Vec<&EventOrigin> = claim.origins.iter().collect();
+        let mine = digests::conflicts(&origins, &recorded);
         if mine.is_empty() {
-            clear.push(claim);
+            clear.push(i);
         } else {
-            replies.push(Reply::Claim(claim.reply, Err(mine)));
+            taken_back.extend(
+                origins
+                    .iter()
+                    .map(|o| o.event_id.as_str())
+                    .filter(|id| new_ids.contains(*id)),
+            );
+            answers.push((i, mine));
         }
     }
-    if clear.is_empty() {
-        return Ok(());
+    take_back_origins(conn, &taken_back).await?;
+    let known: Vec<(&DeliveryKey, &EventOrigin)> = clear
+        .iter()
+        .flat_map(|&i| {
+            let c = &claims[i];
+            digests::firsts_of(&c.origins)
+                .filter(|o| !new_ids.contains(o.event_id.as_str()))
+                .map(move |o| (&c.key, o))
+        })
+        .collect();
+    if !known.is_empty() {
+        record_origins(conn, &known, now).await?;
     }
-    let inserted = insert_rows(conn, &clear, now).await?;
-    let known: Vec<&DeliveryKey> = clear
+    let clear_claims: Vec<&PendingClaim> = clear.iter().map(|&i| &claims[i]).collect();
+    let inserted = if clear_claims.is_empty() {
+        HashSet::new()
+    } else {
+        insert_rows(conn, &clear_claims, now).await?
+    };
+    let known_keys: Vec<&DeliveryKey> = clear_claims
         .iter()
         .map(|c| &c.key)
         .filter(|k| !inserted.contains(k.as_str()))
         .collect();
-    let mut rows = read_rows(conn, &known, now).await?;
-    let origins: Vec<(&DeliveryKey, &EventOrigin)> = clear
-        .iter()
-        .flat_map(|c| c.origins.iter().map(move |o| (&c.key, o)))
-        .collect();
-    record_origins(conn, &origins, now).await?;
-    for claim in clear {
+    let mut rows = read_rows(conn, &known_keys, now).await?;
+    let mut conflicted: HashMap<usize, Vec<EventContent>> = answers.into_iter().collect();
+    for (i, claim) in claims.into_iter().enumerate() {
+        if let Some(mine) = conflicted.remove(&i) {
+            replies.push(Reply::Claim(claim.reply, Err(mine)));
+            continue;
+        }
         let answer = if inserted.contains(claim.key.as_str()) {
             Claim::Claimed { updated_at_ms: now }
         } else {
@@ -195,10 +216,64 @@ async fn claim_all(
     Ok(())
 }
 
+/// Inserts the origins whose ids are not recorded yet, each under the key it is claimed with;
+/// returns the ids inserted.
+async fn insert_origins(
+    conn: &mut AnyConnection,
+    origins: &[&(&DeliveryKey, &EventOrigin)],
+    now: i64,
+) -> Result<HashSet<String>, sqlx::Error> {
+    let mut inserted = HashSet::with_capacity(origins.len());
+    for piece in pieces(origins) {
+        let sql = statement(Kind::InsertOrigins, piece.len());
+        let mut query = sqlx::query(sql);
+        for (key, o) in piece {
+            query = bind_origin(query, key, o, now);
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            inserted.insert(row.try_get::<String, _>(0)?);
+        }
+    }
+    Ok(inserted)
+}
+
+/// Deletes origins this transaction inserted for a claim that was then refused.
+async fn take_back_origins(conn: &mut AnyConnection, ids: &[&str]) -> Result<(), sqlx::Error> {
+    for piece in pieces(ids) {
+        let sql = statement(Kind::DeleteOrigins, piece.len());
+        let mut query = sqlx::query(sql);
+        for id in piece {
+            query = query.bind(*id);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+fn bind_origin<'q>(
+    query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    key: &'q DeliveryKey,
+    o: &'q EventOrigin,
+    now: i64,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    query
+        .bind(o.event_id.as_str())
+        .bind(key.as_str())
+        .bind(o.source.topic.as_str())
+        .bind(i64::from(o.source.partition))
+        .bind(o.source.offset)
+        .bind(o.customer.as_str())
+        .bind(o.component_id.as_str())
+        .bind(o.quantity.to_string())
+        .bind(claimant())
+        .bind(now)
+        .bind(o.digest.as_str())
+}
+
 /// Inserts each claim's key as "sending"; returns the keys inserted (the others were there).
 async fn insert_rows(
     conn: &mut AnyConnection,
-    claims: &[PendingClaim],
+    claims: &[&PendingClaim],
     now: i64,
 ) -> Result<HashSet<String>, sqlx::Error> {
     let mut inserted = HashSet::with_capacity(claims.len());
@@ -246,35 +321,22 @@ async fn read_rows(
     Ok(rows)
 }
 
-/// Records where each event of a claim came from, under the claim's key. An event already
-/// recorded under the same key keeps its first coordinates (a producer's retry is a second
-/// copy of it); one recorded under another key (an aggregate cut anew) moves to this one.
-/// An event id named twice keeps its first origin.
+/// Records where each event came from, under the key it is claimed with, for events whose ids
+/// may be recorded already. An event already recorded under the same key keeps its first
+/// coordinates (a producer's retry is a second copy of it); one recorded under another key (an
+/// aggregate cut anew) moves to this one. An id keeps the digest it was first recorded with,
+/// and an id named twice keeps its first origin.
 pub(super) async fn record_origins(
     conn: &mut AnyConnection,
     origins: &[(&DeliveryKey, &EventOrigin)],
     now: i64,
 ) -> Result<(), sqlx::Error> {
-    let mut seen = HashSet::with_capacity(origins.len());
-    let unique: Vec<&(&DeliveryKey, &EventOrigin)> = origins
-        .iter()
-        .filter(|(_, o)| seen.insert(o.event_id.as_str()))
-        .collect();
+    let unique = digests::firsts(origins);
     for piece in pieces(&unique) {
         let sql = statement(Kind::RecordOrigins, piece.len());
         let mut query = sqlx::query(sql);
         for (key, o) in piece {
-            query = query
-                .bind(o.event_id.as_str())
-                .bind(key.as_str())
-                .bind(o.source.topic.as_str())
-                .bind(i64::from(o.source.partition))
-                .bind(o.source.offset)
-                .bind(o.customer.as_str())
-                .bind(o.component_id.as_str())
-                .bind(o.quantity.to_string())
-                .bind(claimant())
-                .bind(now);
+            query = bind_origin(query, key, o, now);
         }
         query.execute(&mut *conn).await?;
     }
@@ -323,12 +385,14 @@ fn pieces<T>(items: &[T]) -> impl Iterator<Item = &[T]> {
 enum Kind {
     InsertRows,
     ReadRows,
+    InsertOrigins,
     RecordOrigins,
+    DeleteOrigins,
     Finish,
 }
 
 /// The text of `kind` for `rows` rows, made once per process (`rows` is a power of two up to
-/// [`MAX_ROWS`], so there are at most 32 texts).
+/// [`MAX_ROWS`], so there are at most 48 texts).
 fn statement(kind: Kind, rows: usize) -> &'static str {
     static TEXTS: OnceLock<Mutex<HashMap<(Kind, usize), &'static str>>> = OnceLock::new();
     let mut texts = crate::sync::lock(TEXTS.get_or_init(Default::default));
@@ -337,7 +401,18 @@ fn statement(kind: Kind, rows: usize) -> &'static str {
         .or_insert_with(|| Box::leak(text(kind, rows).into_boxed_str()))
 }
 
+/// The columns an origin row is written with, in [`bind_origin`]'s order.
+const ORIGIN_COLUMNS: &str = "event_id, delivery_key, topic, source_partition, source_offset, \
+    customer, component_id, quantity, claimed_by, updated_at, digest";
+
 fn text(kind: Kind, rows: usize) -> String {
+    let origin_row = |p: usize| {
+        let row = (1..=11)
+            .map(|j| format!("${}", p + j))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!("({row})")
+    };
     let values = |per_row: usize, row: &dyn Fn(usize) -> String| {
         (0..rows)
             .map(|i| row(per_row * i))
@@ -363,24 +438,25 @@ fn text(kind: Kind, rows: usize) -> String {
              FROM meterflow_deliveries WHERE delivery_key IN ({})",
             values(1, &|p| format!("${}", p + 1))
         ),
+        Kind::InsertOrigins => format!(
+            "INSERT INTO meterflow_event_origins ({ORIGIN_COLUMNS}) VALUES {}
+             ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+            values(11, &origin_row)
+        ),
         Kind::RecordOrigins => format!(
-            "INSERT INTO meterflow_event_origins
-             (event_id, delivery_key, topic, source_partition, source_offset, customer,
-              component_id, quantity, claimed_by, updated_at)
-             VALUES {}
+            "INSERT INTO meterflow_event_origins ({ORIGIN_COLUMNS}) VALUES {}
              ON CONFLICT (event_id) DO UPDATE SET delivery_key = excluded.delivery_key,
                 topic = excluded.topic, source_partition = excluded.source_partition,
                 source_offset = excluded.source_offset, customer = excluded.customer,
                 component_id = excluded.component_id, quantity = excluded.quantity,
-                claimed_by = excluded.claimed_by, updated_at = excluded.updated_at
+                claimed_by = excluded.claimed_by, updated_at = excluded.updated_at,
+                digest = COALESCE(meterflow_event_origins.digest, excluded.digest)
              WHERE meterflow_event_origins.delivery_key <> excluded.delivery_key",
-            values(10, &|p| {
-                let row = (1..=10)
-                    .map(|j| format!("${}", p + j))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                format!("({row})")
-            })
+            values(11, &origin_row)
+        ),
+        Kind::DeleteOrigins => format!(
+            "DELETE FROM meterflow_event_origins WHERE event_id IN ({})",
+            values(1, &|p| format!("${}", p + 1))
         ),
         // `VALUES` names its columns column1, column2, ... in both SQLite and PostgreSQL.
         Kind::Finish => format!(
@@ -410,19 +486,13 @@ mod tests {
 
     use super::pieces;
     use crate::ack::ledger::scratch::ScratchDatabase;
-    use crate::ack::ledger::{
-        Checked, Claim, EventContent, EventOrigin, Ledger, LedgerError, LedgerStore,
-    };
+    use crate::ack::ledger::{Checked, Claim, EventOrigin, Ledger, LedgerError, LedgerStore};
     use crate::event::{DeliveryKey, SourceRef};
 
     type Answer = Result<Checked<Claim>, LedgerError>;
 
     fn claim<'a>(ledger: &'a Ledger, id: &str, digest: &str) -> BoxFuture<'a, Option<Answer>> {
         let key = DeliveryKey::for_event(id);
-        let contents = vec![EventContent {
-            event_key: key.clone(),
-            digest: digest.to_string(),
-        }];
         let origins = vec![EventOrigin {
             event_id: id.to_string(),
             source: SourceRef {
@@ -433,8 +503,9 @@ mod tests {
             customer: "contract:c1".into(),
             component_id: "api_calls".into(),
             quantity: rust_decimal::Decimal::ONE,
+            digest: digest.to_string(),
         }];
-        async move { Some(ledger.claim_checked(&key, 1, contents, origins).await) }.boxed()
+        async move { Some(ledger.claim_checked(&key, 1, origins).await) }.boxed()
     }
 
     fn finish<'a>(ledger: &'a Ledger, id: &str, receipt: &str) -> BoxFuture<'a, Option<Answer>> {
