@@ -44,10 +44,10 @@ const SCHEMA: &[&str] = &[
         updated_at BIGINT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS meterflow_event_deliveries_delivery ON meterflow_event_deliveries (delivery_key)",
     "CREATE INDEX IF NOT EXISTS meterflow_event_deliveries_updated ON meterflow_event_deliveries (updated_at)",
-    // What each event id carried when first claimed, as ledgers written by earlier builds kept it: their rows
-    // are still checked until retention prunes them (`store::digests`). New claims keep the
-    // digest in the origin row; earlier builds running beside this one (a rolling
-    // upgrade) still write here.
+    // What each event id carried when first claimed, as earlier builds kept it: their rows are
+    // still checked until retention prunes them (`store::digests`). New claims keep the digest
+    // in the origin row; earlier builds running beside this one (a rolling upgrade) still
+    // write here.
     "CREATE TABLE IF NOT EXISTS meterflow_event_contents (
         event_key TEXT PRIMARY KEY,
         digest TEXT NOT NULL,
@@ -550,7 +550,7 @@ async fn apply_one(
             origins,
             reply,
         } => {
-            let ids: Vec<&str> = digests::firsts_of(&origins)
+            let ids: Vec<&str> = digests::firsts(&origins, |o| o)
                 .map(|o| o.event_id.as_str())
                 .collect();
             let recorded = digests::recorded(tx, &ids, legacy).await?;

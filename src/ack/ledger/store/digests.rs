@@ -18,23 +18,17 @@ use crate::event::DeliveryKey;
 /// Ids per look-up statement (one parameter each).
 const CHUNK: usize = 300;
 
-/// The first copy of each event id among `origins`, in order, with the key it is claimed
-/// under. Later copies of an id are the same event when their digest matches and a conflict
-/// when not; [`conflicts`] tells which.
-pub(super) fn firsts<'a, K>(origins: &'a [(K, &'a EventOrigin)]) -> Vec<&'a (K, &'a EventOrigin)> {
-    let mut seen = HashSet::with_capacity(origins.len());
-    origins
+/// The first copy of each event id among `items` (whose origin `origin` gives), in order.
+/// Later copies of an id are the same event when their digest matches and a conflict when
+/// not; [`conflicts`] tells which.
+pub(super) fn firsts<T>(
+    items: &[T],
+    origin: impl Fn(&T) -> &EventOrigin,
+) -> impl Iterator<Item = &T> {
+    let mut seen = HashSet::with_capacity(items.len());
+    items
         .iter()
-        .filter(|(_, o)| seen.insert(o.event_id.as_str()))
-        .collect()
-}
-
-/// The first copy of each event id among one claim's `origins`, in order.
-pub(super) fn firsts_of(origins: &[EventOrigin]) -> impl Iterator<Item = &EventOrigin> {
-    let mut seen = HashSet::with_capacity(origins.len());
-    origins
-        .iter()
-        .filter(move |o| seen.insert(o.event_id.as_str()))
+        .filter(move |item| seen.insert(origin(item).event_id.as_str()))
 }
 
 /// The digests recorded for `ids`: from their origin rows, and from the legacy table for rows

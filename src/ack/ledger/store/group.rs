@@ -140,7 +140,7 @@ async fn claim_all(
         .iter()
         .flat_map(|c| c.origins.iter().map(move |o| (&c.key, o)))
         .collect();
-    let firsts = digests::firsts(&all);
+    let firsts: Vec<&(&DeliveryKey, &EventOrigin)> = digests::firsts(&all, |(_, o)| o).collect();
     let new_ids = insert_origins(conn, &firsts, now).await?;
     let (fresh, known): (Vec<&str>, Vec<&str>) = firsts
         .iter()
@@ -154,30 +154,26 @@ async fn claim_all(
     if legacy {
         recorded.extend(digests::legacy_digests(conn, &fresh).await?);
     }
-    let mut clear = Vec::with_capacity(claims.len());
-    let mut taken_back: Vec<&str> = Vec::new();
-    let mut answers = Vec::new();
-    for (i, claim) in claims.iter().enumerate() {
-        let origins: Vec<&EventOrigin> = claim.origins.iter().collect();
-        let mine = digests::conflicts(&origins, &recorded);
-        if mine.is_empty() {
-            clear.push(i);
-        } else {
-            taken_back.extend(
-                origins
-                    .iter()
-                    .map(|o| o.event_id.as_str())
-                    .filter(|id| new_ids.contains(*id)),
-            );
-            answers.push((i, mine));
-        }
-    }
-    take_back_origins(conn, &taken_back).await?;
-    let known: Vec<(&DeliveryKey, &EventOrigin)> = clear
+    // Each claim's conflicts, in order (none: the claim goes ahead).
+    let conflicts: Vec<Vec<EventContent>> = claims
         .iter()
-        .flat_map(|&i| {
-            let c = &claims[i];
-            digests::firsts_of(&c.origins)
+        .map(|c| digests::conflicts(&c.origins.iter().collect::<Vec<_>>(), &recorded))
+        .collect();
+    let refused = |i: usize| !conflicts[i].is_empty();
+    let taken_back: Vec<&str> = (0..claims.len())
+        .filter(|&i| refused(i))
+        .flat_map(|i| claims[i].origins.iter().map(|o| o.event_id.as_str()))
+        .filter(|id| new_ids.contains(*id))
+        .collect();
+    take_back_origins(conn, &taken_back).await?;
+    let clear_claims: Vec<&PendingClaim> = (0..claims.len())
+        .filter(|&i| !refused(i))
+        .map(|i| &claims[i])
+        .collect();
+    let known: Vec<(&DeliveryKey, &EventOrigin)> = clear_claims
+        .iter()
+        .flat_map(|c| {
+            digests::firsts(&c.origins, |o| o)
                 .filter(|o| !new_ids.contains(o.event_id.as_str()))
                 .map(move |o| (&c.key, o))
         })
@@ -185,7 +181,6 @@ async fn claim_all(
     if !known.is_empty() {
         record_origins(conn, &known, now).await?;
     }
-    let clear_claims: Vec<&PendingClaim> = clear.iter().map(|&i| &claims[i]).collect();
     let inserted = if clear_claims.is_empty() {
         HashSet::new()
     } else {
@@ -197,9 +192,8 @@ async fn claim_all(
         .filter(|k| !inserted.contains(k.as_str()))
         .collect();
     let mut rows = read_rows(conn, &known_keys, now).await?;
-    let mut conflicted: HashMap<usize, Vec<EventContent>> = answers.into_iter().collect();
-    for (i, claim) in claims.into_iter().enumerate() {
-        if let Some(mine) = conflicted.remove(&i) {
+    for (claim, mine) in claims.into_iter().zip(conflicts) {
+        if !mine.is_empty() {
             replies.push(Reply::Claim(claim.reply, Err(mine)));
             continue;
         }
@@ -331,7 +325,7 @@ pub(super) async fn record_origins(
     origins: &[(&DeliveryKey, &EventOrigin)],
     now: i64,
 ) -> Result<(), sqlx::Error> {
-    let unique = digests::firsts(origins);
+    let unique: Vec<&(&DeliveryKey, &EventOrigin)> = digests::firsts(origins, |(_, o)| o).collect();
     for piece in pieces(&unique) {
         let sql = statement(Kind::RecordOrigins, piece.len());
         let mut query = sqlx::query(sql);
