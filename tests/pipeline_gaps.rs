@@ -2,7 +2,8 @@
 //! answers a fetch that starts inside a record batch with the *next* batch; after a pause/resume
 //! the consumer resumes mid-batch, and a watermark that took the jump for a real gap committed
 //! past records it never saw (2 848 of 200 000 events lost). Here the backlog is produced in
-//! multi-record batches and a small in-flight budget forces many pauses: every event must reach
+//! multi-record batches and a small in-flight budget, paused at once when full
+//! (`batch.pause_after = 0s`), forces many pauses: every event must reach
 //! the billwerk emulator exactly once, and every offset must be committed at the end.
 //!
 //! The CI form uses 40 000 events (it lost events on the code before the fix); the issue's
@@ -66,6 +67,8 @@ async fn a_read_paused_one_record_into_the_last_batch_is_not_taken_for_caught_up
         common::billwerk_config(&brokers, group, topic, dlq, &emulator.base_url(), &ledger)
             .max_events(1)
             .max_in_flight(1)
+            // A pause (and the purge of the prefetch) at every full budget, as before holds.
+            .pause_after(Duration::ZERO)
             .build()
             .unwrap();
     let stats = Arc::new(RunStats::default());
@@ -116,7 +119,9 @@ async fn backlog(n: usize, max_in_flight: Option<usize>, limit: Duration) {
     let mut config =
         common::billwerk_config(&brokers, group, topic, dlq, &emulator.base_url(), &ledger);
     if let Some(m) = max_in_flight {
-        config = config.max_in_flight(m);
+        // A pause at every full budget: each resume starts a fetch wherever the read stands,
+        // inside a record batch as often as not.
+        config = config.max_in_flight(m).pause_after(Duration::ZERO);
     }
     let config = config.build().unwrap();
     let stats = Arc::new(RunStats::default());

@@ -198,6 +198,11 @@ impl ConfigBuilder {
         self.set(&["batch"], "max_in_flight", count(events))
     }
 
+    /// `batch.pause_after`.
+    pub fn pause_after(self, after: Duration) -> ConfigBuilder {
+        self.set(&["batch"], "pause_after", duration(after))
+    }
+
     // [sink]
 
     /// `sink.kind = "billwerk"` with its base URL and OAuth client; drops Billingrails keys.

@@ -175,8 +175,13 @@ pub struct BatchConfig {
     /// ... or when its oldest event has waited this long.
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
-    /// Memory budget: events read but not yet settled. At the budget, partitions are paused.
+    /// Memory budget: events read but not yet settled. At the budget the consumer stops
+    /// taking messages and keeps librdkafka's prefetch.
     pub max_in_flight: usize,
+    /// ... and pauses the partitions if the budget stays full this long (pausing drops the
+    /// prefetch, and lets rebalance callbacks run again). 0: pause at once.
+    #[serde(with = "humantime_serde")]
+    pub pause_after: Duration,
 }
 
 impl Default for BatchConfig {
@@ -185,6 +190,7 @@ impl Default for BatchConfig {
             max_events: 500,
             max_wait: Duration::from_millis(100),
             max_in_flight: 20_000,
+            pause_after: Duration::from_millis(500),
         }
     }
 }

@@ -163,6 +163,7 @@ fn the_full_example_sets_every_key() {
         "max_events",
         "max_wait",
         "max_in_flight",
+        "pause_after",
         "kind",
         "base_url",
         "client_id",
@@ -498,6 +499,14 @@ fn batch_rules() {
         "batch.max_in_flight",
         &["499", "batch.max_events (500)"],
     );
+    assert_problem(
+        |c| c.batch.pause_after = Duration::from_secs(11),
+        "batch.pause_after",
+        &["11s", "longer than 10s", "rebalance"],
+    );
+    let mut c = valid();
+    c.batch.pause_after = Duration::ZERO;
+    assert!(c.validate().is_empty(), "0s pauses at once");
 }
 
 #[test]

@@ -264,7 +264,22 @@ fn batch(config: &Config, p: &mut Problems) {
             ),
         );
     }
+    if b.pause_after > MAX_PAUSE_AFTER {
+        p.add(
+            "batch.pause_after",
+            format!(
+                "{} is longer than {}: while the budget holds, rebalance callbacks wait, and \
+                 the group's other members with them; expected 0 (pause at once) to {}",
+                human(b.pause_after),
+                human(MAX_PAUSE_AFTER),
+                human(MAX_PAUSE_AFTER)
+            ),
+        );
+    }
 }
+
+/// The longest `batch.pause_after`: a rebalance waits for it.
+const MAX_PAUSE_AFTER: Duration = Duration::from_secs(10);
 
 fn sink(config: &Config, checks: &dyn StageChecks, p: &mut Problems) {
     let s = &config.sink;

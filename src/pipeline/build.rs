@@ -101,6 +101,7 @@ async fn build_with_sink(
         drain_timeout: config.kafka.drain_timeout,
         commit_interval: config.kafka.commit_interval,
         max_in_flight: config.batch.max_in_flight,
+        pause_after: config.batch.pause_after,
         properties,
     })?;
     let delivery = Arc::new(LedgeredDelivery {

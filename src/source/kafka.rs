@@ -24,8 +24,11 @@ pub struct SourceOptions {
     pub session_timeout: Duration,
     pub drain_timeout: Duration,
     pub commit_interval: Duration,
-    /// Events read but not settled; at this many the partitions are paused.
+    /// Events read but not settled; at this many the consumer stops taking messages, and
+    /// pauses the partitions if that lasts.
     pub max_in_flight: usize,
+    /// How long the budget may stay full before the partitions are paused.
+    pub pause_after: Duration,
     /// Pass-through librdkafka properties; they win over meterflow's defaults.
     pub properties: Vec<(String, String)>,
 }
@@ -37,8 +40,9 @@ pub(crate) struct Shared {
     pub(crate) in_flight: AtomicUsize,
     /// While true (the sink-wide 429 gate is closed), partitions stay paused.
     pub(crate) hold: AtomicBool,
-    /// The consumer loop's state, for the stalled-read check (`gaps.rs`): whether its
-    /// partitions are paused, and milliseconds after `epoch` of its last poll and last resume.
+    /// The consumer loop's state, for the stalled-read check (`gaps.rs`): whether it reads
+    /// nothing on purpose (held at the in-flight budget, or its partitions paused), and
+    /// milliseconds after `epoch` of its last poll and last resume.
     pub(crate) paused: AtomicBool,
     pub(crate) polled_at_ms: AtomicU64,
     pub(crate) resumed_at_ms: AtomicU64,
@@ -240,6 +244,7 @@ impl KafkaSource {
             consumer: consumer.clone(),
         };
         let max_in_flight = options.max_in_flight.max(1);
+        let pause_after = options.pause_after;
         let monitor = super::gaps::GapMonitor::new(
             consumer.clone(),
             shared.clone(),
@@ -255,7 +260,7 @@ impl KafkaSource {
             .map_err(|e| KafkaError::ClientCreation(format!("cannot start a thread: {e}")))?;
         let thread = std::thread::Builder::new()
             .name("kafka-source".into())
-            .spawn(move || consume_loop(consumer, shared, tx, wake_tx, max_in_flight))
+            .spawn(move || consume_loop(consumer, shared, tx, wake_tx, max_in_flight, pause_after))
             .map_err(|e| KafkaError::ClientCreation(format!("cannot start a thread: {e}")))?;
         Ok((
             KafkaSource {
@@ -444,23 +449,59 @@ fn consumer_config(options: &SourceOptions) -> ClientConfig {
     config
 }
 
+/// How often a consumer held at the budget looks whether it may read again.
+const HOLD_CHECK: Duration = Duration::from_millis(1);
+
+/// Reads until shutdown, within the in-flight budget. Over the budget the loop first only
+/// stops taking messages: librdkafka's prefetch stays queued, bounded by `queued.min.messages`
+/// and `queued.max.messages.kbytes`. A hold longer than `pause_after` pauses the partitions
+/// instead, so that the loop polls again and serves rebalance callbacks. Pausing purges each
+/// partition's fetch queue (`rd_kafka_toppar_pause_resume`), and resuming fetches it again:
+/// with a budget of 5 000 that pause and re-fetch cost batches of 100 two thirds of their speed.
 fn consume_loop(
     consumer: Arc<SourceConsumer>,
     shared: Arc<Shared>,
     tx: mpsc::Sender<RawMessage>,
     wake_monitor: std::sync::mpsc::SyncSender<()>,
     max_in_flight: usize,
+    pause_after: Duration,
 ) {
     let resume_below = max_in_flight / 2;
     let mut paused = false;
+    // When the loop last stopped taking messages at the budget, while not paused.
+    let mut held_since: Option<Instant> = None;
     while !shared.shutdown.load(Ordering::Acquire) {
         let in_flight = shared.in_flight.load(Ordering::Acquire);
         let hold = shared.hold.load(Ordering::Acquire);
+        if !paused && !hold && in_flight >= max_in_flight {
+            let since = *held_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < pause_after {
+                shared.paused.store(true, Ordering::Release);
+                std::thread::sleep(HOLD_CHECK);
+                continue;
+            }
+        }
+        if held_since.is_some() && !paused && !hold && in_flight < max_in_flight {
+            held_since = None;
+            shared
+                .resumed_at_ms
+                .store(shared.millis_now(), Ordering::Release);
+        }
         if !paused && (in_flight >= max_in_flight || hold) {
             paused = set_paused(&consumer, true);
+            if paused {
+                let reason = if hold {
+                    "rate_limited"
+                } else {
+                    "in_flight_budget"
+                };
+                metrics::counter!("meterflow_consumer_pauses_total", "reason" => reason)
+                    .increment(1);
+            }
         } else if paused && in_flight <= resume_below && !hold {
             paused = !set_paused(&consumer, false);
             if !paused {
+                held_since = None;
                 shared
                     .resumed_at_ms
                     .store(shared.millis_now(), Ordering::Release);
@@ -712,6 +753,7 @@ mod tests {
             drain_timeout: Duration::from_secs(3),
             commit_interval: Duration::from_millis(200),
             max_in_flight: 20_000,
+            pause_after: Duration::from_millis(500),
             properties: properties
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
