@@ -34,7 +34,8 @@ async fn backlog_of_200k_on_memory_storage_loses_nothing() {
     backlog(200_000, Some(400), Duration::from_secs(1200)).await;
 }
 
-/// As reported: 200 000 events, the default in-flight budget (20 000).
+/// As reported: 200 000 events, the default in-flight budget (5 000; 20 000 when reported) and
+/// the default hold before a pause.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "the issue's 200 000-event reproduction: minutes in a debug build"]
 async fn backlog_of_200k_with_the_default_config_loses_nothing() {

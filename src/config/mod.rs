@@ -189,7 +189,7 @@ impl Default for BatchConfig {
         BatchConfig {
             max_events: 500,
             max_wait: Duration::from_millis(100),
-            max_in_flight: 20_000,
+            max_in_flight: 5_000,
             pause_after: Duration::from_millis(500),
         }
     }

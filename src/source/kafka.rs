@@ -457,7 +457,8 @@ const HOLD_CHECK: Duration = Duration::from_millis(1);
 /// and `queued.max.messages.kbytes`. A hold longer than `pause_after` pauses the partitions
 /// instead, so that the loop polls again and serves rebalance callbacks. Pausing purges each
 /// partition's fetch queue (`rd_kafka_toppar_pause_resume`), and resuming fetches it again:
-/// with a budget of 5 000 that pause and re-fetch cost batches of 100 two thirds of their speed.
+/// with a budget of 5 000, pausing at once ran batches of 100 at a fifth of the speed
+/// (docs/benchmarks.md, "Seventh run").
 fn consume_loop(
     consumer: Arc<SourceConsumer>,
     shared: Arc<Shared>,
@@ -752,7 +753,7 @@ mod tests {
             session_timeout: Duration::from_secs(6),
             drain_timeout: Duration::from_secs(3),
             commit_interval: Duration::from_millis(200),
-            max_in_flight: 20_000,
+            max_in_flight: 5_000,
             pause_after: Duration::from_millis(500),
             properties: properties
                 .iter()

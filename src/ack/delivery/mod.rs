@@ -187,7 +187,7 @@ impl LedgeredDelivery {
                 let _permit = concurrency.acquire(&delivery).await;
                 // Boxed, so that a task waiting for its permit holds its delivery and no more:
                 // the send's own state is about 1.8 KiB, and up to `batch.max_in_flight`
-                // deliveries wait (36 MiB of 20 000 P1 tasks before).
+                // deliveries wait (36 MiB of 20 000 P1 tasks before, at the old default budget).
                 Box::pin(this.deliver_guarded(delivery)).await;
             });
         }
