@@ -482,11 +482,10 @@ fn consume_loop(
                 continue;
             }
         }
-        if held_since.is_some() && !paused && !hold && in_flight < max_in_flight {
+        if !paused && in_flight < max_in_flight {
+            // The hold is over. It is no resume: librdkafka kept fetching meanwhile, so the
+            // stalled-read check's clock (`resumed_at_ms`) does not start again.
             held_since = None;
-            shared
-                .resumed_at_ms
-                .store(shared.millis_now(), Ordering::Release);
         }
         if !paused && (in_flight >= max_in_flight || hold) {
             paused = set_paused(&consumer, true);
