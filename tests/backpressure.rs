@@ -8,7 +8,7 @@ use meterflow_testkit as common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -66,22 +66,6 @@ impl Sink for SlowSink {
     }
 }
 
-fn metrics_handle() -> &'static metrics_exporter_prometheus::PrometheusHandle {
-    static HANDLE: OnceLock<metrics_exporter_prometheus::PrometheusHandle> = OnceLock::new();
-    HANDLE.get_or_init(|| {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .install_recorder()
-            .unwrap()
-    })
-}
-
-/// The value of a counter or gauge line `name{labels} value` (0 when absent).
-fn metric(text: &str, line_start: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 struct Run {
     took: Duration,
     pauses: f64,
@@ -93,9 +77,9 @@ struct Run {
 /// Delivers `EVENTS` events on a topic of their own through a `SlowSink`, the budget `BUDGET`,
 /// and reports the pauses the run added.
 async fn run(name: &str, pause_after: Duration) -> Run {
-    let metrics = metrics_handle();
+    let metrics = common::metrics_handle();
     let pauses_line = "meterflow_consumer_pauses_total{reason=\"in_flight_budget\"}";
-    let pauses_before = metric(&metrics.render(), pauses_line);
+    let pauses_before = common::metric_value(&metrics.render(), pauses_line);
     let (topic, dlq, group) = (
         format!("usage-{name}"),
         format!("dlq-{name}"),
@@ -151,25 +135,22 @@ async fn run(name: &str, pause_after: Duration) -> Run {
     while std::time::Instant::now() < deadline
         && stats.delivered.load(Ordering::Relaxed) < EVENTS as u64
     {
-        most_in_flight =
-            most_in_flight.max(metric(&metrics.render(), "meterflow_in_flight_events"));
+        most_in_flight = most_in_flight.max(common::metric_value(
+            &metrics.render(),
+            "meterflow_in_flight_events",
+        ));
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let committed = {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let c = common::committed_total(&brokers, &group, &topic, 1);
-            if c >= EVENTS as i64 || std::time::Instant::now() > deadline {
-                break c;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
+    common::wait_until(Duration::from_secs(10), || {
+        common::committed_total(&brokers, &group, &topic, 1) >= EVENTS as i64
+    })
+    .await;
+    let committed = common::committed_total(&brokers, &group, &topic, 1);
     let took = started.elapsed();
     common::stop_pipeline(stop, task, Duration::from_millis(500)).await;
     Run {
         took,
-        pauses: metric(&metrics.render(), pauses_line) - pauses_before,
+        pauses: common::metric_value(&metrics.render(), pauses_line) - pauses_before,
         most_in_flight,
         sink,
         committed,
@@ -202,7 +183,7 @@ fn assert_each_delivered_once(name: &str, r: &Run) {
 }
 
 /// Before `pause_after`, every full budget paused the partitions and dropped the prefetch
-/// (P2 without a ledger at a budget of 5 000: a third of the speed). A budget that empties
+/// (P2 without a ledger at a budget of 5 000: a fifth of the speed). A budget that empties
 /// within a few milliseconds must now be held without a single pause; with `pause_after = 0s`
 /// (the old behaviour) the same run pauses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

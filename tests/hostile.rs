@@ -11,7 +11,7 @@ use meterflow_testkit as common;
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -390,15 +390,6 @@ impl Sink for PanickingSink {
     }
 }
 
-fn metrics_handle() -> &'static metrics_exporter_prometheus::PrometheusHandle {
-    static HANDLE: OnceLock<metrics_exporter_prometheus::PrometheusHandle> = OnceLock::new();
-    HANDLE.get_or_init(|| {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .install_recorder()
-            .unwrap()
-    })
-}
-
 /// Issue 11, "no panic reachable from data": if a delivery task still dies, the JoinSet handler
 /// only logged it and the partition stayed pinned until a restart. Now its events are
 /// dead-lettered with `internal_error`, counted in `meterflow_delivery_task_failures_total`,
@@ -406,7 +397,7 @@ fn metrics_handle() -> &'static metrics_exporter_prometheus::PrometheusHandle {
 /// up by the dead task's in-process claim.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_task_that_panics_dead_letters_its_events_as_internal_error() {
-    let metrics = metrics_handle();
+    let metrics = common::metrics_handle();
     let (_cluster, brokers) = cluster();
     let boom = event("evt_boom", CONTRACT, "1");
     let payloads = vec![

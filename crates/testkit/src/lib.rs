@@ -10,6 +10,7 @@
 mod configs;
 mod emulators;
 mod kafka;
+mod metrics;
 mod process;
 mod tansu;
 mod wait;
@@ -20,6 +21,7 @@ pub use kafka::{
     committed_total, create_topics, mock_cluster, produce, producer, read_topic, ReadDeadLetter,
 };
 pub use meterflow::config::builder::{Bucket, ConfigBuilder, Override};
+pub use metrics::{metric_value, metrics_handle};
 pub use process::{kill_and_restart, Meterflow};
 pub use tansu::{require_tansu, Tansu};
 pub use wait::{stop_pipeline, wait_until};
