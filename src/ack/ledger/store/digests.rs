@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 
 use sqlx::{AnyConnection, Row};
 
-use super::placeholders;
+use super::{for_backend, placeholders};
 use crate::ack::ledger::{EventContent, EventOrigin};
 use crate::event::DeliveryKey;
 
@@ -46,6 +46,7 @@ pub(super) async fn recorded(
             "SELECT event_id, digest FROM meterflow_event_origins WHERE event_id IN ({})",
             placeholders(1, chunk.len())
         );
+        let sql = for_backend(conn, sql);
         let mut query = sqlx::query(&sql);
         for id in chunk {
             query = query.bind(*id);
@@ -88,6 +89,7 @@ pub(super) async fn legacy_digests(
             "SELECT event_key, digest FROM meterflow_event_contents WHERE event_key IN ({})",
             placeholders(1, by_key.len())
         );
+        let sql = for_backend(conn, sql);
         let mut query = sqlx::query(&sql);
         for key in by_key.keys() {
             query = query.bind(key.as_str());

@@ -15,7 +15,7 @@ use std::sync::{Mutex, OnceLock};
 use sqlx::{AnyConnection, Row};
 use tokio::sync::oneshot;
 
-use super::{claimant, digests, row_claim, Reply};
+use super::{claimant, digests, for_backend, row_claim, Reply};
 use crate::ack::ledger::{Checked, Claim, EventContent, EventOrigin, LedgerError, Op};
 use crate::event::DeliveryKey;
 
@@ -219,7 +219,7 @@ async fn insert_origins(
 ) -> Result<HashSet<String>, sqlx::Error> {
     let mut inserted = HashSet::with_capacity(origins.len());
     for piece in pieces(origins) {
-        let sql = statement(Kind::InsertOrigins, piece.len());
+        let sql = statement(conn, Kind::InsertOrigins, piece.len());
         let mut query = sqlx::query(sql);
         for (key, o) in piece {
             query = bind_origin(query, key, o, now);
@@ -234,7 +234,7 @@ async fn insert_origins(
 /// Deletes origins this transaction inserted for a claim that was then refused.
 async fn take_back_origins(conn: &mut AnyConnection, ids: &[&str]) -> Result<(), sqlx::Error> {
     for piece in pieces(ids) {
-        let sql = statement(Kind::DeleteOrigins, piece.len());
+        let sql = statement(conn, Kind::DeleteOrigins, piece.len());
         let mut query = sqlx::query(sql);
         for id in piece {
             query = query.bind(*id);
@@ -272,12 +272,13 @@ async fn insert_rows(
 ) -> Result<HashSet<String>, sqlx::Error> {
     let mut inserted = HashSet::with_capacity(claims.len());
     for piece in pieces(claims) {
-        let sql = statement(Kind::InsertRows, piece.len());
+        let sql = statement(conn, Kind::InsertRows, piece.len());
         let mut query = sqlx::query(sql);
         for c in piece {
             query = query
                 .bind(c.key.as_str())
                 .bind(i64::try_from(c.events).unwrap_or(i64::MAX))
+                .bind(now)
                 .bind(now);
         }
         for row in query.fetch_all(&mut *conn).await? {
@@ -295,7 +296,7 @@ async fn read_rows(
 ) -> Result<HashMap<String, Claim>, sqlx::Error> {
     let mut rows = HashMap::with_capacity(keys.len());
     for piece in pieces(keys) {
-        let sql = statement(Kind::ReadRows, piece.len());
+        let sql = statement(conn, Kind::ReadRows, piece.len());
         let mut query = sqlx::query(sql);
         for k in piece {
             query = query.bind(k.as_str());
@@ -327,7 +328,7 @@ pub(super) async fn record_origins(
 ) -> Result<(), sqlx::Error> {
     let unique: Vec<&(&DeliveryKey, &EventOrigin)> = digests::firsts(origins, |(_, o)| o).collect();
     for piece in pieces(&unique) {
-        let sql = statement(Kind::RecordOrigins, piece.len());
+        let sql = statement(conn, Kind::RecordOrigins, piece.len());
         let mut query = sqlx::query(sql);
         for (key, o) in piece {
             query = bind_origin(query, key, o, now);
@@ -345,7 +346,7 @@ async fn finish_all(
     now: i64,
 ) -> Result<(), sqlx::Error> {
     for piece in pieces(finishes) {
-        let sql = statement(Kind::Finish, piece.len());
+        let sql = statement(conn, Kind::Finish, piece.len());
         let mut query = sqlx::query(sql);
         for f in piece {
             query = query
@@ -385,14 +386,24 @@ enum Kind {
     Finish,
 }
 
-/// The text of `kind` for `rows` rows, made once per process (`rows` is a power of two up to
-/// [`MAX_ROWS`], so there are at most 48 texts).
-fn statement(kind: Kind, rows: usize) -> &'static str {
-    static TEXTS: OnceLock<Mutex<HashMap<(Kind, usize), &'static str>>> = OnceLock::new();
+/// The text of `kind` for `rows` rows in the connection's dialect ([`for_backend`]), made once
+/// per process (`rows` is a power of two up to [`MAX_ROWS`], so there are at most 48 texts a
+/// dialect).
+fn statement(conn: &AnyConnection, kind: Kind, rows: usize) -> &'static str {
+    /// (SQLite or not, kind, rows) → text.
+    type Texts = HashMap<(bool, Kind, usize), &'static str>;
+    static TEXTS: OnceLock<Mutex<Texts>> = OnceLock::new();
+    let sqlite = conn.backend_name() == "SQLite";
     let mut texts = crate::sync::lock(TEXTS.get_or_init(Default::default));
-    texts
-        .entry((kind, rows))
-        .or_insert_with(|| Box::leak(text(kind, rows).into_boxed_str()))
+    texts.entry((sqlite, kind, rows)).or_insert_with(|| {
+        let text = text(kind, rows);
+        let text = if sqlite {
+            for_backend(conn, text)
+        } else {
+            text
+        };
+        Box::leak(text.into_boxed_str())
+    })
 }
 
 /// The columns an origin row is written with, in [`bind_origin`]'s order.
@@ -419,12 +430,14 @@ fn text(kind: Kind, rows: usize) -> String {
                 (delivery_key, state, receipt, event_count, first_sent_at, updated_at)
              VALUES {}
              ON CONFLICT (delivery_key) DO NOTHING RETURNING delivery_key",
-            values(3, &|p| format!(
+            // first_sent_at and updated_at are bound apart: each parameter used once keeps
+            // the statement's parameters in order ([`for_backend`]).
+            values(4, &|p| format!(
                 "(${}, 'sending', NULL, ${}, ${}, ${})",
                 p + 1,
                 p + 2,
                 p + 3,
-                p + 3
+                p + 4
             ))
         ),
         Kind::ReadRows => format!(
