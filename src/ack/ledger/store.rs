@@ -1,4 +1,5 @@
-//! SQL for the ledger, one dialect for SQLite and PostgreSQL through sqlx `Any`.
+//! SQL for the ledger, one dialect for SQLite and PostgreSQL through sqlx `Any` (on SQLite, a
+//! statement's `$1, $2, ...` are sent as `?`: [`for_backend`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
