@@ -767,7 +767,7 @@ pub(super) fn for_backend(conn: &AnyConnection, sql: String) -> String {
 }
 
 /// `sql` with `?` for `$1, $2, ...`, if each appears once and in that order.
-fn anonymous(sql: &str) -> Option<String> {
+pub(super) fn anonymous(sql: &str) -> Option<String> {
     let mut out = String::with_capacity(sql.len());
     let mut next = 1usize;
     let mut rest = sql;

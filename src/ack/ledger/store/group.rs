@@ -655,6 +655,34 @@ mod tests {
         answers_as_one_by_one(ledger, store, "p").await;
     }
 
+    /// Every group statement binds fast on SQLite: each of its parameters used once, in order
+    /// (a statement that reused one would silently keep `$N`, and binding it is quadratic).
+    #[test]
+    fn every_group_statement_takes_anonymous_parameters_on_sqlite() {
+        use super::{text, Kind};
+        for kind in [
+            Kind::InsertRows,
+            Kind::ReadRows,
+            Kind::InsertOrigins,
+            Kind::RecordOrigins,
+            Kind::DeleteOrigins,
+            Kind::Finish,
+        ] {
+            for rows in [1, 2, 64, super::MAX_ROWS] {
+                let sql = text(kind, rows);
+                let anonymous = super::super::anonymous(&sql).unwrap_or_else(|| {
+                    panic!("a parameter is reused or out of order for {rows} rows: {sql}")
+                });
+                assert!(!anonymous.contains('$'), "{anonymous}");
+                assert_eq!(
+                    anonymous.matches('?').count(),
+                    sql.matches('$').count(),
+                    "{sql}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn pieces_are_powers_of_two_up_to_the_maximum_and_cover_everything() {
         for n in [0usize, 1, 2, 3, 7, 64, 100, 128, 129, 300, 1000] {
