@@ -31,6 +31,9 @@ use std::time::{Duration, Instant};
 use meterflow::ack::ledger::scratch::{self, ScratchDatabase};
 use support::{arg, held, meterflow, usage, SinkKind};
 
+/// Set when a scenario with a ledger left an event billed twice: the bench then exits 1.
+static BILLED_TWICE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn http_get(addr: &str, path: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).ok()?;
@@ -46,10 +49,14 @@ fn http_get(addr: &str, path: &str) -> Option<String> {
 }
 
 fn records(emulator: &str) -> u64 {
+    stat(emulator, "records").unwrap_or(0)
+}
+
+/// One count of the emulator's `GET /_emulator/stats` (`None`: no answer).
+fn stat(emulator: &str, field: &str) -> Option<u64> {
     http_get(emulator, "/_emulator/stats?per_key=false")
         .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
-        .and_then(|v| v["records"].as_u64())
-        .unwrap_or(0)
+        .and_then(|v| v[field].as_u64())
 }
 
 fn start_emulator(sink: SinkKind, port: u16) -> Child {
@@ -260,8 +267,25 @@ async fn scenario(
         true => Some(database_counts(&admin_url, &db_name).await),
         false => None,
     };
+    // Every replica has stopped: what the emulator holds now is final. A delivery key on more
+    // than one record is an event billed twice (billwerk; Billingrails stores a key once).
+    let twice = stat(&emu_addr, "duplicate_keys");
     let _ = emulator.kill();
     let _ = emulator.wait();
+    match twice {
+        Some(0) => {}
+        Some(n) if ledger == "none" => eprintln!(
+            "{name}: {n} events billed twice (no ledger: a re-send after a lost answer bills again)"
+        ),
+        Some(n) => {
+            eprintln!(
+                "{name}: {n} events BILLED TWICE with a ledger; meterflow's log: {}",
+                log_path.display()
+            );
+            BILLED_TWICE.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        None => eprintln!("{name}: the emulator did not answer its stats; duplicates not checked"),
+    }
     if perf {
         support::print_stage_shares(&perf_data);
     }
@@ -440,5 +464,8 @@ async fn main() {
                 db(|d| d.cpu_us_per_event)
             );
         }
+    }
+    if BILLED_TWICE.load(std::sync::atomic::Ordering::Relaxed) {
+        std::process::exit(1);
     }
 }
