@@ -1259,6 +1259,29 @@ mod tests {
         digests_of_earlier_builds_still_decide(&db.url).await;
     }
 
+    /// The rewrite hangs on the name sqlx gives each backend: were it to change, SQLite would
+    /// silently go back to binding `$N` (quadratic) and PostgreSQL would get `?` (an error).
+    #[tokio::test]
+    async fn only_a_sqlite_connection_gets_anonymous_parameters() {
+        let sql = || "SELECT $1, $2".to_string();
+        let (_ledger, store, _dir) = sqlite().await;
+        let mut conn = store.pool.acquire().await.unwrap();
+        assert_eq!(super::for_backend(&conn, sql()), "SELECT ?, ?");
+        let row = sqlx::query(&super::for_backend(&conn, sql()))
+            .bind(1_i64)
+            .bind(2_i64)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        assert_eq!((row.get::<i64, _>(0), row.get::<i64, _>(1)), (1, 2));
+        let Some(db) = ScratchDatabase::for_test().await else {
+            return;
+        };
+        let store = LedgerStore::connect(&db.url).await.unwrap();
+        let conn = store.pool.acquire().await.unwrap();
+        assert_eq!(super::for_backend(&conn, sql()), sql());
+    }
+
     #[tokio::test]
     async fn survives_reopening_the_file() {
         let dir = tempfile::tempdir().unwrap();
