@@ -275,11 +275,13 @@ async fn scenario(
     match twice {
         Some(0) => {}
         Some(n) if ledger == "none" => eprintln!(
-            "{name}: {n} events billed twice (no ledger: a re-send after a lost answer bills again)"
+            "{name}: {n} delivery keys on more than one record, billed twice (no ledger: a \
+             re-send after a lost answer bills again)"
         ),
         Some(n) => {
             eprintln!(
-                "{name}: {n} events BILLED TWICE with a ledger; meterflow's log: {}",
+                "{name}: {n} delivery keys on more than one record: BILLED TWICE with a ledger; \
+                 meterflow's log: {}",
                 log_path.display()
             );
             BILLED_TWICE.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -760,10 +760,15 @@ fn placeholders(first: usize, n: usize) -> String {
 /// `$1, $2, ...` each appear once and in that order, they become `?`; any other statement, and
 /// every statement on PostgreSQL, keeps its `$N`.
 pub(super) fn for_backend(conn: &AnyConnection, sql: String) -> String {
-    if conn.backend_name() != "SQLite" {
+    if !is_sqlite(conn) {
         return sql;
     }
     anonymous(&sql).unwrap_or(sql)
+}
+
+/// Whether `conn` is a SQLite connection (sqlx's name for the backend).
+pub(super) fn is_sqlite(conn: &AnyConnection) -> bool {
+    conn.backend_name() == "SQLite"
 }
 
 /// `sql` with `?` for `$1, $2, ...`, if each appears once and in that order.

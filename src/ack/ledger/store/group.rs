@@ -15,7 +15,7 @@ use std::sync::{Mutex, OnceLock};
 use sqlx::{AnyConnection, Row};
 use tokio::sync::oneshot;
 
-use super::{claimant, digests, for_backend, row_claim, Reply};
+use super::{claimant, digests, for_backend, is_sqlite, row_claim, Reply};
 use crate::ack::ledger::{Checked, Claim, EventContent, EventOrigin, LedgerError, Op};
 use crate::event::DeliveryKey;
 
@@ -393,17 +393,10 @@ fn statement(conn: &AnyConnection, kind: Kind, rows: usize) -> &'static str {
     /// (SQLite or not, kind, rows) → text.
     type Texts = HashMap<(bool, Kind, usize), &'static str>;
     static TEXTS: OnceLock<Mutex<Texts>> = OnceLock::new();
-    let sqlite = conn.backend_name() == "SQLite";
     let mut texts = crate::sync::lock(TEXTS.get_or_init(Default::default));
-    texts.entry((sqlite, kind, rows)).or_insert_with(|| {
-        let text = text(kind, rows);
-        let text = if sqlite {
-            for_backend(conn, text)
-        } else {
-            text
-        };
-        Box::leak(text.into_boxed_str())
-    })
+    texts
+        .entry((is_sqlite(conn), kind, rows))
+        .or_insert_with(|| Box::leak(for_backend(conn, text(kind, rows)).into_boxed_str()))
 }
 
 /// The columns an origin row is written with, in [`bind_origin`]'s order.
