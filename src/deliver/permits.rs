@@ -2,6 +2,12 @@
 //! `sink.concurrency_per_contract` of them for one contract, so that a contract whose requests
 //! keep failing (5xx, 403, a lookup that never answers) retries within its share while every
 //! other contract keeps its pace.
+//!
+//! Two sets: the delivery runner holds a request permit from its first request (or lookup)
+//! to its outcome; a delivery task holds a place in the window of
+//! [`DELIVERIES_PER_REQUEST`] times as many from its start (the ledger's claim) to its end
+//! (its finish and dead letters). While one delivery's request is out, the next one's claim
+//! is being written: the claim's wait for the group commit no longer takes a request's place.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -24,7 +30,23 @@ pub struct Permit<'a> {
     permits: &'a Permits,
 }
 
+/// Deliveries under way (window places) for each request permit. On P1 with the SQLite ledger
+/// (docs/benchmarks.md, "Ninth run") 1 gave 6 500–7 400 events/s, 2 gave 7 600–8 400, 4 gave
+/// 8 200–10 000 and 8 no more. Each claimed delivery that waits for a request permit is one a
+/// crash leaves "sending", for the next start to look up at the provider: four times the
+/// requests (at most 4 096 at `sink.concurrency = 1024`).
+pub const DELIVERIES_PER_REQUEST: usize = 4;
+
 impl Permits {
+    /// The window of deliveries under way for `concurrency` requests in flight (and
+    /// `per_contract` of one contract's): [`DELIVERIES_PER_REQUEST`] times each.
+    pub fn window(concurrency: usize, per_contract: usize) -> Permits {
+        Permits::new(
+            concurrency.saturating_mul(DELIVERIES_PER_REQUEST),
+            per_contract.saturating_mul(DELIVERIES_PER_REQUEST),
+        )
+    }
+
     pub fn new(concurrency: usize, per_contract: usize) -> Permits {
         let all = concurrency.max(1);
         Permits {

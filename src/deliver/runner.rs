@@ -2,6 +2,7 @@
 //! what may succeed later (forever: back-pressure, never loss), reconcile an unknown outcome
 //! before re-sending, and return one [`ItemOutcome`] per event.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -11,6 +12,7 @@ use futures::future::BoxFuture;
 use crate::config::RetryConfig;
 use crate::deliver::client::Turn;
 use crate::deliver::events::{self, Reconciliation, RetryScheduled, RetryWait};
+use crate::deliver::permits::Permits;
 use crate::deliver::ratelimit::RateLimiter;
 use crate::deliver::retry::Backoff;
 use crate::deliver::{Attempt, Delivery, ItemOutcome, Reconciled, RetryCause, Sink};
@@ -25,14 +27,22 @@ pub struct DeliveryRunner {
     sink: Arc<dyn Sink>,
     limiter: Arc<RateLimiter>,
     retry: RetryConfig,
+    /// `sink.concurrency`: requests in flight, overall and per contract.
+    requests: Permits,
 }
 
 impl DeliveryRunner {
-    pub fn new(sink: Arc<dyn Sink>, limiter: Arc<RateLimiter>, retry: RetryConfig) -> Self {
+    pub fn new(
+        sink: Arc<dyn Sink>,
+        limiter: Arc<RateLimiter>,
+        retry: RetryConfig,
+        requests: Permits,
+    ) -> Self {
         DeliveryRunner {
             sink,
             limiter,
             retry,
+            requests,
         }
     }
 
@@ -48,6 +58,16 @@ impl DeliveryRunner {
         &self.sink
     }
 
+    /// Looks `delivery` up at the provider (after an unknown outcome), under a request permit.
+    pub async fn reconcile(
+        &self,
+        delivery: &Delivery,
+        since: DateTime<Utc>,
+    ) -> Result<Reconciled, String> {
+        let _permit = self.requests.acquire(delivery).await;
+        self.sink.reconcile(delivery, since).await
+    }
+
     pub fn retry(&self) -> &RetryConfig {
         &self.retry
     }
@@ -57,15 +77,19 @@ impl DeliveryRunner {
     /// `None` when the guard said another owner took the delivery over.
     pub async fn deliver(
         &self,
-        delivery: Delivery,
+        delivery: &Delivery,
         mut unknown_since: Option<DateTime<Utc>>,
         guard: &dyn AttemptGuard,
     ) -> Option<Vec<ItemOutcome>> {
+        // Held until every item has an outcome: a contract whose requests keep failing
+        // retries within its share (see `permits`).
+        let _permit = self.requests.acquire(delivery).await;
         let sink_name = self.sink.name();
         let mut outcomes: Vec<Option<ItemOutcome>> = vec![None; delivery.items.len()];
         // Items still to deliver, as indexes into `delivery.items`.
         let mut open: Vec<usize> = (0..delivery.items.len()).collect();
-        let mut current = delivery.clone();
+        // What is still to send: the whole delivery until a partial refusal leaves a subset.
+        let mut current = Cow::Borrowed(delivery);
         let mut backoff = Backoff::new(&self.retry);
         while !open.is_empty() {
             if let Some(since) = unknown_since {
@@ -153,10 +177,10 @@ impl DeliveryRunner {
                     }
                     // Re-send the rest (all-or-nothing batches refuse good events with bad ones).
                     open.retain(|&i| outcomes[i].is_none());
-                    current = Delivery {
+                    current = Cow::Owned(Delivery {
                         key: current.key.clone(),
                         items: open.iter().map(|&i| delivery.items[i].clone()).collect(),
-                    };
+                    });
                 }
                 Attempt::Retry {
                     cause,

@@ -105,7 +105,12 @@ async fn build_with_sink(
         properties,
     })?;
     let delivery = Arc::new(LedgeredDelivery {
-        runner: DeliveryRunner::new(sink, limiter, config.retry.clone()),
+        runner: DeliveryRunner::new(
+            sink,
+            limiter,
+            config.retry.clone(),
+            Permits::new(config.sink.concurrency, config.sink.contract_concurrency()),
+        ),
         dead_letters: Arc::new(dead_letters),
         ledger,
         source: Arc::new(source.control()),
@@ -118,7 +123,7 @@ async fn build_with_sink(
         messages,
         stages,
         delivery,
-        concurrency: Arc::new(Permits::new(
+        delivery_window: Arc::new(Permits::window(
             config.sink.concurrency,
             config.sink.contract_concurrency(),
         )),

@@ -38,8 +38,9 @@ pub struct Parts<S: Source> {
     pub stages: Stages,
     /// The exactly-once protocol, with the sink, the ledger and the dead-letter topic.
     pub delivery: Arc<LedgeredDelivery>,
-    /// Requests in flight, overall and per contract.
-    pub concurrency: Arc<Permits>,
+    /// Deliveries under way, overall and per contract (the runner holds the request permits;
+    /// see `deliver::permits`).
+    pub delivery_window: Arc<Permits>,
     /// `/readyz`'s provider probe and stuck-partition threshold (none: not watched).
     pub readiness: Option<(ProviderProbe, Duration)>,
 }
@@ -79,7 +80,7 @@ impl<S: Source> Parts<S> {
             mut messages,
             stages,
             delivery,
-            concurrency,
+            delivery_window,
             readiness,
         } = self;
         let Stages {
@@ -134,9 +135,9 @@ impl<S: Source> Parts<S> {
                         Ok(usage) => {
                             let item = DeliveryItem { usage, raw };
                             if grouping == Grouping::PerEvent {
-                                delivery.spawn(&concurrency, &mut tasks, batch::group(vec![item], grouping));
+                                delivery.spawn(&delivery_window, &mut tasks, batch::group(vec![item], grouping));
                             } else if let Some(full) = batcher.push(item, now()) {
-                                delivery.spawn(&concurrency, &mut tasks, batch::group(full, grouping));
+                                delivery.spawn(&delivery_window, &mut tasks, batch::group(full, grouping));
                             }
                         }
                         Err(rejection) => {
@@ -154,7 +155,7 @@ impl<S: Source> Parts<S> {
                     }
                 }, if flush_at.is_some() => {
                     if let Some(due) = batcher.poll(now()) {
-                        delivery.spawn(&concurrency, &mut tasks, batch::group(due, grouping));
+                        delivery.spawn(&delivery_window, &mut tasks, batch::group(due, grouping));
                     }
                 }
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
@@ -177,7 +178,7 @@ impl<S: Source> Parts<S> {
                     // the group; meanwhile this loop keeps delivering what was read.
                     let flush = batcher.take();
                     if !flush.is_empty() {
-                        delivery.spawn(&concurrency, &mut tasks, batch::group(flush, grouping));
+                        delivery.spawn(&delivery_window, &mut tasks, batch::group(flush, grouping));
                     }
                     // The source is present until shutdown, which happens once.
                     if let Some(s) = source.take() {

@@ -82,7 +82,12 @@ fn build(
     let stats = Arc::new(RunStats::default());
     let stages = Stages::from_config(config).unwrap();
     let delivery = Arc::new(LedgeredDelivery {
-        runner: DeliveryRunner::new(sink.clone(), limiter, config.retry.clone()),
+        runner: DeliveryRunner::new(
+            sink.clone(),
+            limiter,
+            config.retry.clone(),
+            Permits::new(8, 4),
+        ),
         dead_letters: letters.clone(),
         ledger,
         source: Arc::new(source.clone()),
@@ -95,7 +100,7 @@ fn build(
         messages,
         stages,
         delivery,
-        concurrency: Arc::new(Permits::new(8, 4)),
+        delivery_window: Arc::new(Permits::window(8, 4)),
         readiness: None,
     };
     let run = Run {
@@ -238,4 +243,63 @@ async fn a_429_holds_the_source_while_the_gate_is_closed() {
         holds.windows(2).any(|w| w == [true, false]),
         "held, then let go: {holds:?}"
     );
+}
+
+/// `sink.concurrency` bounds the requests in flight, not the claims: while the requests are
+/// held, the deliveries behind them in the window have their claims written (so a claim's
+/// group commit no longer waits in a request's place), and no delivery past the window does.
+/// One contract here: its share of `Permits::new(8, 4)` is 4 requests, and of the window
+/// 4 × [`DELIVERIES_PER_REQUEST`](crate::deliver::permits::DELIVERIES_PER_REQUEST) places.
+#[tokio::test]
+async fn claims_run_ahead_of_the_requests_in_flight_by_the_window_and_no_further() {
+    // On the wall clock: the test reads the ledger's rows through the store's one connection,
+    // which a paused clock would time out while the writer holds it.
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
+    let store = LedgerStore::connect(&url).await.unwrap();
+    let config = config().build().unwrap();
+    let hold = Arc::new(tokio::sync::Notify::new());
+    let sink = ScriptedSink {
+        hold: Some(hold.clone()),
+        ..ScriptedSink::default()
+    };
+    let ledger = Ledger::start(store.clone(), Duration::ZERO);
+    let (run, parts) = build(&config, sink, Some(ledger));
+    for i in 0..40 {
+        run.source.feed(message(i, event(&format!("evt_{i}"), 1)));
+    }
+    let running = tokio::spawn(parts.run(async {}));
+    let window = 4 * crate::deliver::permits::DELIVERIES_PER_REQUEST;
+    let mut claimed = 0;
+    for _ in 0..500 {
+        claimed = store.deliveries().await.unwrap().len();
+        if claimed >= window && run.sink.sent().len() >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Settled: more time changes nothing while the four requests are out.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rows = store.deliveries().await.unwrap();
+    assert_eq!(
+        (run.sink.sent().len(), rows.len()),
+        (4, window),
+        "requests out, claims written (after {claimed} seen)"
+    );
+    assert!(rows.iter().all(|(_, state, _)| state == "sending"), "{rows:?}");
+
+    // Let every request go: all 40 are delivered once, and the drain ends.
+    for _ in 0..10_000 {
+        if running.is_finished() {
+            break;
+        }
+        hold.notify_waiters();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    running.await.unwrap().unwrap();
+    assert_eq!(run.sink.sent().len(), 40);
+    assert_eq!(run.source.settled(), (0..40).collect::<Vec<i64>>());
+    let rows = store.deliveries().await.unwrap();
+    assert_eq!(rows.len(), 40);
+    assert!(rows.iter().all(|(_, state, _)| state == "delivered"), "{rows:?}");
 }

@@ -318,7 +318,7 @@ impl LedgeredDelivery {
             key: key.clone(),
             items: carried,
         };
-        match self.runner.sink().reconcile(&probe, first_sent_at).await {
+        match self.runner.reconcile(&probe, first_sent_at).await {
             Ok(Reconciled::Found { receipt }) => {
                 metrics::counter!("meterflow_reconciliations_total", "result" => "found")
                     .increment(1);

@@ -171,20 +171,21 @@ async fn waited_for_lease(claim: &Claim, ledger: &Ledger) -> bool {
 }
 
 impl LedgeredDelivery {
-    /// Starts one task per delivery in `tasks`. Each waits for its concurrency permits first
-    /// (first come, first served: sends keep partition order).
+    /// Starts one task per delivery in `tasks`. Each waits for its place in `window` first,
+    /// then claims, and waits for a request permit before its first request (both first come,
+    /// first served: sends start in about the order the partition gave its events).
     pub fn spawn(
         self: &Arc<Self>,
-        concurrency: &Arc<Permits>,
+        window: &Arc<Permits>,
         tasks: &mut JoinSet<()>,
         deliveries: Vec<Delivery>,
     ) {
         for delivery in deliveries {
             metrics::histogram!("meterflow_batch_events").record(delivery.items.len() as f64);
             let this = self.clone();
-            let concurrency = concurrency.clone();
+            let window = window.clone();
             tasks.spawn(async move {
-                let _permit = concurrency.acquire(&delivery).await;
+                let _place = window.acquire(&delivery).await;
                 // Boxed, so that a task waiting for its permit holds its delivery and no more:
                 // the send's own state is about 1.8 KiB, and up to `batch.max_in_flight`
                 // deliveries wait (36 MiB of 20 000 P1 tasks before, at the old default budget).
@@ -348,11 +349,7 @@ impl LedgeredDelivery {
                 asked,
             )),
         };
-        AfterClaim::Outcomes(
-            self.runner
-                .deliver(delivery.clone(), unknown_since, &fence)
-                .await,
-        )
+        AfterClaim::Outcomes(self.runner.deliver(delivery, unknown_since, &fence).await)
     }
 
     /// Counts, logs and dead-letters each item by its outcome (not settling it yet); returns the

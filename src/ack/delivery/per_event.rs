@@ -13,8 +13,8 @@ use super::{
 
 impl LedgeredDelivery {
     pub(super) async fn deliver_per_event(&self, delivery: Delivery) {
-        let key = delivery.key.clone();
-        let items = delivery.items.clone();
+        let key = &delivery.key;
+        let items = &delivery.items;
         let delivering = async {
             loop {
                 let outcomes = match &self.ledger {
@@ -24,12 +24,12 @@ impl LedgeredDelivery {
                             items: &delivery.items,
                             lease: None,
                         };
-                        self.runner.deliver(delivery.clone(), None, &fence).await
+                        self.runner.deliver(&delivery, None, &fence).await
                     }
                     Some(ledger) => {
                         // One task per key in this process (a partition revoked and re-assigned can
                         // bring the same events back while the first task still runs).
-                        let _turn = ledger.local(&key).await;
+                        let _turn = ledger.local(key).await;
                         match self.claim_and_send(ledger, &delivery).await {
                             Ok(outcomes) => outcomes,
                             Err(conflicts) => break Err(conflicts),
@@ -39,7 +39,7 @@ impl LedgeredDelivery {
                 match outcomes {
                     Some(outcomes) => break Ok(Some(outcomes)),
                     // Revoked: the new owners redeliver these events.
-                    None if !self.owns_any(&items) => break Ok(None),
+                    None if !self.owns_any(items) => break Ok(None),
                     // Another replica took the key over while some of its events are still ours:
                     // claim again; the ledger answers with that replica's outcome (or its lease).
                     None => tokio::time::sleep(TAKEN_OVER_POLL).await,
@@ -49,26 +49,27 @@ impl LedgeredDelivery {
         // A revoked partition's work stops where it is (waiting for the pacer, the gate, a
         // backoff, or a request); its events stay unsettled and the new owner redelivers them.
         let outcomes = tokio::select! {
-            outcomes = delivering => match outcomes {
-                Ok(Some(outcomes)) => outcomes,
-                Ok(None) => return,
-                Err(conflicts) => return self.deliver_without_conflicts(delivery, &conflicts).await,
-            },
-            () = self.revoked(&items) => {
+            outcomes = delivering => outcomes,
+            () = self.revoked(items) => {
                 metrics::counter!("meterflow_deliveries_cancelled_total", "reason" => "revoked").increment(1);
                 tracing::info!(delivery_key = %key, events = items.len(), "partition revoked: delivery cancelled; the new owner redelivers its events");
                 return;
             }
         };
+        let outcomes = match outcomes {
+            Ok(Some(outcomes)) => outcomes,
+            Ok(None) => return,
+            Err(conflicts) => return self.deliver_without_conflicts(delivery, &conflicts).await,
+        };
         let final_state = self
-            .report(&key, items.iter().zip(outcomes.iter().cloned()))
+            .report(key, items.iter().zip(outcomes.iter().cloned()))
             .await;
         // Written after every dead letter of the delivery is durable: a "delivered" entry must
         // never hide an item that still owed its dead letter.
         if let (Some(ledger), Some((delivered, receipt))) = (&self.ledger, final_state) {
-            ledger.finish(&key, delivered, receipt);
+            ledger.finish(key, delivered, receipt);
         }
-        for item in &items {
+        for item in items {
             self.source.settle(&item.raw.source, item.raw.generation);
         }
     }

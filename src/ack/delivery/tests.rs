@@ -80,7 +80,12 @@ impl Protocol {
             max_backoff: Duration::from_millis(10),
         };
         let delivery = Arc::new(LedgeredDelivery {
-            runner: DeliveryRunner::new(sink.clone(), limiter, retry),
+            runner: DeliveryRunner::new(
+                sink.clone(),
+                limiter,
+                retry,
+                crate::deliver::permits::Permits::new(64, 64),
+            ),
             dead_letters: letters.clone(),
             ledger,
             source: Arc::new(source.clone()),
