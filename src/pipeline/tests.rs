@@ -286,7 +286,10 @@ async fn claims_run_ahead_of_the_requests_in_flight_by_the_window_and_no_further
         (4, window),
         "requests out, claims written (after {claimed} seen)"
     );
-    assert!(rows.iter().all(|(_, state, _)| state == "sending"), "{rows:?}");
+    assert!(
+        rows.iter().all(|(_, state, _)| state == "sending"),
+        "{rows:?}"
+    );
 
     // Let every request go: all 40 are delivered once, and the drain ends.
     for _ in 0..10_000 {
@@ -301,5 +304,8 @@ async fn claims_run_ahead_of_the_requests_in_flight_by_the_window_and_no_further
     assert_eq!(run.source.settled(), (0..40).collect::<Vec<i64>>());
     let rows = store.deliveries().await.unwrap();
     assert_eq!(rows.len(), 40);
-    assert!(rows.iter().all(|(_, state, _)| state == "delivered"), "{rows:?}");
+    assert!(
+        rows.iter().all(|(_, state, _)| state == "delivered"),
+        "{rows:?}"
+    );
 }

@@ -47,8 +47,8 @@ enum Ledgered {
 }
 
 impl LedgeredDelivery {
-    pub(super) async fn deliver_aggregate(&self, ledger: &Ledger, delivery: Delivery) {
-        let items = delivery.items;
+    pub(super) async fn deliver_aggregate(&self, ledger: &Ledger, delivery: &Delivery) {
+        let items = &delivery.items;
         let n = items.len();
         // The same event id twice (a producer that retried) is billed once: a later copy gets
         // the first one's outcome, and is never summed.
@@ -98,7 +98,7 @@ impl LedgeredDelivery {
                     }
                 }
                 // Revoked: the new owners redeliver these events.
-                Ledgered::Outcomes(None) if !self.owns_any(&items) => break,
+                Ledgered::Outcomes(None) if !self.owns_any(items) => break,
                 // Another replica took it over while some of its events are still ours: claim
                 // again; the ledger answers with that replica's outcome (or its lease).
                 Ledgered::Outcomes(None) => {
@@ -116,7 +116,7 @@ impl LedgeredDelivery {
                         self.settle_through_earlier(
                             ledger,
                             aggregate,
-                            &items,
+                            items,
                             &open,
                             &mut outcomes,
                             &mut backoff,

@@ -197,16 +197,9 @@ impl LedgeredDelivery {
     /// Delivers; a panic (a bug) dead-letters the delivery's events instead of pinning their
     /// partition.
     async fn deliver_guarded(&self, delivery: Delivery) {
-        let key = delivery.key.clone();
-        let carried: Vec<(RawMessage, String)> = delivery
-            .items
-            .iter()
-            .map(|i| (i.raw.clone(), i.usage.event_id.clone()))
-            .collect();
-        let delivered = std::panic::AssertUnwindSafe(self.deliver(delivery)).catch_unwind();
+        let delivered = std::panic::AssertUnwindSafe(self.deliver(&delivery)).catch_unwind();
         if let Err(panic) = delivered.await {
-            self.delivery_died(&key, &carried, panic_text(&*panic))
-                .await;
+            self.delivery_died(&delivery, panic_text(&*panic)).await;
         }
     }
 
@@ -228,7 +221,7 @@ impl LedgeredDelivery {
         self.source.settle(&raw.source, raw.generation);
     }
 
-    async fn deliver(&self, delivery: Delivery) {
+    async fn deliver(&self, delivery: &Delivery) {
         match &self.ledger {
             Some(ledger) if self.aggregating => self.deliver_aggregate(ledger, delivery).await,
             _ => self.deliver_per_event(delivery).await,
@@ -238,15 +231,11 @@ impl LedgeredDelivery {
     /// A delivery task panicked (a bug): count it, and dead-letter its events with
     /// `internal_error` so that their partition does not stall. Whether the provider got them is
     /// unknown; a replay goes through the ledger, which skips what was delivered.
-    async fn delivery_died(
-        &self,
-        key: &DeliveryKey,
-        carried: &[(RawMessage, String)],
-        panic: String,
-    ) {
+    async fn delivery_died(&self, delivery: &Delivery, panic: String) {
+        let key = &delivery.key;
         metrics::counter!("meterflow_delivery_task_failures_total", "stage" => "delivery")
             .increment(1);
-        tracing::error!(delivery_key = %key, events = carried.len(), %panic, "a delivery task panicked (a bug, please report it); its events are dead-lettered as internal_error");
+        tracing::error!(delivery_key = %key, events = delivery.items.len(), %panic, "a delivery task panicked (a bug, please report it); its events are dead-lettered as internal_error");
         let rejection = Rejection::new(
             RejectReason::InternalError,
             format!(
@@ -255,8 +244,9 @@ impl LedgeredDelivery {
                  delivered)"
             ),
         );
-        for (raw, event_id) in carried {
-            self.dead_letter(raw, &rejection, None, Some((event_id, key)))
+        for item in &delivery.items {
+            let raw = &item.raw;
+            self.dead_letter(raw, &rejection, None, Some((&item.usage.event_id, key)))
                 .await;
             self.source.settle(&raw.source, raw.generation);
         }

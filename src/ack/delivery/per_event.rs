@@ -12,7 +12,7 @@ use super::{
 };
 
 impl LedgeredDelivery {
-    pub(super) async fn deliver_per_event(&self, delivery: Delivery) {
+    pub(super) async fn deliver_per_event(&self, delivery: &Delivery) {
         let key = &delivery.key;
         let items = &delivery.items;
         let delivering = async {
@@ -24,13 +24,13 @@ impl LedgeredDelivery {
                             items: &delivery.items,
                             lease: None,
                         };
-                        self.runner.deliver(&delivery, None, &fence).await
+                        self.runner.deliver(delivery, None, &fence).await
                     }
                     Some(ledger) => {
                         // One task per key in this process (a partition revoked and re-assigned can
                         // bring the same events back while the first task still runs).
                         let _turn = ledger.local(key).await;
-                        match self.claim_and_send(ledger, &delivery).await {
+                        match self.claim_and_send(ledger, delivery).await {
                             Ok(outcomes) => outcomes,
                             Err(conflicts) => break Err(conflicts),
                         }
@@ -99,10 +99,11 @@ impl LedgeredDelivery {
 
     /// Dead-letters (`id_conflict`) the items that reuse an earlier event's id with other
     /// contents, and delivers the rest under the key of what is left.
-    async fn deliver_without_conflicts(&self, delivery: Delivery, conflicts: &[EventContent]) {
+    async fn deliver_without_conflicts(&self, delivery: &Delivery, conflicts: &[EventContent]) {
         let (bad, good): (Vec<DeliveryItem>, Vec<DeliveryItem>) = delivery
             .items
-            .into_iter()
+            .iter()
+            .cloned()
             .partition(|i| conflicts.contains(&content(i)));
         let rejection = id_conflict();
         self.report(
@@ -126,7 +127,7 @@ impl LedgeredDelivery {
                 key: DeliveryKey::for_events(good.iter().map(|i| i.usage.event_id.as_str())),
                 items: good,
             };
-            Box::pin(self.deliver_per_event(rest)).await;
+            Box::pin(self.deliver_per_event(&rest)).await;
         }
     }
 }

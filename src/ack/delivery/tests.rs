@@ -138,7 +138,7 @@ async fn an_unknown_outcome_found_at_the_provider_is_settled_without_a_send() {
             receipt: "usage-earlier".into(),
         });
     let p = Protocol::new(sink, Some(ledger.clone()), false);
-    p.delivery.deliver(d.clone()).await;
+    p.delivery.deliver(&d).await;
     assert_eq!(p.sink.reconciled.load(Ordering::Relaxed), 1);
     assert!(p.sink.sent().is_empty(), "found: not sent again");
     assert_eq!(p.stats(), (0, 0, 1, 0));
@@ -157,14 +157,14 @@ async fn an_unknown_outcome_not_at_the_provider_is_sent_once() {
     let d = delivery(vec![item("evt_1", 0, 0)]);
     ledger.claim(&d.key, 1).await.unwrap();
     let p = Protocol::new(ScriptedSink::default(), Some(ledger.clone()), false);
-    p.delivery.deliver(d.clone()).await;
+    p.delivery.deliver(&d).await;
     assert_eq!(p.sink.reconciled.load(Ordering::Relaxed), 1);
     assert_eq!(p.sink.sent().len(), 1);
     assert_eq!(p.stats(), (0, 1, 0, 0));
     assert_eq!(p.source.settled(), vec![0]);
     // Read again (a restart before the commit): settled from the ledger, not sent.
     let again = Protocol::new(ScriptedSink::default(), Some(ledger), false);
-    again.delivery.deliver(d).await;
+    again.delivery.deliver(&d).await;
     assert!(again.sink.sent().is_empty());
     assert_eq!(again.stats(), (0, 0, 1, 0));
 }
@@ -182,7 +182,7 @@ async fn a_revoke_mid_flight_cancels_the_delivery_and_leaves_its_events_unsettle
     let running = {
         let delivery = p.delivery.clone();
         let d = d.clone();
-        tokio::spawn(async move { delivery.deliver(d).await })
+        tokio::spawn(async move { delivery.deliver(&d).await })
     };
     // The request is out (and never answers) when the partition goes.
     tokio::time::timeout(Duration::from_secs(5), p.sink.started.notified())
@@ -208,10 +208,10 @@ async fn overlapping_aggregates_settle_the_shared_event_through_the_earlier_one(
     let (ledger, _store, _dir) = sqlite().await;
     let p = Protocol::new(ScriptedSink::default(), Some(ledger), true);
     let first = delivery(vec![item("evt_a", 0, 0), item("evt_b", 0, 1)]);
-    p.delivery.deliver(first.clone()).await;
+    p.delivery.deliver(&first).await;
     // After a restart the batches are cut differently: evt_b comes again beside evt_c.
     let second = delivery(vec![item("evt_b", 1, 2), item("evt_c", 1, 3)]);
-    p.delivery.deliver(second).await;
+    p.delivery.deliver(&second).await;
     let sent = p.sink.sent();
     assert_eq!(sent.len(), 2, "{sent:?}");
     assert_eq!(sent[0].0, first.key);
@@ -244,7 +244,7 @@ async fn a_partial_rejection_dead_letters_the_named_events_and_delivers_the_rest
         item("evt_2", 0, 11),
         item("evt_3", 0, 12),
     ]);
-    p.delivery.deliver(batch.clone()).await;
+    p.delivery.deliver(&batch).await;
     let sent = p.sink.sent();
     assert_eq!(sent.len(), 2);
     assert_eq!(sent[1].1, vec!["evt_1".to_string(), "evt_3".to_string()]);
@@ -262,12 +262,12 @@ async fn an_id_reused_with_other_contents_is_dead_lettered_and_the_rest_delivere
     let (ledger, _store, _dir) = sqlite().await;
     let p = Protocol::new(ScriptedSink::default(), Some(ledger), false);
     p.delivery
-        .deliver(delivery(vec![item("evt_1", 0, 0)]))
+        .deliver(&delivery(vec![item("evt_1", 0, 0)]))
         .await;
     let mut other = item("evt_1", 0, 1);
     other.usage.quantity = Decimal::from_str("5").unwrap();
     p.delivery
-        .deliver(delivery(vec![other, item("evt_2", 0, 2)]))
+        .deliver(&delivery(vec![other, item("evt_2", 0, 2)]))
         .await;
     assert_eq!(p.letters.all(), vec![(1, RejectReason::IdConflict)]);
     let sent = p.sink.sent();
@@ -305,11 +305,11 @@ async fn a_lease_that_runs_out_behind_a_closed_gate_is_taken_over_and_sent_once(
     let a_running = {
         let delivery = a.delivery.clone();
         let d = d.clone();
-        tokio::spawn(async move { delivery.deliver(d).await })
+        tokio::spawn(async move { delivery.deliver(&d).await })
     };
     // A has claimed it and waits at its gate.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    tokio::time::timeout(Duration::from_secs(10), b.delivery.deliver(d.clone()))
+    tokio::time::timeout(Duration::from_secs(10), b.delivery.deliver(&d))
         .await
         .expect("B takes over once the lease ran out");
     assert_eq!(b.sink.reconciled.load(Ordering::Relaxed), 1);
@@ -352,11 +352,11 @@ async fn a_lease_run_out_behind_a_minute_long_gate_is_taken_over_under_the_pause
     let a_running = {
         let delivery = a.delivery.clone();
         let d = d.clone();
-        tokio::spawn(async move { delivery.deliver(d).await })
+        tokio::spawn(async move { delivery.deliver(&d).await })
     };
     // A claims the key, then waits at its gate.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    b.delivery.deliver(d.clone()).await;
+    b.delivery.deliver(&d).await;
     let taken_over_after = started.elapsed();
     assert!(
         taken_over_after >= lease && taken_over_after < Duration::from_secs(60),
