@@ -8,6 +8,14 @@ use clap::Parser;
 use meterflow::cli::{Cli, Command};
 use meterflow::signals::ShutdownSignals;
 
+/// jemalloc rather than glibc's malloc: each event allocates its decoded fields, its request
+/// and its ledger rows, often on one thread and freed on another. On the peer benchmark glibc's
+/// malloc and free were about a tenth of the pipeline's CPU; jemalloc cut P1's CPU per event
+/// by about 45 % without a ledger and 23 % with SQLite, at about the same peak RSS (mimalloc
+/// saved less and held 10–30 MiB more; docs/benchmarks.md, "Ninth run").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
