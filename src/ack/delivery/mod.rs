@@ -186,7 +186,7 @@ impl LedgeredDelivery {
             let window = window.clone();
             tasks.spawn(async move {
                 let _place = window.acquire(&delivery).await;
-                // Boxed, so that a task waiting for its permit holds its delivery and no more:
+                // Boxed, so that a task waiting for its place holds its delivery and no more:
                 // the send's own state is about 1.8 KiB, and up to `batch.max_in_flight`
                 // deliveries wait (36 MiB of 20 000 P1 tasks before, at the old default budget).
                 Box::pin(this.deliver_guarded(delivery)).await;
