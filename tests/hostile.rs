@@ -6,6 +6,7 @@
 //! - a contract id carrying a path is dead-lettered, and no request goes anywhere else;
 //! - an absurd `Retry-After` (and limit, reset, `expires_in`) pauses for about a window;
 //! - a delivery task that panics dead-letters its events as `internal_error`, counted.
+//! - a record larger than the consumer's `fetch.max.bytes` is read, and its partition goes on.
 
 use meterflow_testkit as common;
 
@@ -437,5 +438,63 @@ async fn a_delivery_task_that_panics_dead_letters_its_events_as_internal_error()
     assert!(
         text.contains("meterflow_delivery_task_failures_total{stage=\"delivery\"} 2"),
         "{text}"
+    );
+}
+
+/// The consumer asks for at most 4 MiB a fetch (`fetch.max.bytes`, which bounds librdkafka's
+/// prefetch under a backlog); a user's `[kafka.properties]` may ask for less. A record larger
+/// than that must still be read (a broker answers a fetch with its first batch whatever the
+/// limit), or its partition would stop there: with the limit at 1 MiB, the events on both sides
+/// of a 1.5 MiB record all settle and the committed offset passes all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_larger_than_a_fetch_is_read_and_the_partition_goes_on() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let (_cluster, brokers) = cluster();
+    let mut big: serde_json::Value =
+        serde_json::from_slice(&event("evt_big", CONTRACT, "3")).unwrap();
+    big["attributes"]["pad"] = json!("x".repeat(1_500_000));
+    let payloads = [
+        event("evt_before", CONTRACT, "1"),
+        serde_json::to_vec(&big).unwrap(),
+        event("evt_after_1", CONTRACT, "2"),
+        event("evt_after_2", CONTRACT, "4"),
+    ];
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("message.max.bytes", "4000000")
+        .create()
+        .unwrap();
+    for payload in &payloads {
+        producer
+            .send(
+                FutureRecord::<(), _>::to("usage")
+                    .payload(payload)
+                    .partition(0),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("produced");
+    }
+    let state = Arc::new(StandIn {
+        expires_in: "3600".into(),
+        ..StandIn::default()
+    });
+    let base = start_stand_in(state.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = format!("sqlite://{}", dir.path().join("l.db").display());
+    let config =
+        common::billwerk_config(&brokers, "big-record", "usage", "usage-dlq", &base, &ledger)
+            .kafka_property("fetch.max.bytes", "1048576")
+            .build()
+            .unwrap();
+    let (held, stats) = run_until(config, None, |s| settled(s) >= 4).await;
+    assert!(held, "all four settled: {stats:?}");
+    assert!(
+        stats.delivered.load(Ordering::Relaxed) >= 3,
+        "the records around the big one were billed: {stats:?}"
+    );
+    assert_eq!(
+        common::committed_total(&brokers, "big-record", "usage", 1),
+        4
     );
 }

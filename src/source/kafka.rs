@@ -424,18 +424,22 @@ fn consumer_config(options: &SourceOptions) -> ClientConfig {
             "session.timeout.ms",
             options.session_timeout.as_millis().to_string(),
         )
-        // Bound the prefetch buffer: memory is the in-flight budget, not librdkafka's 64 MiB.
-        .set("queued.max.messages.kbytes", "16384")
+        // Bound the prefetch: memory is the in-flight budget, not librdkafka's queue. The
+        // queue stops fetching once it holds `queued.min.messages` (all partitions together,
+        // as it is forwarded to the consumer's queue) or `queued.max.messages.kbytes`, but a
+        // fetch under way still lands whole: with librdkafka's 50 MiB `fetch.max.bytes`, one
+        // answer from a backlog put 12 000–32 000 messages in the queue at once, each about a
+        // kilobyte of librdkafka's own bookkeeping besides its fetch buffer. 1 MiB held the
+        // RSS lower still but halved the read of one-record batches from Tansu (docs/
+        // benchmarks.md, "Tenth run").
+        .set("fetch.max.bytes", "4194304")
+        .set("queued.max.messages.kbytes", "4096")
         .set("fetch.wait.max.ms", "100")
-        // librdkafka keeps fetching until each partition holds 100 000 messages: with a
-        // backlog its queue and the messages' own overhead were ~40 MiB, for a pipeline that
-        // takes at most `batch.max_in_flight` at a time (100 000-event backlog on the mock
-        // cluster: peak RSS 111 MiB at 100 000, 94 at 30 000, 85 at 10 000).
-        .set("queued.min.messages", "10000")
+        .set("queued.min.messages", "2000")
         // Once a partition's queue is over those bounds, librdkafka puts off its next fetch by
         // this long (1 s by default): the queue then ran dry in the meantime, and batches of
         // 100 without a ledger on Tansu fell from 53 000 to 19 000 events/s at 10 000 messages.
-        // At 20 ms they ran at 64 000. `[kafka.properties]` overrides all three.
+        // At 20 ms they ran at 64 000. `[kafka.properties]` overrides all four.
         .set("fetch.queue.backoff.ms", "20")
         .set_log_level(RDKafkaLogLevel::Warning);
     for (k, v) in &options.properties {
@@ -764,9 +768,10 @@ mod tests {
     #[test]
     fn the_prefetch_is_bounded_by_default_and_properties_win() {
         let config = consumer_config(&options(&[]));
-        assert_eq!(config.get("queued.min.messages"), Some("10000"));
+        assert_eq!(config.get("queued.min.messages"), Some("2000"));
         assert_eq!(config.get("fetch.queue.backoff.ms"), Some("20"));
-        assert_eq!(config.get("queued.max.messages.kbytes"), Some("16384"));
+        assert_eq!(config.get("queued.max.messages.kbytes"), Some("4096"));
+        assert_eq!(config.get("fetch.max.bytes"), Some("4194304"));
         assert_eq!(config.get("session.timeout.ms"), Some("6000"));
 
         let config = consumer_config(&options(&[
@@ -775,6 +780,6 @@ mod tests {
         ]));
         assert_eq!(config.get("queued.min.messages"), Some("50000"));
         assert_eq!(config.get("fetch.wait.max.ms"), Some("10"));
-        assert_eq!(config.get("queued.max.messages.kbytes"), Some("16384"));
+        assert_eq!(config.get("queued.max.messages.kbytes"), Some("4096"));
     }
 }
