@@ -73,6 +73,13 @@ async fn run_until(
     (held, stats)
 }
 
+/// A SQLite ledger in a directory of its own, removed when the directory is dropped.
+fn sqlite_ledger() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = format!("sqlite://{}", dir.path().join("l.db").display());
+    (dir, ledger)
+}
+
 fn settled(stats: &RunStats) -> u64 {
     stats.delivered.load(Ordering::Relaxed)
         + stats.already_delivered.load(Ordering::Relaxed)
@@ -202,8 +209,7 @@ async fn a_contract_id_carrying_a_path_is_dead_lettered_and_steers_no_request() 
         ..StandIn::default()
     });
     let base = start_stand_in(state.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let ledger = format!("sqlite://{}", dir.path().join("l.db").display());
+    let (_dir, ledger) = sqlite_ledger();
     let config = stand_in_config(&brokers, "hostile-path", &base, &ledger);
     let (held, stats) = run_until(config, None, |s| settled(s) >= 2).await;
     let seen = state.seen.lock().unwrap().clone();
@@ -267,8 +273,7 @@ async fn absurd_provider_headers_neither_panic_nor_pin_the_partition() {
         ..StandIn::default()
     });
     let base = start_stand_in(state.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let ledger = format!("sqlite://{}", dir.path().join("l.db").display());
+    let (_dir, ledger) = sqlite_ledger();
     let config = stand_in_config(&brokers, "hostile-headers", &base, &ledger);
     let (held, stats) = run_until(config, None, |s| settled(s) >= 5).await;
     assert!(held, "every event settled after the absurd 429");
@@ -310,8 +315,7 @@ async fn aggregated_sums_that_cannot_be_exact_go_out_as_separate_exact_records()
         .with_contract("a", CONTRACT)
         .with_contract("b", OTHER_CONTRACT);
     let emulator = common::billwerk_emulator(options).await;
-    let dir = tempfile::tempdir().unwrap();
-    let ledger = format!("sqlite://{}", dir.path().join("l.db").display());
+    let (_dir, ledger) = sqlite_ledger();
     let config = common::billwerk_config(
         &brokers,
         "hostile-sums",
@@ -408,8 +412,7 @@ async fn a_delivery_task_that_panics_dead_letters_its_events_as_internal_error()
         boom.clone(),
     ];
     common::produce(&brokers, "usage", 1, &payloads).await;
-    let dir = tempfile::tempdir().unwrap();
-    let ledger = format!("sqlite://{}", dir.path().join("l.db").display());
+    let (_dir, ledger) = sqlite_ledger();
     let config = common::billwerk_config(
         &brokers,
         "hostile-panic",
@@ -480,8 +483,7 @@ async fn a_record_larger_than_a_fetch_is_read_and_the_partition_goes_on() {
         ..StandIn::default()
     });
     let base = start_stand_in(state.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let ledger = format!("sqlite://{}", dir.path().join("l.db").display());
+    let (_dir, ledger) = sqlite_ledger();
     let config =
         common::billwerk_config(&brokers, "big-record", "usage", "usage-dlq", &base, &ledger)
             .kafka_property("fetch.max.bytes", "1048576")
