@@ -4,7 +4,9 @@
 //! `shared/reference/lessons-from-peers.md`.
 //!
 //! Prints, per scenario: events, events/s (first to last record), meterflow's CPU µs per event,
-//! and its peak RSS.
+//! its peak RSS (`VmHWM`), and at its largest sampled anonymous memory (heap, stacks,
+//! librdkafka's buffers) that and the file-backed pages mapped then (the binary's and its
+//! libraries', shared and reclaimable), as `anon+file`.
 //!
 //! `cargo bench --bench throughput [-- --events N] [-- --only none|sqlite|postgres] [-- --tansu]
 //!  [-- --sink billwerk|billingrails] [-- --perf] [-- --replicas 1,2,4]`
@@ -89,6 +91,11 @@ struct Row {
     cpu_us: f64,
     /// The largest replica's.
     rss_mib: f64,
+    /// The largest replica's anonymous memory (heap, stacks, librdkafka's buffers) at its
+    /// largest, sampled every 50 ms, and its file-backed pages (the binary's and libraries')
+    /// at that moment: `rss_mib` less these is what the binary's mapped pages add.
+    anon_mib: f64,
+    file_mib: f64,
     database: Option<DatabaseLoad>,
 }
 
@@ -219,7 +226,14 @@ async fn scenario(
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut first: Option<(Instant, u64, f64)> = None;
     let mut db_first = None;
+    let mut resident = (0u64, 0u64);
     let last = loop {
+        for pid in &pids {
+            let (anon, file) = support::resident_split(*pid);
+            if anon > resident.0 {
+                resident = (anon, file);
+            }
+        }
         let n = records(&emu_addr);
         let now = Instant::now();
         if first.is_none() && n > 0 {
@@ -319,6 +333,8 @@ async fn scenario(
         rate: counted as f64 / secs,
         cpu_us: (cpu_end.max(last.2) - cpu0) * 1e6 / counted as f64,
         rss_mib: rss as f64 / 1024.0,
+        anon_mib: resident.0 as f64 / 1024.0,
+        file_mib: resident.1 as f64 / 1024.0,
         database,
     }
 }
@@ -401,12 +417,13 @@ async fn main() {
     ];
     println!("load before: {}", support::load_average());
     println!(
-        "{:<22} {:>9} {:>12} {:>14} {:>14} {:>10} {:>12} {:>12}",
+        "{:<22} {:>9} {:>12} {:>14} {:>14} {:>16} {:>10} {:>12} {:>12}",
         "scenario",
         "events",
         "events/s",
         "CPU µs/event",
         "peak RSS MiB",
+        "anon+file MiB",
         "db tx/s",
         "db rows/s",
         "db µs/event"
@@ -455,12 +472,13 @@ async fn main() {
                     .map_or_else(|| "—".to_string(), |d| format!("{:.0}", f(d)))
             };
             println!(
-                "{:<22} {:>9} {:>12.0} {:>14.1} {:>14.1} {:>10} {:>12} {:>12}",
+                "{:<22} {:>9} {:>12.0} {:>14.1} {:>14.1} {:>16} {:>10} {:>12} {:>12}",
                 row.scenario,
                 row.events,
                 row.rate,
                 row.cpu_us,
                 row.rss_mib,
+                format!("{:.1}+{:.1}", row.anon_mib, row.file_mib),
                 db(|d| d.transactions_per_s),
                 db(|d| d.rows_written_per_s),
                 db(|d| d.cpu_us_per_event)

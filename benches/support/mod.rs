@@ -57,6 +57,23 @@ pub fn usage(pid: u32) -> (f64, u64) {
     (cpu, hwm)
 }
 
+/// What `/proc/PID/status` says the process holds now, in KiB: (anonymous, file-backed).
+/// Anonymous is the heap, stacks and librdkafka's buffers; file-backed is mostly the pages of
+/// the binary and its shared libraries, shared with other processes and reclaimable. `VmHWM`
+/// ([`usage`]) is the peak of both together.
+pub fn resident_split(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("RssAnon:"), field("RssFile:"))
+}
+
 /// The release build of the workspace's `meterflow` binary (cargo bench builds it).
 pub fn meterflow() -> &'static str {
     env!("CARGO_BIN_EXE_meterflow")
