@@ -4,9 +4,9 @@
 //! `shared/reference/lessons-from-peers.md`.
 //!
 //! Prints, per scenario: events, events/s (first to last record), meterflow's CPU µs per event,
-//! its peak RSS (`VmHWM`), and at its largest sampled anonymous memory (heap, stacks,
-//! librdkafka's buffers) that and the file-backed pages mapped then (the binary's and its
-//! libraries', shared and reclaimable), as `anon+file`.
+//! its peak RSS (`VmHWM`), and as `anon+file` its anonymous memory (heap, stacks, librdkafka's
+//! buffers) at the largest of samples taken every 50 ms, with the file-backed pages (the
+//! binary's and its libraries', shared and reclaimable) mapped at that sample.
 //!
 //! `cargo bench --bench throughput [-- --events N] [-- --only none|sqlite|postgres] [-- --tansu]
 //!  [-- --sink billwerk|billingrails] [-- --perf] [-- --replicas 1,2,4]`
@@ -91,9 +91,8 @@ struct Row {
     cpu_us: f64,
     /// The largest replica's.
     rss_mib: f64,
-    /// The largest replica's anonymous memory (heap, stacks, librdkafka's buffers) at its
-    /// largest, sampled every 50 ms, and its file-backed pages (the binary's and libraries')
-    /// at that moment: `rss_mib` less these is what the binary's mapped pages add.
+    /// The largest anonymous memory any replica had at a sample (every 50 ms), and that
+    /// replica's file-backed pages at the same sample.
     anon_mib: f64,
     file_mib: f64,
     database: Option<DatabaseLoad>,

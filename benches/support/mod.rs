@@ -48,13 +48,17 @@ pub fn usage(pid: u32) -> (f64, u64) {
         .map(|(u, s)| (u.parse::<f64>().unwrap_or(0.0) + s.parse::<f64>().unwrap_or(0.0)) / ticks)
         .unwrap_or(0.0);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm = status
+    (cpu, status_kib(&status, "VmHWM:"))
+}
+
+/// A `/proc/PID/status` field in KiB (0 when missing).
+fn status_kib(status: &str, name: &str) -> u64 {
+    status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.starts_with(name))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    (cpu, hwm)
+        .unwrap_or(0)
 }
 
 /// What `/proc/PID/status` says the process holds now, in KiB: (anonymous, file-backed).
@@ -63,15 +67,10 @@ pub fn usage(pid: u32) -> (f64, u64) {
 /// ([`usage`]) is the peak of both together.
 pub fn resident_split(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("RssAnon:"), field("RssFile:"))
+    (
+        status_kib(&status, "RssAnon:"),
+        status_kib(&status, "RssFile:"),
+    )
 }
 
 /// The release build of the workspace's `meterflow` binary (cargo bench builds it).
